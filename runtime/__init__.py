@@ -1,0 +1,1 @@
+"""radixlm.runtime: the serving runtime (Engine, scheduler, server)."""

@@ -1,0 +1,36 @@
+"""The ``radixlm`` command: ``make-tiny-model`` and ``serve``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(prog="radixlm", description="radixlm structured generation runtime")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("make-tiny-model", help="write a small random Hugging Face model directory")
+    p.add_argument("dir")
+    p.add_argument("--arch", choices=["llama", "qwen2", "mistral"], default="llama")
+    p.add_argument("--preset", choices=["tiny", "small"], default="tiny")
+    p.add_argument("--seed", type=int, default=0)
+
+    sub.add_parser("serve", help="start the HTTP + ZeroMQ server (see `radixlm serve --help`)", add_help=False)
+
+    if argv and argv[0] == "serve":
+        from radixlm.runtime.server.launch_server import main as serve_main
+
+        serve_main(argv[1:])
+        return
+    args = parser.parse_args(argv)
+    if args.command == "make-tiny-model":
+        from radixlm.runtime.tiny_model import make_tiny_model
+
+        make_tiny_model(args.dir, arch=args.arch, preset=args.preset, seed=args.seed)
+        print(f"wrote {args.arch} ({args.preset}) model to {args.dir}")
+
+
+if __name__ == "__main__":
+    main()

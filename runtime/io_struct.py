@@ -1,0 +1,214 @@
+"""Front-end request handling shared by the in-process Engine and the server's TokenizerManager.
+
+``GenerateReqInput`` is SGLang's /generate body (single or batch, text or ids); ``normalize`` turns it
+into validated ``TokenizedGenerateReq``s (batch and ``n`` expanded). ``RequestState`` folds the
+scheduler's per-step ``ReqOutput``s into SGLang-shaped results: text (incremental, UTF-8 safe, stop
+strings trimmed), output ids, and ``meta_info`` with logprobs as ``(logprob, token_id, text|None)``.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from radixlm.runtime.detokenizer import IncrementalDetokenizer
+from radixlm.runtime.protocol import ReqOutput, TokenizedGenerateReq, TokenLogprob
+from radixlm.runtime.sampling_params import SamplingParams
+
+
+@dataclass
+class GenerateReqInput:
+    text: str | list[str] | None = None
+    input_ids: list[int] | list[list[int]] | None = None
+    sampling_params: dict | list[dict] | SamplingParams | None = None
+    rid: str | list[str] | None = None
+    return_logprob: bool | list[bool] = False
+    logprob_start_len: int | list[int] | None = None
+    top_logprobs_num: int | list[int] | None = None
+    return_text_in_logprobs: bool = False
+    stream: bool = False
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "GenerateReqInput":
+        known = set(cls.__dataclass_fields__)
+        unknown = sorted(k for k in d if k not in known)
+        if unknown:
+            raise ValueError(f"unknown field(s) in generate request: {unknown}")
+        return cls(**d)
+
+    @property
+    def is_batch(self) -> bool:
+        if self.text is not None:
+            return not isinstance(self.text, str)
+        return bool(self.input_ids) and isinstance(self.input_ids[0], list)
+
+    def normalize(self, tokenizer) -> list[TokenizedGenerateReq]:
+        """Validate, tokenize and expand (batch × n). Raises ValueError naming the field."""
+        if (self.text is None) == (self.input_ids is None):
+            raise ValueError("exactly one of text or input_ids must be given")
+        if self.text is not None:
+            texts = [self.text] if isinstance(self.text, str) else list(self.text)
+            if not texts or not all(isinstance(t, str) for t in texts):
+                raise ValueError("text must be a string or a non-empty list of strings")
+            ids_list = [tokenizer(t).input_ids for t in texts]
+        else:
+            ids = self.input_ids
+            ids_list = [list(x) for x in ids] if ids and isinstance(ids[0], list) else [list(ids or [])]
+            if not all(all(isinstance(t, int) and not isinstance(t, bool) for t in x) for x in ids_list):
+                raise ValueError("input_ids must be a list of ints or a list of lists of ints")
+        nb = len(ids_list)
+        for i, ids in enumerate(ids_list):
+            if not ids:
+                raise ValueError(f"text/input_ids[{i}]: the prompt is empty")
+
+        def per(value, name: str) -> list:
+            if isinstance(value, list) and self.is_batch and name != "sampling_params_single":
+                if len(value) != nb:
+                    raise ValueError(f"{name}: expected {nb} entries, got {len(value)}")
+                return value
+            return [value] * nb
+
+        sps = self.sampling_params
+        sp_list = per(sps, "sampling_params") if isinstance(sps, list) else [sps] * nb
+        rids = per(self.rid, "rid") if isinstance(self.rid, list) else [self.rid] * nb
+        if not self.is_batch and isinstance(self.rid, list):
+            raise ValueError("rid: a single request takes a single rid")
+        rlp = per(self.return_logprob, "return_logprob")
+        starts = per(self.logprob_start_len, "logprob_start_len")
+        tops = per(self.top_logprobs_num, "top_logprobs_num")
+
+        out: list[TokenizedGenerateReq] = []
+        for i in range(nb):
+            sp = SamplingParams.from_dict(sp_list[i])
+            base = rids[i] or uuid.uuid4().hex
+            start = -1 if starts[i] is None else int(starts[i])
+            if start < -1:
+                raise ValueError("logprob_start_len must be >= -1")
+            top = int(tops[i] or 0)
+            for j in range(sp.n):
+                spj = sp.replace(n=1)
+                if sp.n > 1 and sp.seed is not None:
+                    spj = spj.replace(seed=sp.seed + j)  # n samples, not n copies of one sample
+                out.append(
+                    TokenizedGenerateReq(
+                        rid=base if sp.n == 1 else f"{base}-{j}",
+                        input_ids=ids_list[i],
+                        sampling_params=spj,
+                        return_logprob=bool(rlp[i]),
+                        logprob_start_len=start,
+                        top_logprobs_num=top,
+                        stream=self.stream,
+                    )
+                )
+        if len({r.rid for r in out}) != len(out):
+            raise ValueError("rid: request ids must be unique")
+        return out
+
+
+@dataclass
+class RequestState:
+    """Everything the front end knows about one sequence while it runs."""
+
+    req: TokenizedGenerateReq
+    tokenizer: Any
+    return_text_in_logprobs: bool = False
+    output_ids: list[int] = field(default_factory=list)
+    finished: bool = False
+    finish_reason: dict | None = None
+    error: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+    input_token_logprobs: list[TokenLogprob] = field(default_factory=list)
+    input_top_logprobs: list = field(default_factory=list)
+    output_token_logprobs: list[TokenLogprob] = field(default_factory=list)
+    output_top_logprobs: list = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        sp = self.req.sampling_params
+        self.detok = IncrementalDetokenizer(self.tokenizer, sp.skip_special_tokens, sp.spaces_between_special_tokens)
+        self.prompt_tokens = len(self.req.input_ids)
+
+    @property
+    def rid(self) -> str:
+        return self.req.rid
+
+    def update(self, out: ReqOutput) -> None:
+        self.output_ids.extend(out.new_token_ids)
+        self.completion_tokens = out.completion_tokens or len(self.output_ids)
+        self.cached_tokens = out.cached_tokens
+        self.input_token_logprobs.extend(out.input_token_logprobs or ())
+        self.input_top_logprobs.extend(out.input_top_logprobs or ())
+        self.output_token_logprobs.extend(out.output_token_logprobs or ())
+        self.output_top_logprobs.extend(out.output_top_logprobs or ())
+        if out.error:
+            self.error = out.error
+        ids = out.new_token_ids
+        if out.finished and _stopped_on_token(out.finish_reason, self.req.sampling_params):
+            ids = ids[:-1]  # the matched stop token is not part of the text
+        self.detok.add(ids)
+        if out.finished:
+            self.detok.flush()
+            self.finished = True
+            self.finish_reason = out.finish_reason
+
+    # ------------------------------------------------------------------ text
+    def text(self) -> str:
+        """Final-form text so far: a matched stop string (and what follows it) removed."""
+        text = self.detok.text
+        sp = self.req.sampling_params
+        fr = self.finish_reason or {}
+        if self.finished and isinstance(fr.get("matched"), str) and not sp.no_stop_trim:
+            idx = text.find(fr["matched"])
+            if idx >= 0:
+                text = text[:idx]
+        return text
+
+    def stream_text(self) -> str:
+        """Text safe to show now: holds back a tail that may still grow into a stop string."""
+        text = self.text()
+        if self.finished or not self.req.sampling_params.stop:
+            return text
+        hold = 0
+        for s in self.req.sampling_params.stop:
+            for k in range(min(len(s) - 1, len(text)), 0, -1):
+                if text.endswith(s[:k]):
+                    hold = max(hold, k)
+                    break
+        return text[: len(text) - hold] if hold else text
+
+    # ------------------------------------------------------------------ result
+    def _lp(self, entries) -> list:
+        if self.return_text_in_logprobs:
+            return [(e.logprob, e.token_id, self.tokenizer.decode([e.token_id])) for e in entries]
+        return [(e.logprob, e.token_id, None) for e in entries]
+
+    def _top(self, entries) -> list:
+        return [None if e is None else self._lp(e) for e in entries]
+
+    def result(self, streaming: bool = False) -> dict:
+        meta: dict[str, Any] = {
+            "id": self.rid,
+            "finish_reason": self.finish_reason,
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "cached_tokens": self.cached_tokens,
+        }
+        if self.req.return_logprob:
+            meta["input_token_logprobs"] = self._lp(self.input_token_logprobs)
+            meta["output_token_logprobs"] = self._lp(self.output_token_logprobs)
+            if self.req.top_logprobs_num:
+                meta["input_top_logprobs"] = self._top(self.input_top_logprobs)
+                meta["output_top_logprobs"] = self._top(self.output_top_logprobs)
+        if self.error:
+            meta["error"] = self.error
+        return {
+            "text": self.stream_text() if streaming else self.text(),
+            "output_ids": list(self.output_ids),
+            "meta_info": meta,
+        }
+
+
+def _stopped_on_token(finish_reason: dict | None, sp: SamplingParams) -> bool:
+    return bool(finish_reason) and isinstance(finish_reason.get("matched"), int) and not sp.no_stop_trim

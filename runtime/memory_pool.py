@@ -1,0 +1,86 @@
+"""KV memory: request slots → token positions → KV slots, and the per-layer K/V buffers.
+
+Two pools, as in SGLang:
+  * ReqToTokenPool: ``req_to_token[r, p]`` is the KV slot holding position p of the request in row r.
+  * KVPool: per-layer K and V buffers ``[num_slots + 1, Hkv, D]`` and a token-granular free-slot
+    allocator. Slot 0 is a padding slot that is never handed out, so padded gathers can point at it.
+
+Ownership: a KV slot is owned either by the free list, by exactly one running request (not yet in the
+radix tree), or by the radix tree (evictable or protected). ``free`` is called by that single owner.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class ReqToTokenPool:
+    def __init__(self, max_requests: int, max_context_len: int, device: torch.device | str):
+        self.size = max_requests
+        self.max_context_len = max_context_len
+        # [max_requests, max_context_len] int64; 0 = the padding KV slot.
+        self.req_to_token = torch.zeros((max_requests, max_context_len), dtype=torch.int64, device=device)
+        self._free_rows: list[int] = list(range(max_requests))
+
+    def available(self) -> int:
+        return len(self._free_rows)
+
+    def alloc(self) -> int | None:
+        return self._free_rows.pop() if self._free_rows else None
+
+    def free(self, row: int) -> None:
+        self._free_rows.append(row)
+
+    def write(self, row: int, start: int, slots: torch.Tensor) -> None:
+        self.req_to_token[row, start : start + slots.numel()] = slots
+
+    def clear(self) -> None:
+        self._free_rows = list(range(self.size))
+
+
+class KVPool:
+    def __init__(
+        self,
+        num_slots: int,
+        num_layers: int,
+        num_kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device | str,
+    ):
+        self.size = num_slots
+        self.num_layers = num_layers
+        self.dtype = dtype
+        self.device = torch.device(device)
+        shape = (num_slots + 1, num_kv_heads, head_dim)  # +1: slot 0 is padding
+        self.k_buffers = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.v_buffers = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.clear()
+
+    # ----------------------------------------------------------------- allocator
+    def clear(self) -> None:
+        self._free = torch.arange(1, self.size + 1, dtype=torch.int64, device=self.device)
+
+    def available(self) -> int:
+        return int(self._free.numel())
+
+    def alloc(self, n: int) -> torch.Tensor | None:
+        """n free slots (int64 [n]) or None if fewer are free. The caller owns them."""
+        if n > self._free.numel():
+            return None
+        out, self._free = self._free[:n], self._free[n:]
+        return out
+
+    def free(self, slots: torch.Tensor) -> None:
+        if slots.numel():
+            self._free = torch.cat((self._free, slots.to(torch.int64)))
+
+    # ----------------------------------------------------------------- data
+    def set_kv(self, layer_id: int, loc: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """loc [T] int64, k/v [T, Hkv, D]."""
+        self.k_buffers[layer_id][loc] = k.to(self.dtype)
+        self.v_buffers[layer_id][loc] = v.to(self.dtype)
+
+    def bytes_per_token(self) -> int:
+        k = self.k_buffers[0]
+        return 2 * self.num_layers * k.shape[1] * k.shape[2] * k.element_size()

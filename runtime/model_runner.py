@@ -1,0 +1,96 @@
+"""ModelRunner: owns the model, the KV pools and the attention backend; runs one forward pass.
+
+It sizes the KV pool (``max_total_tokens``, or a fraction of free memory), loads the weights with our
+own model code, and turns a ForwardBatch into logits. It knows nothing of requests or policies.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+
+from radixlm.runtime.attention import create_attention_backend
+from radixlm.runtime.forward_batch import ForwardBatch
+from radixlm.runtime.memory_pool import KVPool, ReqToTokenPool
+from radixlm.runtime.server_args import ServerArgs
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = {
+    "float32": torch.float32,
+    "float": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "half": torch.float16,
+    "fp16": torch.float16,
+}
+# A CPU pool sized from 24 GiB of RAM for a tiny model would be absurd; cap what "auto" picks.
+_CPU_AUTO_MAX_TOKENS = 1 << 18
+
+
+def resolve_dtype(name: str, config) -> torch.dtype:
+    if name != "auto":
+        return _DTYPES[name]
+    cfg = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(cfg, torch.dtype):
+        return cfg
+    return _DTYPES.get(str(cfg), torch.float32)
+
+
+class ModelRunner:
+    def __init__(self, args: ServerArgs):
+        from radixlm.runtime.models.loader import load_model
+
+        self.args = args
+        self.device = args.resolved_device
+        from transformers import AutoConfig
+
+        hf_config = AutoConfig.from_pretrained(args.model_path)
+        self.dtype = resolve_dtype(args.dtype, hf_config)
+        t0 = time.perf_counter()
+        self.model = load_model(args.model_path, self.dtype, self.device)
+        self.config = self.model.config
+        logger.info("loaded %s in %.1fs (%s, %s)", args.model_path, time.perf_counter() - t0, self.dtype, self.device)
+
+        cfg = self.config
+        self.num_layers = cfg.num_hidden_layers
+        self.num_kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.vocab_size = cfg.vocab_size
+        self.context_len = args.context_length or getattr(cfg, "max_position_embeddings", 4096)
+        self.max_total_tokens = self._pool_size()
+        self.req_to_token_pool = ReqToTokenPool(args.max_running_requests, self.context_len + 1, self.device)
+        self.kv_pool = KVPool(
+            self.max_total_tokens, self.num_layers, self.num_kv_heads, self.head_dim, self.dtype, self.device
+        )
+        self.attn_backend = create_attention_backend(
+            args.resolved_attention_backend, self.kv_pool, self.req_to_token_pool
+        )
+        self.forward_time = 0.0  # seconds spent in forward passes (for overhead accounting)
+
+    def _pool_size(self) -> int:
+        if self.args.max_total_tokens is not None:
+            return self.args.max_total_tokens
+        bytes_per_token = 2 * self.num_layers * self.num_kv_heads * self.head_dim * torch.finfo(self.dtype).bits // 8
+        if self.device.startswith("cuda"):
+            free, _ = torch.cuda.mem_get_info()
+            return max(int(free * self.args.mem_fraction_static) // bytes_per_token, 1)
+        import psutil
+
+        avail = psutil.virtual_memory().available
+        return max(min(int(avail * self.args.mem_fraction_static) // bytes_per_token, _CPU_AUTO_MAX_TOKENS), 1)
+
+    @torch.inference_mode()
+    def forward(self, fb: ForwardBatch) -> torch.Tensor:
+        """Logits [N, V] float32 for the rows ``fb.logits_indices``."""
+        t0 = time.perf_counter()
+        self.attn_backend.init_forward_metadata(fb)
+        logits = self.model(fb, self.attn_backend).float()
+        if self.device.startswith("cuda"):
+            torch.cuda.synchronize()
+        self.forward_time += time.perf_counter() - t0
+        return logits

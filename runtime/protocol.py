@@ -1,0 +1,215 @@
+"""The wire protocol: every message between radixlm processes, as typed msgspec Structs.
+
+Encoded as msgpack with a tagged union, decoded with validation: malformed bytes raise
+``msgspec.ValidationError``/``DecodeError`` which the receiver answers with an ErrorOut, never
+executes and never dies of. Nothing on any socket is pickled.
+
+The in-process Engine uses the same Structs without encoding them.
+"""
+
+from __future__ import annotations
+
+from typing import Union
+
+import msgspec
+
+from radixlm.runtime.sampling_params import SamplingParams
+
+
+class _Msg(msgspec.Struct, tag=True, kw_only=True, omit_defaults=True):
+    pass
+
+
+# --------------------------------------------------------------------------- requests to the scheduler
+class TokenizedGenerateReq(_Msg):
+    """One sequence to generate. ``n`` > 1 is expanded by the front end into n of these."""
+
+    rid: str
+    input_ids: list[int]
+    sampling_params: SamplingParams
+    return_logprob: bool = False
+    logprob_start_len: int = -1  # -1: only output logprobs (SGLang's default)
+    top_logprobs_num: int = 0
+    stream: bool = False
+
+
+class AbortReq(_Msg):
+    rid: str
+
+
+class FlushCacheReq(_Msg):
+    pass
+
+
+class GetStatsReq(_Msg):
+    pass
+
+
+# --------------------------------------------------------------------------- outputs from the scheduler
+class TokenLogprob(msgspec.Struct, array_like=True):
+    logprob: float | None
+    token_id: int
+
+
+class ReqOutput(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """What one request produced in one scheduler step (new tokens since the last ReqOutput)."""
+
+    rid: str
+    new_token_ids: list[int]
+    finished: bool = False
+    # SGLang's finish_reason: {"type": "stop"|"length"|"abort", "matched": token id or stop string}
+    finish_reason: dict | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+    # Logprobs, sent once for the prompt (with the first output) and incrementally for outputs.
+    input_token_logprobs: list[TokenLogprob] | None = None
+    input_top_logprobs: list[list[TokenLogprob] | None] | None = None
+    output_token_logprobs: list[TokenLogprob] | None = None
+    output_top_logprobs: list[list[TokenLogprob]] | None = None
+    # Characters of text the scheduler has decided (e.g. jump-forward) are part of the output;
+    # the detokenizer always works from token ids, so this is informational.
+    error: str | None = None
+
+
+class BatchOut(_Msg):
+    outputs: list[ReqOutput]
+
+
+class FlushCacheOut(_Msg):
+    success: bool
+    message: str = ""
+
+
+class StatsOut(_Msg):
+    stats: dict
+
+
+class ErrorOut(_Msg, kw_only=True):
+    """Answer to a request or message that could not be handled; rid empty if unknown."""
+
+    rid: str = ""
+    message: str
+
+
+SchedulerInput = Union[TokenizedGenerateReq, AbortReq, FlushCacheReq, GetStatsReq]
+SchedulerOutput = Union[BatchOut, FlushCacheOut, StatsOut, ErrorOut]
+
+_encoder = msgspec.msgpack.Encoder()
+_in_decoder = msgspec.msgpack.Decoder(SchedulerInput)
+_out_decoder = msgspec.msgpack.Decoder(SchedulerOutput)
+
+
+def encode(msg: msgspec.Struct) -> bytes:
+    return _encoder.encode(msg)
+
+
+def decode_scheduler_input(data: bytes) -> SchedulerInput:
+    return _in_decoder.decode(data)
+
+
+def decode_scheduler_output(data: bytes) -> SchedulerOutput:
+    return _out_decoder.decode(data)
+
+
+# =========================================================================== server plumbing (runtime/server)
+# Added for the multi-process server; the in-process Engine never sees these. Scheduler → detokenizer →
+# tokenizer manager is one ordered path, so control replies (stats, flush) keep their order.
+from typing import Any, Literal  # noqa: E402
+
+
+class ReadyOut(_Msg):
+    """Scheduler process → front end, once, after the model is loaded: the server may open its doors."""
+
+    model_info: dict[str, Any]
+    pid: int
+
+
+class DetokRegister(_Msg):
+    """Tokenizer manager → detokenizer, sent before the request goes to the scheduler: what the
+    detokenizer needs to turn this rid's token ids into text (it owns the RequestState)."""
+
+    req: TokenizedGenerateReq
+    return_text_in_logprobs: bool = False
+
+
+class DetokOut(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """One request's progress after one scheduler step, as text (built by RequestState)."""
+
+    rid: str
+    num_new_tokens: int = 0
+    finished: bool = False
+    # RequestState.stream_delta() for a streaming request; RequestState.result() once finished;
+    # None for a non-streaming request that is still running (only num_new_tokens, for metrics).
+    data: dict[str, Any] | None = None
+
+
+class DetokBatchOut(_Msg):
+    outputs: list[DetokOut]
+
+
+DetokenizerInput = Union[BatchOut, FlushCacheOut, StatsOut, ErrorOut, ReadyOut, DetokRegister]
+TokenizerManagerInput = Union[DetokBatchOut, FlushCacheOut, StatsOut, ErrorOut, ReadyOut]
+
+_detok_in_decoder = msgspec.msgpack.Decoder(DetokenizerInput)
+_tm_in_decoder = msgspec.msgpack.Decoder(TokenizerManagerInput)
+
+
+def decode_detokenizer_input(data: bytes) -> DetokenizerInput:
+    return _detok_in_decoder.decode(data)
+
+
+def decode_tokenizer_manager_input(data: bytes) -> TokenizerManagerInput:
+    return _tm_in_decoder.decode(data)
+
+
+# --------------------------------------------------------------------------- ZeroMQ front door (DSL clients)
+# A client (DEALER) sends one of these; every reply names the client's req_id. ``body`` is SGLang's
+# /generate body, validated by the same GenerateReqInput as HTTP. With --api-key every message
+# carries the key.
+class ClientGenerate(_Msg):
+    req_id: str
+    body: dict[str, Any]
+    api_key: str | None = None
+
+
+class ClientAbort(_Msg):
+    req_id: str  # the req_id of the ClientGenerate to abort
+    api_key: str | None = None
+
+
+class ClientCommand(_Msg):
+    req_id: str
+    command: Literal["get_model_info", "get_server_info", "flush_cache", "health"]
+    api_key: str | None = None
+
+
+class ClientChunk(_Msg):
+    """A streamed chunk (finished=False) or the final answer (finished=True) of a req_id."""
+
+    req_id: str
+    data: Any
+    finished: bool = False
+
+
+class ClientError(_Msg, kw_only=True):
+    """The req_id failed (req_id empty when the message itself was unreadable); HTTP-like status."""
+
+    req_id: str = ""
+    message: str
+    status: int = 400
+
+
+FrontDoorRequest = Union[ClientGenerate, ClientAbort, ClientCommand]
+FrontDoorReply = Union[ClientChunk, ClientError]
+
+_front_req_decoder = msgspec.msgpack.Decoder(FrontDoorRequest)
+_front_reply_decoder = msgspec.msgpack.Decoder(FrontDoorReply)
+
+
+def decode_front_door_request(data: bytes) -> FrontDoorRequest:
+    return _front_req_decoder.decode(data)
+
+
+def decode_front_door_reply(data: bytes) -> FrontDoorReply:
+    return _front_reply_decoder.decode(data)

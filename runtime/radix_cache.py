@@ -1,0 +1,197 @@
+"""RadixCache: a radix tree from token-id prefixes to KV-pool slots (RadixAttention).
+
+Each edge holds a run of token ids (``key``) and the KV slots that hold their K/V (``value``). A
+request's prompt walks the tree; the matched slots are reused instead of recomputed.
+
+Contract:
+  * ``match_prefix(key)`` returns the slots of the longest cached prefix and the node it ends in,
+    splitting a node when the match ends inside its edge, so the returned node covers exactly the
+    match. It refreshes the path's ``last_access_time``.
+  * ``insert(key, value)`` adds a prefix and returns how many leading tokens were already cached;
+    the caller still owns ``value[:that]`` and must free those duplicate slots (single owner rule).
+  * ``inc_lock_ref(node)`` / ``dec_lock_ref(node)`` protect a path from eviction while a request uses
+    it, moving sizes between ``evictable_size`` and ``protected_size``.
+  * ``evict(n)`` frees at least ``n`` tokens (if possible) from unlocked leaves, least recent first.
+  * Invariant (checked by the scheduler): kv_pool free + evictable + protected == total slots, when no
+    request is running. Every slot in the tree is owned by the tree and freed only by ``evict``/``reset``.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+import torch
+
+from radixlm.runtime.memory_pool import KVPool
+
+_EMPTY = torch.empty(0, dtype=torch.int64)
+
+
+@dataclass(eq=False)
+class TreeNode:
+    key: list[int] = field(default_factory=list)
+    value: torch.Tensor = field(default_factory=lambda: _EMPTY)  # [len(key)] int64 KV slots
+    parent: "TreeNode | None" = None
+    children: dict[int, "TreeNode"] = field(default_factory=dict)  # first token of child key → child
+    lock_ref: int = 0
+    last_access_time: int = 0
+
+    def __lt__(self, other: "TreeNode") -> bool:  # for the LRU heap
+        return self.last_access_time < other.last_access_time
+
+
+class MatchResult(NamedTuple):
+    indices: torch.Tensor  # [matched_len] int64 KV slots
+    last_node: TreeNode
+
+
+class RadixCache:
+    def __init__(self, kv_pool: KVPool, disable: bool = False):
+        self.kv_pool = kv_pool
+        self.disable = disable
+        self._clock = itertools.count(1)  # logical time: deterministic, strictly increasing
+        self.reset(free_slots=False)
+
+    # ------------------------------------------------------------------ public API
+    def reset(self, free_slots: bool = True) -> None:
+        """Drop every node; with ``free_slots`` their KV slots go back to the pool."""
+        if free_slots and hasattr(self, "root"):
+            for node in self._all_nodes():
+                if node is not self.root:
+                    self.kv_pool.free(node.value)
+        self.root = TreeNode(lock_ref=1)  # the root is never evicted
+        self._evictable = 0
+        self._protected = 0
+
+    def match_prefix(self, key: list[int]) -> MatchResult:
+        if self.disable or not key:
+            return MatchResult(_EMPTY, self.root)
+        node, pieces = self.root, []
+        now = next(self._clock)
+        node.last_access_time = now
+        pos = 0
+        while pos < len(key):
+            child = node.children.get(key[pos])
+            if child is None:
+                break
+            n = _common_len(child.key, key, pos)
+            if n < len(child.key):
+                child = self._split(child, n)
+            child.last_access_time = now
+            pieces.append(child.value)
+            node, pos = child, pos + n
+            if n == 0:  # pragma: no cover - _common_len >= 1 since first tokens agree
+                break
+        indices = torch.cat(pieces) if pieces else _EMPTY
+        return MatchResult(indices, node)
+
+    def insert(self, key: list[int], value: torch.Tensor) -> int:
+        """Insert ``key → value``; returns the length of the prefix that was already cached."""
+        if self.disable:
+            return 0
+        node, pos, now = self.root, 0, next(self._clock)
+        while pos < len(key):
+            child = node.children.get(key[pos])
+            if child is None:
+                new = TreeNode(key=list(key[pos:]), value=value[pos:].clone(), parent=node, last_access_time=now)
+                node.children[key[pos]] = new
+                self._evictable += len(new.key)
+                return pos
+            n = _common_len(child.key, key, pos)
+            if n < len(child.key):
+                child = self._split(child, n)
+            child.last_access_time = now
+            node, pos = child, pos + n
+        return pos
+
+    def inc_lock_ref(self, node: TreeNode) -> None:
+        while node is not self.root:
+            if node.lock_ref == 0:
+                self._evictable -= len(node.key)
+                self._protected += len(node.key)
+            node.lock_ref += 1
+            node = node.parent
+
+    def dec_lock_ref(self, node: TreeNode) -> None:
+        while node is not self.root:
+            if node.lock_ref <= 0:
+                raise AssertionError("RadixCache: lock_ref would go negative")
+            node.lock_ref -= 1
+            if node.lock_ref == 0:
+                self._evictable += len(node.key)
+                self._protected -= len(node.key)
+            node = node.parent
+
+    def evict(self, num_tokens: int) -> int:
+        """Free at least ``num_tokens`` slots from unlocked leaves, LRU first. Returns how many were freed."""
+        if self.disable or num_tokens <= 0:
+            return 0
+        heap = [n for n in self._all_nodes() if not n.children and n.lock_ref == 0 and n is not self.root]
+        heapq.heapify(heap)
+        freed = 0
+        while heap and freed < num_tokens:
+            leaf = heapq.heappop(heap)
+            self.kv_pool.free(leaf.value)
+            freed += len(leaf.key)
+            self._evictable -= len(leaf.key)
+            parent = leaf.parent
+            del parent.children[leaf.key[0]]
+            if parent is not self.root and not parent.children and parent.lock_ref == 0:
+                heapq.heappush(heap, parent)
+        return freed
+
+    # ------------------------------------------------------------------ sizes
+    def evictable_size(self) -> int:
+        return self._evictable
+
+    def protected_size(self) -> int:
+        return self._protected
+
+    def total_size(self) -> int:
+        return sum(len(n.key) for n in self._all_nodes())
+
+    # ------------------------------------------------------------------ internals
+    def _split(self, child: TreeNode, n: int) -> TreeNode:
+        """Split ``child`` after its first n tokens; returns the new upper node (covering key[:n])."""
+        upper = TreeNode(
+            key=child.key[:n],
+            value=child.value[:n],
+            parent=child.parent,
+            lock_ref=child.lock_ref,
+            last_access_time=child.last_access_time,
+        )
+        upper.children = {child.key[n]: child}
+        child.parent.children[child.key[0]] = upper
+        child.parent = upper
+        child.key = child.key[n:]
+        child.value = child.value[n:]
+        return upper
+
+    def _all_nodes(self):
+        stack = [self.root]
+        while stack:
+            node = stack.pop()
+            yield node
+            stack.extend(node.children.values())
+
+    def pretty(self) -> str:  # debugging aid
+        lines: list[str] = []
+
+        def walk(node: TreeNode, depth: int) -> None:
+            for c in node.children.values():
+                lines.append(f"{'  ' * depth}{c.key[:8]}{'...' if len(c.key) > 8 else ''} len={len(c.key)} lock={c.lock_ref}")
+                walk(c, depth + 1)
+
+        walk(self.root, 0)
+        return "\n".join(lines)
+
+
+def _common_len(a: list[int], key: list[int], start: int) -> int:
+    n = min(len(a), len(key) - start)
+    i = 0
+    while i < n and a[i] == key[start + i]:
+        i += 1
+    return i

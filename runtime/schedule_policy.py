@@ -1,0 +1,90 @@
+"""Which waiting requests to admit next, and how many tokens of each fit.
+
+Policies (``schedule_policy``):
+  * ``lpm``: longest cached prefix first, so requests that hit the radix cache run together while
+    their prefix is still resident. With aging (below).
+  * ``dfs-weight``: depth-first over the radix tree, heavier subtrees (more waiting requests) first.
+  * ``fcfs``: arrival order. ``lof``: longest output (max_new_tokens) first. ``random``: seeded shuffle.
+
+Aging (all policies): a request that has waited ``lpm_aging_steps`` scheduler steps jumps to the
+front, oldest first, and nothing behind it is admitted until it is. So a cache-cold request waits at
+most ``lpm_aging_steps`` steps plus the steps needed to free memory for it.
+
+Above ``lpm_fallback_queue_len`` waiting requests, ``lpm`` and ``dfs-weight`` fall back to ``fcfs``:
+matching every queued prompt against the tree each step costs more than it saves.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import defaultdict
+
+from radixlm.runtime.radix_cache import RadixCache, TreeNode
+from radixlm.runtime.req import Req
+
+
+class SchedulePolicy:
+    def __init__(
+        self,
+        policy: str,
+        cache: RadixCache,
+        aging_steps: int,
+        fallback_queue_len: int,
+        seed: int = 0,
+    ):
+        self.policy = policy
+        self.cache = cache
+        self.aging_steps = aging_steps
+        self.fallback_queue_len = fallback_queue_len
+        self.rng = random.Random(seed)
+
+    def is_aged(self, req: Req, step: int) -> bool:
+        return step - req.arrival >= self.aging_steps
+
+    def order(self, waiting: list[Req], step: int) -> list[Req]:
+        """Return the waiting requests in admission order (aged ones first, oldest first)."""
+        aged = sorted((r for r in waiting if self.is_aged(r, step)), key=lambda r: r.arrival)
+        rest = [r for r in waiting if not self.is_aged(r, step)]
+        policy = self.policy
+        if policy in ("lpm", "dfs-weight") and (len(waiting) > self.fallback_queue_len or self.cache.disable):
+            policy = "fcfs"
+        if policy == "lpm":
+            for r in rest:
+                r.prefix_len = len(self.cache.match_prefix(r.all_ids[: r.max_prefix_len]).indices)
+            rest.sort(key=lambda r: (-r.prefix_len, r.arrival))
+        elif policy == "dfs-weight":
+            rest = self._dfs_weight(rest)
+        elif policy == "lof":
+            rest.sort(key=lambda r: (-r.sampling_params.max_new_tokens, r.arrival))
+        elif policy == "random":
+            self.rng.shuffle(rest)
+        else:
+            rest.sort(key=lambda r: r.arrival)
+        return aged + rest
+
+    def _dfs_weight(self, reqs: list[Req]) -> list[Req]:
+        at_node: dict[TreeNode, list[Req]] = defaultdict(list)
+        for r in sorted(reqs, key=lambda r: r.arrival):
+            at_node[self.cache.match_prefix(r.all_ids[: r.max_prefix_len]).last_node].append(r)
+        weight: dict[TreeNode, int] = defaultdict(int)
+        for node, rs in at_node.items():
+            n = node
+            while n is not None:
+                weight[n] += len(rs)
+                n = n.parent
+        out: list[Req] = []
+        stack = [self.cache.root]
+        while stack:
+            node = stack.pop()
+            out.extend(at_node.get(node, ()))
+            kids = sorted((c for c in node.children.values() if weight[c] > 0), key=lambda c: weight[c])
+            stack.extend(kids)  # heaviest pushed last → visited first
+        return out
+
+
+def common_prefix_len(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i

@@ -1,0 +1,594 @@
+"""Scheduler: the waiting queue, admission, continuous batching, and what happens after each forward.
+
+One step = one forward pass, either EXTEND (new prompts, prompt chunks, jump-forward tokens) or
+DECODE (one token for every running request). After an EXTEND step the next step decodes, so running
+requests keep streaming between prefill chunks. Memory: every request holds a row of the
+req→token table and owns the KV slots of its computed tokens beyond its locked radix prefix; the
+radix tree owns the rest. ``check_memory`` verifies that when idle nothing is lost.
+
+The scheduler is single-threaded and socket-free: the Engine drives it from a thread, the server
+from its own process. Messages in and out are the Structs of ``radixlm.runtime.protocol``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+
+import torch
+
+from radixlm.runtime.forward_batch import ForwardBatch, ForwardMode
+from radixlm.runtime.model_runner import ModelRunner
+from radixlm.runtime.protocol import (
+    AbortReq,
+    ErrorOut,
+    FlushCacheOut,
+    FlushCacheReq,
+    GetStatsReq,
+    ReqOutput,
+    SchedulerInput,
+    SchedulerOutput,
+    StatsOut,
+    TokenizedGenerateReq,
+    TokenLogprob,
+)
+from radixlm.runtime.radix_cache import RadixCache
+from radixlm.runtime.req import Req
+from radixlm.runtime.sampler import Sampler, top_logprobs
+from radixlm.runtime.schedule_policy import SchedulePolicy, common_prefix_len
+from radixlm.runtime.server_args import ServerArgs
+from radixlm.runtime.tokenizer import eos_token_ids, load_tokenizer
+
+logger = logging.getLogger(__name__)
+
+
+class Scheduler:
+    def __init__(self, args: ServerArgs):
+        self.args = args
+        self.tokenizer = load_tokenizer(args.tokenizer_path or args.model_path)
+        self.runner = ModelRunner(args)
+        self.kv_pool = self.runner.kv_pool
+        self.req_to_token_pool = self.runner.req_to_token_pool
+        self.req_to_token = self.req_to_token_pool.req_to_token
+        self.cache = RadixCache(self.kv_pool, disable=args.disable_radix_cache)
+        self.policy = SchedulePolicy(
+            args.schedule_policy, self.cache, args.lpm_aging_steps, args.lpm_fallback_queue_len, args.random_seed
+        )
+        self.eos_ids = eos_token_ids(self.tokenizer, args.model_path)
+        self.sampler = Sampler(self.runner.vocab_size, self.eos_ids, args.random_seed)
+        self._grammar_backend = None  # created on first use: most deployments never constrain
+        self.context_len = self.runner.context_len
+        self.max_total_tokens = self.runner.max_total_tokens
+        self.chunk_size = args.chunked_prefill_size if args.chunked_prefill_size > 0 else 1 << 62
+
+        self.waiting: list[Req] = []
+        self.running: list[Req] = []
+        self.step_count = 0
+        self.last_mode: ForwardMode | None = None
+        self._outputs: list[ReqOutput] = []  # produced outside step() (aborts, errors)
+        # Stats
+        self.total_prompt_tokens = 0
+        self.total_cached_tokens = 0
+        self.total_generated = 0
+        self.total_prefill_computed = 0
+        self.num_forward = 0
+        self.num_retracted = 0
+        self._tput_window: deque[tuple[float, int]] = deque(maxlen=64)
+
+    # ------------------------------------------------------------------ messages
+    @property
+    def model_info(self) -> dict:
+        return {
+            "model_path": self.args.model_path,
+            "served_model_name": self.args.served_model_name or self.args.model_path,
+            "is_generation": True,
+            "context_length": self.context_len,
+            "vocab_size": self.runner.vocab_size,
+            "max_total_tokens": self.max_total_tokens,
+            "dtype": str(self.runner.dtype).replace("torch.", ""),
+            "device": self.runner.device,
+            "attention_backend": self.args.resolved_attention_backend,
+            "eos_token_ids": sorted(self.eos_ids),
+        }
+
+    def handle(self, msg: SchedulerInput) -> list[SchedulerOutput]:
+        if isinstance(msg, TokenizedGenerateReq):
+            try:
+                self.add_request(msg)
+            except ValueError as e:
+                return [ErrorOut(rid=msg.rid, message=str(e))]
+            return []
+        if isinstance(msg, AbortReq):
+            self.abort_request(msg.rid)
+            return []
+        if isinstance(msg, FlushCacheReq):
+            ok, message = self.flush_cache()
+            return [FlushCacheOut(success=ok, message=message)]
+        if isinstance(msg, GetStatsReq):
+            return [StatsOut(stats=self.get_stats())]
+        return [ErrorOut(message=f"unknown message {type(msg).__name__}")]
+
+    def add_request(self, tr: TokenizedGenerateReq) -> None:
+        """Validate and queue. Raises ValueError (naming the field) for a request that can never run."""
+        sp = tr.sampling_params
+        sp.verify()
+        n_in = len(tr.input_ids)
+        if n_in == 0:
+            raise ValueError("input_ids: the prompt is empty")
+        vocab = self.runner.vocab_size
+        if min(tr.input_ids) < 0 or max(tr.input_ids) >= vocab:
+            raise ValueError(f"input_ids: token ids must be in [0, {vocab})")
+        limit = min(self.context_len, self.max_total_tokens)
+        if n_in + max(sp.min_new_tokens, 1) > limit:
+            raise ValueError(
+                f"input_ids: the prompt has {n_in} tokens; with min_new_tokens it exceeds the limit of {limit} "
+                f"tokens (context_length={self.context_len}, max_total_tokens={self.max_total_tokens})"
+            )
+        if tr.logprob_start_len >= n_in:
+            raise ValueError(f"logprob_start_len ({tr.logprob_start_len}) must be < the prompt length ({n_in})")
+        if tr.top_logprobs_num < 0 or tr.top_logprobs_num > vocab:
+            raise ValueError("top_logprobs_num must be in [0, vocab_size]")
+        if any(r.rid == tr.rid for r in self.waiting) or any(r.rid == tr.rid for r in self.running):
+            raise ValueError(f"rid: a request with id {tr.rid!r} is already running")
+        # A request may never outgrow the pool or the context: clip its budget (finish_reason "length").
+        if n_in + sp.max_new_tokens > limit:
+            sp = sp.replace(max_new_tokens=limit - n_in)
+        req = Req(
+            rid=tr.rid,
+            input_ids=list(tr.input_ids),
+            sampling_params=sp,
+            return_logprob=tr.return_logprob,
+            logprob_start_len=tr.logprob_start_len if tr.return_logprob else -1,
+            top_logprobs_num=tr.top_logprobs_num if tr.return_logprob else 0,
+            arrival=self.step_count,
+        )
+        if sp.regex is not None or sp.json_schema is not None:
+            req.grammar = self._grammar().submit(*_grammar_key(sp))
+        self.waiting.append(req)
+
+    def abort_request(self, rid: str) -> None:
+        for r in self.waiting:
+            if r.rid == rid:
+                self.waiting.remove(r)
+                r.finish_reason = {"type": "abort"}
+                self._outputs.append(self._make_output(r))
+                return
+        for r in self.running:
+            if r.rid == rid:
+                r.finish_reason = {"type": "abort"}
+                self._release(r, finished=True)
+                self.running.remove(r)
+                self._outputs.append(self._make_output(r))
+                return
+
+    def flush_cache(self) -> tuple[bool, str]:
+        if self.running or self.waiting:
+            return False, "cannot flush the cache while requests are running or waiting"
+        self.cache.reset(free_slots=True)
+        self.total_prompt_tokens = self.total_cached_tokens = 0
+        self.check_memory()
+        return True, "cache flushed"
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running or self._outputs)
+
+    # ------------------------------------------------------------------ the step
+    def step(self) -> list[ReqOutput]:
+        """Run one scheduling step; return what each touched request produced."""
+        outputs, self._outputs = self._outputs, []
+        self._poll_grammars(outputs)
+        decodable = [r for r in self.running if r.pending == 1]
+        batch: list[tuple[Req, int]] = []
+        mode = ForwardMode.DECODE
+        if not (self.last_mode is ForwardMode.EXTEND and decodable):
+            batch = self._build_extend_batch()
+            mode = ForwardMode.EXTEND
+        if not batch:
+            decodable = self._reserve_decode([r for r in self.running if r.pending == 1])
+            batch = [(r, 1) for r in decodable]
+            mode = ForwardMode.DECODE
+        if batch:
+            self._run(batch, mode)
+            self.last_mode = mode
+            outputs.extend(self._collect_outputs([r for r, _ in batch]))
+        self.step_count += 1
+        if self.args.debug_check_memory and not self.running:
+            self.check_memory()
+        return outputs
+
+    # ------------------------------------------------------------------ admission
+    def _build_extend_batch(self) -> list[tuple[Req, int]]:
+        """Running requests with several pending tokens (chunks, jump-forward) first, then new ones."""
+        rem_prefill = self.args.max_prefill_tokens
+        rem_chunk = self.chunk_size
+        batch: list[tuple[Req, int]] = []
+        for r in list(self.running):
+            if r.pending > 1 and rem_chunk > 0 and rem_prefill > 0:
+                n = min(r.pending, rem_chunk, rem_prefill)
+                if not self._alloc_for(r, n):
+                    self._retract(r)  # re-admitted later, when memory allows
+                    continue
+                batch.append((r, n))
+                rem_chunk -= n
+                rem_prefill -= n
+        if not self.waiting or rem_chunk <= 0 or rem_prefill <= 0:
+            return batch
+
+        reserved = sum(int(r.remaining_new_tokens * self.args.new_token_ratio) for r in self.running)
+        admitted: list[Req] = []
+        for req in self.policy.order(self.waiting, self.step_count):
+            aged = self.policy.is_aged(req, self.step_count)
+            if req.grammar is not None and not _grammar_ready(req):
+                continue
+            if len(self.running) + len(admitted) >= self.args.max_running_requests:
+                break
+            if self.req_to_token_pool.available() == 0:
+                break
+            if not aged and admitted and self._defer_for_shared_prefix(req, admitted):
+                continue  # its uncached prefix is being computed by another request in this batch
+            self._admit(req)
+            n = min(req.pending, rem_chunk, rem_prefill)
+            need = n + (int(req.remaining_new_tokens * self.args.new_token_ratio) if n == req.pending else 0)
+            if need + reserved > self.kv_pool.available() + self.cache.evictable_size() or not self._alloc_for(req, n):
+                self._unadmit(req)
+                if aged:
+                    break  # keep memory for the aged request: nothing overtakes it
+                continue
+            reserved += need - n
+            admitted.append(req)
+            batch.append((req, n))
+            rem_chunk -= n
+            rem_prefill -= n
+            if rem_chunk <= 0 or rem_prefill <= 0:
+                break
+        for req in admitted:
+            self.waiting.remove(req)
+            self.running.append(req)
+            if not req.first_admitted:
+                req.first_admitted = True
+                req.cached_tokens = req.kv_len
+                self.total_prompt_tokens += len(req.input_ids)
+                self.total_cached_tokens += min(req.kv_len, len(req.input_ids))
+        return batch
+
+    def _defer_for_shared_prefix(self, req: Req, admitted: list[Req]) -> bool:
+        threshold = self.args.in_batch_prefix_threshold
+        if self.cache.disable or threshold <= 0:
+            return False
+        cached = len(self.cache.match_prefix(req.all_ids[: req.max_prefix_len]).indices)
+        return any(
+            common_prefix_len(req.all_ids[: req.max_prefix_len], a.all_ids) - cached >= threshold for a in admitted
+        )
+
+    def _admit(self, req: Req) -> None:
+        m = self.cache.match_prefix(req.all_ids[: req.max_prefix_len])
+        row = self.req_to_token_pool.alloc()
+        assert row is not None
+        req.req_pool_idx = row
+        n = len(m.indices)
+        if n:
+            self.req_to_token[row, :n] = m.indices
+        self.cache.inc_lock_ref(m.last_node)
+        req.last_node, req.locked_len, req.kv_len = m.last_node, n, n
+
+    def _unadmit(self, req: Req) -> None:
+        self.cache.dec_lock_ref(req.last_node)
+        self.req_to_token_pool.free(req.req_pool_idx)
+        req.req_pool_idx, req.last_node, req.locked_len, req.kv_len = None, None, 0, 0
+
+    def _alloc_for(self, req: Req, n: int) -> bool:
+        """Allocate n KV slots for req's next n tokens (evicting if needed) and record them."""
+        slots = self._alloc(n)
+        if slots is None:
+            return False
+        self.req_to_token[req.req_pool_idx, req.kv_len : req.kv_len + n] = slots
+        return True
+
+    def _alloc(self, n: int) -> torch.Tensor | None:
+        short = n - self.kv_pool.available()
+        if short > 0:
+            self.cache.evict(short)
+        return self.kv_pool.alloc(n)
+
+    def _reserve_decode(self, reqs: list[Req]) -> list[Req]:
+        """Make room for one token per decoding request, retracting the cheapest ones if needed."""
+        reqs = list(reqs)
+        while reqs and self.kv_pool.available() + self.cache.evictable_size() < len(reqs):
+            # Cheapest to redo: fewest generated tokens, then the longest prompt (frees the most).
+            victim = min(reqs, key=lambda r: (len(r.output_ids), -len(r.input_ids)))
+            reqs.remove(victim)
+            self._retract(victim)
+        for r in reqs:
+            ok = self._alloc_for(r, 1)
+            assert ok, "decode allocation failed after reservation"
+        return reqs
+
+    def _retract(self, req: Req) -> None:
+        self._release(req, finished=True)  # its computed KV goes to the tree (evictable), row freed
+        self.running.remove(req)
+        req.kv_len = req.locked_len = 0
+        req.num_retractions += 1
+        self.num_retracted += 1
+        self.waiting.insert(0, req)
+        logger.debug("retracted %s (%d tokens)", req.rid, req.seq_len)
+
+    # ------------------------------------------------------------------ KV ownership
+    def _release(self, req: Req, finished: bool) -> None:
+        """Hand req's computed KV to the radix tree (or free it) and, if finished, its table row."""
+        row = req.req_pool_idx
+        if row is None:
+            return
+        slots = self.req_to_token[row, : req.kv_len].clone()
+        if self.cache.disable:
+            if finished:
+                self.kv_pool.free(slots)
+        else:
+            key = req.all_ids[: req.kv_len]
+            n_dup = self.cache.insert(key, slots)
+            self.kv_pool.free(slots[req.locked_len : n_dup])  # ours, but the tree already had them
+            self.cache.dec_lock_ref(req.last_node)
+            if not finished:
+                m = self.cache.match_prefix(key)
+                assert len(m.indices) == req.kv_len
+                self.req_to_token[row, : req.kv_len] = m.indices
+                self.cache.inc_lock_ref(m.last_node)
+                req.last_node, req.locked_len = m.last_node, req.kv_len
+        if finished:
+            self.req_to_token_pool.free(row)
+            req.req_pool_idx, req.last_node = None, None
+        # Slots allocated for tokens that were never computed (aborted mid-step) do not exist: we
+        # allocate and compute in the same step.
+
+    # ------------------------------------------------------------------ forward + sample
+    def _run(self, batch: list[tuple[Req, int]], mode: ForwardMode) -> None:
+        input_ids: list[int] = []
+        positions: list[int] = []
+        logit_rows: list[int] = []
+        sample_rows: list[tuple[Req, int]] = []  # (req, index into logits)
+        lp_rows: list[tuple[Req, int, int, int]] = []  # (req, first logits row, first position, count)
+        for r, n in batch:
+            start = len(input_ids)
+            ids = r.all_ids[r.kv_len : r.kv_len + n]
+            input_ids.extend(ids)
+            positions.extend(range(r.kv_len, r.kv_len + n))
+            if r.needs_input_logprobs:
+                lp_rows.append((r, len(logit_rows), r.kv_len, n))
+                logit_rows.extend(range(start, start + n))
+                if r.kv_len + n == r.seq_len:
+                    sample_rows.append((r, len(logit_rows) - 1))
+            elif r.kv_len + n == r.seq_len:
+                sample_rows.append((r, len(logit_rows)))
+                logit_rows.append(start + n - 1)
+        locs = torch.cat(
+            [self.req_to_token[r.req_pool_idx, r.kv_len : r.kv_len + n] for r, n in batch]
+        )
+        fb = ForwardBatch.build(
+            mode,
+            input_ids,
+            positions,
+            locs,
+            [r.req_pool_idx for r, _ in batch],
+            [r.kv_len for r, _ in batch],
+            [n for _, n in batch],
+            self.runner.device,
+        )
+        fb.logits_indices = torch.tensor(logit_rows, dtype=torch.int64, device=self.runner.device)
+        logits = self.runner.forward(fb).cpu() if logit_rows else None  # [N, V]
+        self.num_forward += 1
+        if mode is ForwardMode.EXTEND:
+            self.total_prefill_computed += len(input_ids)
+        for r, n in batch:
+            r.kv_len += n
+
+        if lp_rows:
+            all_lp = torch.log_softmax(logits, dim=-1)
+            for r, row0, pos0, n in lp_rows:
+                self._input_logprobs(r, all_lp, row0, pos0, n)
+        if sample_rows:
+            reqs = [r for r, _ in sample_rows]
+            rows = torch.tensor([i for _, i in sample_rows])
+            masks = self._grammar_masks(reqs)
+            out = self.sampler(logits[rows], reqs, masks)
+            for k, (r, tok) in enumerate(zip(reqs, out.next_ids)):
+                if r.return_logprob:
+                    lp_row = out.logprobs[k]
+                    r.new_output_token_logprobs.append(TokenLogprob(float(lp_row[tok]), tok))
+                    if r.top_logprobs_num:
+                        r.new_output_top_logprobs.append(top_logprobs(lp_row, r.top_logprobs_num))
+                self._append_token(r, tok)
+        if mode is ForwardMode.EXTEND:
+            for r, _ in batch:  # share computed prompts (and chunks) through the tree at once
+                if not r.finished:
+                    self._release(r, finished=False)
+
+    def _input_logprobs(self, r: Req, lp: torch.Tensor, row0: int, pos0: int, n: int) -> None:
+        start, n_in = r.logprob_start_len, len(r.input_ids)
+        if pos0 == 0 and start == 0:
+            r.new_input_token_logprobs.append(TokenLogprob(None, r.input_ids[0]))
+            if r.top_logprobs_num:
+                r.new_input_top_logprobs.append(None)
+        for j in range(n):
+            nxt = pos0 + j + 1  # the logits at position p score the token at p + 1
+            if start <= nxt < n_in:
+                row = lp[row0 + j]
+                tok = r.input_ids[nxt]
+                r.new_input_token_logprobs.append(TokenLogprob(float(row[tok]), tok))
+                if r.top_logprobs_num:
+                    r.new_input_top_logprobs.append(top_logprobs(row, r.top_logprobs_num))
+        if pos0 + n >= n_in:
+            r.input_logprobs_done = True
+
+    def _append_token(self, r: Req, tok: int) -> None:
+        r.output_ids.append(tok)
+        self.total_generated += 1
+        if r.grammar is not None:
+            r.grammar.accept_token(tok)
+        reason = self._check_finish(r, tok)
+        if reason is not None:
+            r.finish_reason = reason
+            self._release(r, finished=True)
+            self.running.remove(r)
+        elif r.grammar is not None and self.args.enable_jump_forward:
+            self._jump_forward(r)
+
+    def _check_finish(self, r: Req, tok: int) -> dict | None:
+        sp = r.sampling_params
+        if len(r.output_ids) >= sp.min_new_tokens:
+            if not sp.ignore_eos and tok in self.eos_ids:
+                return {"type": "stop", "matched": tok}
+            if sp.stop_token_ids and tok in sp.stop_token_ids:
+                return {"type": "stop", "matched": tok}
+            if sp.stop:
+                # A stop string must end inside the newest token and spans at most len(stop) tokens.
+                width = max(len(s) for s in sp.stop) + 1
+                tail = self.tokenizer.decode(r.output_ids[-width:], skip_special_tokens=sp.skip_special_tokens)
+                for s in sp.stop:
+                    if s in tail:
+                        return {"type": "stop", "matched": s}
+            if r.grammar is not None and r.grammar.is_finished():
+                return {"type": "stop", "matched": None}
+        if len(r.output_ids) >= sp.max_new_tokens:
+            return {"type": "length", "length": sp.max_new_tokens}
+        return None
+
+    # ------------------------------------------------------------------ grammar hooks
+    def _grammar(self):
+        if self._grammar_backend is None:
+            from radixlm.runtime.constrained import GrammarBackend
+
+            self._grammar_backend = GrammarBackend(
+                self.tokenizer, self.runner.vocab_size, cache_size=self.args.grammar_cache_size
+            )
+        return self._grammar_backend
+
+    def _poll_grammars(self, outputs: list[ReqOutput]) -> None:
+        """Turn finished compiles into matchers; fail requests whose grammar did not compile."""
+        for r in list(self.waiting):
+            g = r.grammar
+            if g is None or not hasattr(g, "done") or not g.done():
+                continue
+            try:
+                r.grammar = g.result().new_matcher()
+            except Exception as e:  # noqa: BLE001 - surfaced to the client as this request's error
+                self.waiting.remove(r)
+                r.finish_reason = {"type": "abort", "message": str(e)}
+                out = self._make_output(r)
+                out.error = f"{type(e).__name__}: {e}" if not isinstance(e, ValueError) else str(e)
+                outputs.append(out)
+
+    def _grammar_masks(self, reqs: list[Req]) -> torch.Tensor | None:
+        if all(r.grammar is None for r in reqs):
+            return None
+        masks = torch.ones((len(reqs), self.runner.vocab_size), dtype=torch.bool)
+        for i, r in enumerate(reqs):
+            if r.grammar is not None:
+                masks[i].fill_(False)
+                r.grammar.fill_mask(masks[i])
+        return masks
+
+    def _jump_forward(self, r: Req) -> None:
+        jf = r.grammar.jump_forward(r.output_ids[-1] if r.output_ids else None)
+        if jf is None or not jf.token_ids:
+            return
+        # The dropped token was sampled but not computed yet, so no KV needs to be given back.
+        assert jf.num_rollback <= r.pending
+        if jf.num_rollback:
+            del r.output_ids[-jf.num_rollback :]
+            if r.return_logprob:
+                del r.new_output_token_logprobs[-jf.num_rollback :]
+                if r.top_logprobs_num:
+                    del r.new_output_top_logprobs[-jf.num_rollback :]
+            self.total_generated -= jf.num_rollback
+        room = r.sampling_params.max_new_tokens - len(r.output_ids)
+        for tok in jf.token_ids[:room]:
+            r.output_ids.append(tok)
+            self.total_generated += 1
+            if r.return_logprob:
+                r.new_output_token_logprobs.append(TokenLogprob(None, tok))
+                if r.top_logprobs_num:
+                    r.new_output_top_logprobs.append([])
+        reason = self._check_finish(r, r.output_ids[-1])
+        if reason is not None:
+            r.finish_reason = reason
+            self._release(r, finished=True)
+            self.running.remove(r)
+
+    # ------------------------------------------------------------------ outputs
+    def _collect_outputs(self, reqs: list[Req]) -> list[ReqOutput]:
+        return [self._make_output(r) for r in reqs if r.finished or len(r.output_ids) > r.sent_len]
+
+    def _make_output(self, r: Req) -> ReqOutput:
+        out = ReqOutput(
+            rid=r.rid,
+            new_token_ids=r.output_ids[r.sent_len :],
+            finished=r.finished,
+            finish_reason=r.finish_reason,
+            prompt_tokens=len(r.input_ids),
+            completion_tokens=len(r.output_ids),
+            cached_tokens=r.cached_tokens,
+        )
+        r.sent_len = len(r.output_ids)
+        if r.return_logprob:
+            out.input_token_logprobs, r.new_input_token_logprobs = r.new_input_token_logprobs, []
+            out.output_token_logprobs, r.new_output_token_logprobs = r.new_output_token_logprobs, []
+            if r.top_logprobs_num:
+                out.input_top_logprobs, r.new_input_top_logprobs = r.new_input_top_logprobs, []
+                out.output_top_logprobs, r.new_output_top_logprobs = r.new_output_top_logprobs, []
+        if r.finished:
+            self._tput_window.append((time.monotonic(), self.total_generated))
+        return out
+
+    # ------------------------------------------------------------------ stats and checks
+    def check_memory(self) -> None:
+        """Assert free + evictable + protected == total when no request holds KV."""
+        free = self.kv_pool.available()
+        evictable = self.cache.evictable_size()
+        protected = self.cache.protected_size()
+        held = sum(r.kv_len - r.locked_len for r in self.running)
+        total = self.max_total_tokens
+        if free + evictable + protected + held != total:
+            raise AssertionError(
+                f"KV memory leak: free={free} evictable={evictable} protected={protected} "
+                f"held_by_running={held} total={total}"
+            )
+        if not self.running and protected != 0:
+            raise AssertionError(f"KV memory: {protected} tokens still locked while idle")
+        if not self.running and self.req_to_token_pool.available() != self.req_to_token_pool.size:
+            raise AssertionError("req_to_token rows leaked while idle")
+
+    def get_stats(self) -> dict:
+        now = time.monotonic()
+        self._tput_window.append((now, self.total_generated))
+        t0, g0 = self._tput_window[0]
+        tput = (self.total_generated - g0) / (now - t0) if now > t0 else 0.0
+        free = self.kv_pool.available()
+        return {
+            "num_running_reqs": len(self.running),
+            "num_waiting_reqs": len(self.waiting),
+            "max_total_tokens": self.max_total_tokens,
+            "free_tokens": free,
+            "evictable_tokens": self.cache.evictable_size(),
+            "protected_tokens": self.cache.protected_size(),
+            "token_usage": 1.0 - (free + self.cache.evictable_size()) / self.max_total_tokens,
+            "cache_hit_rate": self.total_cached_tokens / self.total_prompt_tokens if self.total_prompt_tokens else 0.0,
+            "total_prompt_tokens": self.total_prompt_tokens,
+            "total_cached_tokens": self.total_cached_tokens,
+            "total_prefill_computed": self.total_prefill_computed,
+            "total_generated_tokens": self.total_generated,
+            "num_forward_passes": self.num_forward,
+            "num_retracted": self.num_retracted,
+            "gen_throughput": tput,
+            "forward_time_s": self.runner.forward_time,
+            "schedule_policy": self.args.schedule_policy,
+            "radix_cache_enabled": not self.cache.disable,
+        }
+
+
+def _grammar_key(sp) -> tuple[str, str]:
+    return ("regex", sp.regex) if sp.regex is not None else ("json", sp.json_schema)
+
+
+def _grammar_ready(req: Req) -> bool:
+    g = req.grammar
+    return not hasattr(g, "done")  # a matcher, not a pending Future

@@ -1,0 +1,51 @@
+"""Shared fixtures: tiny model directories (built locally, cached per session) and the KV check.
+
+CI has no GPU: Triton kernels run in the interpreter (TRITON_INTERPRET=1 must be set before triton is
+imported, hence here).
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+try:
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+except ImportError:  # pragma: no cover
+    pass
+
+import pytest
+
+ARCHS = ("llama", "qwen2", "mistral")
+
+
+@pytest.fixture(scope="session")
+def model_cache_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("models")
+
+
+def _make(model_cache_dir, arch: str, preset: str = "tiny") -> str:
+    from radixlm.runtime.tiny_model import make_tiny_model
+
+    path = model_cache_dir / f"{arch}-{preset}"
+    if not (path / "config.json").exists():
+        make_tiny_model(str(path), arch=arch, preset=preset, seed=0)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def make_model(model_cache_dir):
+    """make_model(arch="llama", preset="tiny") -> path of a cached tiny model directory."""
+
+    def factory(arch: str = "llama", preset: str = "tiny") -> str:
+        return _make(model_cache_dir, arch, preset)
+
+    return factory
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(make_model) -> str:
+    return make_model("llama")
