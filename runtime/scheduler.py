@@ -374,7 +374,7 @@ class Scheduler:
             self.runner.device,
         )
         fb.logits_indices = torch.tensor(logit_rows, dtype=torch.int64, device=self.runner.device)
-        logits = self.runner.forward(fb).cpu() if logit_rows else None  # [N, V]
+        logits = self.runner.forward(fb).cpu()  # [N, V]; N may be 0 for a middle chunk
         self.num_forward += 1
         if mode is ForwardMode.EXTEND:
             self.total_prefill_computed += len(input_ids)
