@@ -17,11 +17,14 @@ Tokenizer choices (documented because callers depend on them):
     Llama-3 does), so ``tok(text)`` / ``tok.encode(text)`` start with ``<s>``; ``add_special_tokens=False``
     leaves it out. The chat template also starts with ``{{ bos_token }}``: tokenize a rendered chat prompt
     with ``add_special_tokens=False`` (``apply_chat_template(tokenize=True)`` already does) to avoid two BOS.
-  * Byte-level pre-tokenizer and decoder, no prefix space: ``decode(encode(s, add_special_tokens=False)) == s``
-    for any string, including multi-byte UTF-8.
+  * Byte-level BPE with Qwen2's pre-tokenizer regex, no prefix space: ``decode(encode(s,
+    add_special_tokens=False)) == s`` for any string, multi-byte UTF-8 included. Exception: ``qwen2``
+    directories carry an NFC normalizer (transformers' Qwen2Tokenizer always adds one), so there the
+    round trip gives ``NFC(s)``. Vocabulary and merges are the same for every arch of a preset.
+  * ``tie_word_embeddings``: qwen2 tied; llama and mistral untied. Qwen2 has q/k/v biases.
 
-Weight init is chosen so the untrained model is *peaky* (large-std lm_head / embeddings, unit-gain
-projections): greedy decoding differs across contexts and top-1 logits are rarely near-ties, so token
+Weight init is chosen so the untrained model is *peaky* (logit std ≈ 6, unit-gain projections, norm
+gains ≠ 1): greedy decoding differs across contexts and top-1 logits are rarely near-ties, so token
 comparisons against transformers are meaningful.
 """
 
@@ -133,7 +136,8 @@ def _corpus(num_lines: int) -> list[str]:
             s = " ".join(words)
             lines.append(s[0].upper() + s[1:] + rng.choice([".", ".", "!", "?", ",", ";", ":"]))
         elif kind < 0.75:
-            obj = {words[0]: n, words[1]: words[2], "ok": rng.random() < 0.5, "items": [n2, n3], "text": rng.choice(_UNICODE)}
+            obj = {words[0]: n, words[1]: words[2], "ok": rng.random() < 0.5, "items": [n2, n3],
+                   "text": rng.choice(_UNICODE)}
             lines.append(json.dumps(obj, ensure_ascii=False))
         elif kind < 0.92:
             t = rng.choice(_CODE)

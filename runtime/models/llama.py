@@ -128,7 +128,8 @@ class LlamaForCausalLM(nn.Module):
         o_bias = False if model_type == "qwen2" else attention_bias
         mlp_bias = bool(getattr(config, "mlp_bias", False))
         window = getattr(config, "sliding_window", None)
-        if window is not None and getattr(config, "use_sliding_window", True) and window < config.max_position_embeddings:
+        uses_window = getattr(config, "use_sliding_window", True)  # Qwen2 has a separate on/off switch
+        if window is not None and uses_window and window < config.max_position_embeddings:
             logger.warning("sliding_window=%s is ignored: attention is full over the context", window)
         self.model = LlamaModel(config, qkv_bias, o_bias, mlp_bias, device)
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
