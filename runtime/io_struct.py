@@ -81,6 +81,7 @@ class GenerateReqInput:
         out: list[TokenizedGenerateReq] = []
         for i in range(nb):
             sp = SamplingParams.from_dict(sp_list[i])
+            _validate_grammar(sp)
             base = rids[i] or uuid.uuid4().hex
             start = -1 if starts[i] is None else int(starts[i])
             if start < -1:
@@ -208,6 +209,18 @@ class RequestState:
             "output_ids": list(self.output_ids),
             "meta_info": meta,
         }
+
+
+def _validate_grammar(sp: SamplingParams) -> None:
+    """Reject a bad regex / schema here, in the caller's thread, not on the scheduler's loop."""
+    if sp.regex is None and sp.json_schema is None:
+        return
+    from radixlm.runtime.constrained import validate_grammar
+
+    if sp.regex is not None:
+        validate_grammar("regex", sp.regex)
+    else:
+        validate_grammar("json", sp.json_schema)
 
 
 def _stopped_on_token(finish_reason: dict | None, sp: SamplingParams) -> bool:

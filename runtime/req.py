@@ -43,6 +43,9 @@ class Req:
     first_admitted: bool = False
     num_retractions: int = 0
     grammar: Any = None  # GrammarMatcher or a Future while compiling
+    # Jump-forward tokens of a greedy request not yet checked against the model: (index in all_ids,
+    # grammar state before it). They are held back from the client until verified.
+    forced: list[tuple[int, int]] = field(default_factory=list)
     # Logprobs produced since the last output was sent
     new_input_token_logprobs: list[TokenLogprob] = field(default_factory=list)
     new_input_top_logprobs: list[list[TokenLogprob] | None] = field(default_factory=list)
@@ -76,6 +79,8 @@ class Req:
         limit = self.seq_len - 1  # at least one token must be computed to get next-token logits
         if self.needs_input_logprobs:
             limit = min(limit, max(self.logprob_start_len - 1, 0))
+        if self.forced:  # the logits that verify forced tokens must be computed, not cached
+            limit = min(limit, self.forced[0][0] - 1)
         return max(limit, 0)
 
     @property

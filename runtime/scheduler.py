@@ -13,6 +13,7 @@ from its own process. Messages in and out are the Structs of ``radixlm.runtime.p
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections import deque
 
@@ -46,6 +47,8 @@ logger = logging.getLogger(__name__)
 class Scheduler:
     def __init__(self, args: ServerArgs):
         self.args = args
+        if not os.path.isdir(args.model_path):
+            raise ValueError(f"model_path: {args.model_path!r} is not a directory (radixlm never downloads models)")
         self.tokenizer = load_tokenizer(args.tokenizer_path or args.model_path)
         self.runner = ModelRunner(args)
         self.kv_pool = self.runner.kv_pool
@@ -144,6 +147,7 @@ class Scheduler:
             arrival=self.step_count,
         )
         if sp.regex is not None or sp.json_schema is not None:
+            # Front ends validated the pattern; the compile runs in the background, off this loop.
             req.grammar = self._grammar().submit(*_grammar_key(sp))
         self.waiting.append(req)
 
@@ -347,11 +351,19 @@ class Scheduler:
         logit_rows: list[int] = []
         sample_rows: list[tuple[Req, int]] = []  # (req, index into logits)
         lp_rows: list[tuple[Req, int, int, int]] = []  # (req, first logits row, first position, count)
+        verify: list[tuple[Req, list[tuple[int, int, int]]]] = []  # (req, [(index, state, logits row)])
         for r, n in batch:
             start = len(input_ids)
             ids = r.all_ids[r.kv_len : r.kv_len + n]
             input_ids.extend(ids)
             positions.extend(range(r.kv_len, r.kv_len + n))
+            checks = []
+            for idx, state in r.forced:  # forced token idx is verified by the logits at idx - 1
+                if r.kv_len <= idx - 1 < r.kv_len + n:
+                    checks.append((idx, state, len(logit_rows)))
+                    logit_rows.append(start + idx - 1 - r.kv_len)
+            if checks:
+                verify.append((r, checks))
             if r.needs_input_logprobs:
                 lp_rows.append((r, len(logit_rows), r.kv_len, n))
                 logit_rows.extend(range(start, start + n))
@@ -385,6 +397,9 @@ class Scheduler:
             all_lp = torch.log_softmax(logits, dim=-1)
             for r, row0, pos0, n in lp_rows:
                 self._input_logprobs(r, all_lp, row0, pos0, n)
+        for r, checks in verify:
+            self._verify_forced(r, logits, checks)
+        sample_rows = [(r, i) for r, i in sample_rows if not r.finished and r.pending == 0]
         if sample_rows:
             reqs = [r for r, _ in sample_rows]
             rows = torch.tensor([i for _, i in sample_rows])
@@ -426,15 +441,15 @@ class Scheduler:
             r.grammar.accept_token(tok)
         reason = self._check_finish(r, tok)
         if reason is not None:
-            r.finish_reason = reason
-            self._release(r, finished=True)
-            self.running.remove(r)
+            self._finish(r, reason)
         elif r.grammar is not None and self.args.enable_jump_forward:
             self._jump_forward(r)
 
-    def _check_finish(self, r: Req, tok: int) -> dict | None:
+    def _check_finish(self, r: Req, tok: int, upto: int | None = None) -> dict | None:
+        """Finish reason if the output ``r.output_ids[:upto]`` (ending in ``tok``) is complete."""
         sp = r.sampling_params
-        if len(r.output_ids) >= sp.min_new_tokens:
+        out = r.output_ids if upto is None else r.output_ids[:upto]
+        if len(out) >= sp.min_new_tokens:
             if not sp.ignore_eos and tok in self.eos_ids:
                 return {"type": "stop", "matched": tok}
             if sp.stop_token_ids and tok in sp.stop_token_ids:
@@ -442,13 +457,13 @@ class Scheduler:
             if sp.stop:
                 # A stop string must end inside the newest token and spans at most len(stop) tokens.
                 width = max(len(s) for s in sp.stop) + 1
-                tail = self.tokenizer.decode(r.output_ids[-width:], skip_special_tokens=sp.skip_special_tokens)
+                tail = self.tokenizer.decode(out[-width:], skip_special_tokens=sp.skip_special_tokens)
                 for s in sp.stop:
                     if s in tail:
                         return {"type": "stop", "matched": s}
-            if r.grammar is not None and r.grammar.is_finished():
+            if r.grammar is not None and upto is None and r.grammar.is_finished():
                 return {"type": "stop", "matched": None}
-        if len(r.output_ids) >= sp.max_new_tokens:
+        if len(out) >= sp.max_new_tokens:
             return {"type": "length", "length": sp.max_new_tokens}
         return None
 
@@ -458,7 +473,11 @@ class Scheduler:
             from radixlm.runtime.constrained import GrammarBackend
 
             self._grammar_backend = GrammarBackend(
-                self.tokenizer, self.runner.vocab_size, cache_size=self.args.grammar_cache_size
+                self.tokenizer,
+                self.runner.vocab_size,
+                cache_size=self.args.grammar_cache_size,
+                eos_token_ids=sorted(self.eos_ids),
+                json_whitespace_pattern=self.args.constrained_json_whitespace_pattern,
             )
         return self._grammar_backend
 
@@ -488,53 +507,133 @@ class Scheduler:
         return masks
 
     def _jump_forward(self, r: Req) -> None:
-        jf = r.grammar.jump_forward(r.output_ids[-1] if r.output_ids else None)
+        """Append the text the grammar forces, without sampling it.
+
+        Sampled requests take the forced tokens as they are. Greedy requests must produce exactly what
+        greedy decoding would, so their forced tokens are speculative: they are computed in the next
+        extend and checked against the model's masked argmax there (``_verify_forced``); the first
+        disagreement is replaced by the model's choice and the rest is dropped.
+        """
+        sp = r.sampling_params
+        greedy = sp.is_greedy
+        if greedy and (sp.frequency_penalty or sp.presence_penalty or sp.repetition_penalty != 1.0):
+            return  # verification below does not replay penalties; such requests simply decode
+        matcher = r.grammar
+        state = matcher.state
+        jf = matcher.jump_forward(r.output_ids[-1] if r.output_ids else None, allow_rollback=not greedy)
         if jf is None or not jf.token_ids:
             return
         # The dropped token was sampled but not computed yet, so no KV needs to be given back.
-        assert jf.num_rollback <= r.pending
-        if jf.num_rollback:
-            del r.output_ids[-jf.num_rollback :]
-            if r.return_logprob:
-                del r.new_output_token_logprobs[-jf.num_rollback :]
-                if r.top_logprobs_num:
-                    del r.new_output_top_logprobs[-jf.num_rollback :]
-            self.total_generated -= jf.num_rollback
-        room = r.sampling_params.max_new_tokens - len(r.output_ids)
-        for tok in jf.token_ids[:room]:
+        if jf.num_rollback:  # only sampled requests roll back (see allow_rollback above)
+            self._truncate(r, r.seq_len - jf.num_rollback)
+        room = sp.max_new_tokens - len(r.output_ids)
+        tokens = jf.token_ids[:room]
+        if len(tokens) < len(jf.token_ids):  # the budget cut the run: put the matcher after what we keep
+            g = matcher.grammar
+            matcher.reset_to(g.walk(g.walk(g.initial_state, r.output_ids), tokens))
+        for tok in tokens:
+            if greedy:
+                r.forced.append((r.seq_len, state))
+                state = matcher.grammar.next_state(state, tok)
             r.output_ids.append(tok)
             self.total_generated += 1
-            if r.return_logprob:
+            if r.return_logprob:  # filled in by verification for greedy requests
                 r.new_output_token_logprobs.append(TokenLogprob(None, tok))
                 if r.top_logprobs_num:
                     r.new_output_top_logprobs.append([])
-        reason = self._check_finish(r, r.output_ids[-1])
-        if reason is not None:
-            r.finish_reason = reason
-            self._release(r, finished=True)
-            self.running.remove(r)
+        if not greedy:
+            reason = self._check_finish(r, r.output_ids[-1])
+            if reason is not None:
+                self._finish(r, reason)
+
+    def _verify_forced(self, r: Req, logits: torch.Tensor, checks: list[tuple[int, int, int]]) -> None:
+        n_in = len(r.input_ids)
+        lp = torch.log_softmax(logits[[row for _, _, row in checks]], dim=-1) if r.return_logprob else None
+        for k, (idx, state, row) in enumerate(checks):
+            out_pos = idx - n_in
+            choice = self._greedy_choice(r, logits[row], state, out_pos)
+            forced_tok = r.output_ids[out_pos]
+            if choice != forced_tok:
+                self._truncate(r, idx)
+                r.grammar.reset_to(state)
+                if r.return_logprob:
+                    r.new_output_token_logprobs.append(TokenLogprob(float(lp[k][choice]), choice))
+                    if r.top_logprobs_num:
+                        r.new_output_top_logprobs.append(top_logprobs(lp[k], r.top_logprobs_num))
+                self._append_token(r, choice)
+                return
+            r.forced.pop(0)
+            if r.return_logprob:
+                off = out_pos - r.sent_len
+                r.new_output_token_logprobs[off] = TokenLogprob(float(lp[k][forced_tok]), forced_tok)
+                if r.top_logprobs_num:
+                    r.new_output_top_logprobs[off] = top_logprobs(lp[k], r.top_logprobs_num)
+            reason = self._check_finish(r, forced_tok, upto=out_pos + 1)
+            if reason is None and not r.forced and r.grammar.is_finished():
+                reason = {"type": "stop", "matched": None}
+            if reason is not None:
+                self._truncate(r, idx + 1)
+                self._finish(r, reason)
+                return
+
+    def _greedy_choice(self, r: Req, logits: torch.Tensor, state: int, out_len: int) -> int:
+        """What the sampler would pick for a greedy request at grammar ``state`` (no penalties)."""
+        allowed = torch.zeros(logits.shape[-1], dtype=torch.bool)
+        r.grammar.grammar.fill_mask(state, allowed)
+        logits = logits.masked_fill(~allowed, float("-inf"))
+        sp = r.sampling_params
+        if out_len < sp.min_new_tokens:
+            banned = list(sp.stop_token_ids or []) + ([] if sp.ignore_eos else sorted(self.eos_ids))
+            if banned:
+                logits[banned] = float("-inf")
+        return int(logits.argmax())
+
+    def _truncate(self, r: Req, idx: int) -> None:
+        """Drop tokens from absolute index ``idx`` on, freeing K/V this request computed for them."""
+        if r.kv_len > idx:
+            self.kv_pool.free(self.req_to_token[r.req_pool_idx, idx : r.kv_len].clone())
+            r.kv_len = idx
+        out_pos = idx - len(r.input_ids)
+        self.total_generated -= len(r.output_ids) - out_pos
+        del r.output_ids[out_pos:]
+        r.forced = [f for f in r.forced if f[0] < idx]
+        if r.return_logprob:
+            off = max(out_pos - r.sent_len, 0)
+            del r.new_output_token_logprobs[off:]
+            if r.top_logprobs_num:
+                del r.new_output_top_logprobs[off:]
+
+    def _finish(self, r: Req, reason: dict) -> None:
+        r.finish_reason = reason
+        r.forced = []
+        self._release(r, finished=True)
+        self.running.remove(r)
 
     # ------------------------------------------------------------------ outputs
     def _collect_outputs(self, reqs: list[Req]) -> list[ReqOutput]:
-        return [self._make_output(r) for r in reqs if r.finished or len(r.output_ids) > r.sent_len]
+        return [self._make_output(r) for r in reqs if r.finished or _visible_len(r) > r.sent_len]
 
     def _make_output(self, r: Req) -> ReqOutput:
+        visible = _visible_len(r)
+        k = visible - r.sent_len  # tokens to send now; unverified forced tokens wait
         out = ReqOutput(
             rid=r.rid,
-            new_token_ids=r.output_ids[r.sent_len :],
+            new_token_ids=r.output_ids[r.sent_len : visible],
             finished=r.finished,
             finish_reason=r.finish_reason,
             prompt_tokens=len(r.input_ids),
-            completion_tokens=len(r.output_ids),
+            completion_tokens=visible,
             cached_tokens=r.cached_tokens,
         )
-        r.sent_len = len(r.output_ids)
+        r.sent_len = visible
         if r.return_logprob:
             out.input_token_logprobs, r.new_input_token_logprobs = r.new_input_token_logprobs, []
-            out.output_token_logprobs, r.new_output_token_logprobs = r.new_output_token_logprobs, []
+            out.output_token_logprobs = r.new_output_token_logprobs[:k]
+            del r.new_output_token_logprobs[:k]
             if r.top_logprobs_num:
                 out.input_top_logprobs, r.new_input_top_logprobs = r.new_input_top_logprobs, []
-                out.output_top_logprobs, r.new_output_top_logprobs = r.new_output_top_logprobs, []
+                out.output_top_logprobs = r.new_output_top_logprobs[:k]
+                del r.new_output_top_logprobs[:k]
         if r.finished:
             self._tput_window.append((time.monotonic(), self.total_generated))
         return out
@@ -583,6 +682,11 @@ class Scheduler:
             "schedule_policy": self.args.schedule_policy,
             "radix_cache_enabled": not self.cache.disable,
         }
+
+
+def _visible_len(r: Req) -> int:
+    """Output tokens the client may see: all but unverified jump-forward tokens."""
+    return len(r.output_ids) - len(r.forced)
 
 
 def _grammar_key(sp) -> tuple[str, str]:

@@ -41,6 +41,8 @@ class ServerArgs:
     attention_backend: str = "auto"  # auto | torch | triton
     enable_jump_forward: bool = True
     grammar_cache_size: int = 64
+    # JSON whitespace between tokens: None = outlines' default (optional single space), "" = compact JSON
+    constrained_json_whitespace_pattern: Optional[str] = None
     # Server
     host: str = "127.0.0.1"
     port: int = 30000
@@ -49,6 +51,7 @@ class ServerArgs:
     served_model_name: Optional[str] = None
     log_level: str = "info"
     log_interval_s: float = 10.0
+    max_request_body_bytes: int = 32 * 1024 * 1024  # HTTP body / ZeroMQ message limit (413 above it)
 
     def __post_init__(self) -> None:
         if self.schedule_policy not in SCHEDULE_POLICIES:
@@ -65,6 +68,8 @@ class ServerArgs:
             raise ValueError("max_running_requests must be >= 1")
         if self.max_prefill_tokens < 1:
             raise ValueError("max_prefill_tokens must be >= 1")
+        if self.max_request_body_bytes < 1:
+            raise ValueError("max_request_body_bytes must be >= 1")
 
     # ------------------------------------------------------------------ derived
     @property

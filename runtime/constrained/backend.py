@@ -1,0 +1,160 @@
+"""GrammarBackend: compiles regexes and JSON schemas for one tokenizer, off the scheduler's critical path.
+
+One backend per tokenizer (so the cache key is just (kind, pattern)). ``submit`` returns a Future at once;
+compiles run in a small thread pool (outlines-core releases the GIL while it builds an Index, so the
+scheduler keeps decoding meanwhile). Compiled grammars — and compile errors, which are deterministic —
+stay in an LRU cache; concurrent requests for the same pattern share one compile.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, Sequence
+
+from outlines_core import Index, Vocabulary
+
+from radixlm.runtime.constrained.grammar import CompiledGrammar
+from radixlm.runtime.constrained.json_schema import schema_to_regex
+from radixlm.runtime.constrained.patterns import ascii_shorthands
+from radixlm.runtime.constrained.vocab import TokenizerVocab, build_vocab
+
+KINDS = ("regex", "json")
+_FIELD = {"regex": "regex", "json": "json_schema"}  # SamplingParams field names, for error messages
+
+# Every byte as its own token: checks regex syntax with the same engine as the real compile, cheaply.
+_BYTE_VOCAB = Vocabulary(256, {bytes([b]): [b] for b in range(256)})
+
+
+def _regex_error(field: str, pattern: str, err: BaseException) -> ValueError:
+    hint = ""
+    try:
+        re.compile(pattern)
+    except re.error as e:
+        hint = f": {e}"
+    except Exception:  # noqa: BLE001 - the hint is best effort
+        pass
+    if not hint:
+        hint = f" ({err}); look-around, back-references and \\b are not supported"
+    return ValueError(f"{field}: invalid or unsupported regular expression {pattern!r}{hint}")
+
+
+def check_regex(pattern: str, field: str = "regex") -> None:
+    """Raise ValueError if outlines-core cannot build an automaton for ``pattern`` (cost: building it)."""
+    try:
+        Index(pattern, _BYTE_VOCAB)
+    except BaseException as e:  # ValueError from outlines-core, or a Rust panic (a BaseException)
+        if isinstance(e, (KeyboardInterrupt, SystemExit)):
+            raise
+        raise _regex_error(field, pattern, e) from None
+
+
+def validate_grammar(kind: str, pattern: str, json_whitespace_pattern: str | None = None) -> None:
+    """Early check without a tokenizer (e.g. in the front-end process): regex syntax, JSON parsing, schema
+    support. ValueError naming the field if bad. Costs building the byte-level automaton for regexes."""
+    GrammarBackend._check_args(kind, pattern)
+    if kind == "regex":
+        check_regex(ascii_shorthands(pattern))
+    else:
+        _, sub_patterns = schema_to_regex(pattern, json_whitespace_pattern)
+        for p in sub_patterns:
+            check_regex(p, field="json_schema pattern")
+
+
+class GrammarBackend:
+    """Compiles and caches grammars for one tokenizer.
+
+    tokenizer: a transformers fast tokenizer (or a ``tokenizers.Tokenizer``); vocab_size: the model's logits
+    width (>= the tokenizer's vocabulary); eos_token_ids: default the tokenizer's EOS, pass the generation
+    config's list when there are several; json_whitespace_pattern: the regex between JSON tokens (None:
+    outlines-core's default, an optional space; "" for compact JSON, best for jump-forward).
+    """
+
+    def __init__(self, tokenizer: Any, vocab_size: int, cache_size: int = 64, *,
+                 eos_token_ids: Sequence[int] | None = None, json_whitespace_pattern: str | None = None,
+                 max_workers: int = 1) -> None:
+        if cache_size < 1:
+            raise ValueError(f"cache_size must be >= 1, got {cache_size}")
+        self.vocab: TokenizerVocab = build_vocab(tokenizer, vocab_size, eos_token_ids)
+        self.cache_size = cache_size
+        self.json_whitespace_pattern = json_whitespace_pattern
+        self._cache: OrderedDict[tuple[str, str], Future[CompiledGrammar]] = OrderedDict()
+        self._lock = threading.Lock()
+        self._pool = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="radixlm-grammar")
+
+    # ------------------------------------------------------------------ public API
+    def validate(self, kind: str, pattern: str) -> None:
+        """Early check (no vocabulary work): regex syntax, JSON parsing, schema support. ValueError if bad."""
+        validate_grammar(kind, pattern, self.json_whitespace_pattern)
+
+    def submit(self, kind: str, pattern: str) -> "Future[CompiledGrammar]":
+        """Start (or share) a compile; never blocks. A bad pattern resolves the future with ValueError."""
+        try:
+            self._check_args(kind, pattern)
+        except ValueError as e:
+            failed: Future[CompiledGrammar] = Future()
+            failed.set_exception(e)
+            return failed
+        key = (kind, pattern)
+        with self._lock:
+            fut = self._cache.get(key)
+            if fut is not None:
+                self._cache.move_to_end(key)
+                return fut
+            fut = self._pool.submit(self._compile, kind, pattern)
+            self._cache[key] = fut
+            while len(self._cache) > self.cache_size:
+                self._cache.popitem(last=False)  # a pending future stays valid for whoever holds it
+        fut.add_done_callback(lambda f, key=key: self._forget_unexpected_failure(key, f))
+        return fut
+
+    def compile(self, kind: str, pattern: str) -> CompiledGrammar:
+        """Blocking compile (cached). ValueError on bad input."""
+        return self.submit(kind, pattern).result()
+
+    def shutdown(self, wait: bool = False) -> None:
+        """Stop the compile threads (pending compiles still finish when ``wait``)."""
+        self._pool.shutdown(wait=wait, cancel_futures=not wait)
+
+    def cache_info(self) -> dict[str, int]:
+        with self._lock:
+            return {"size": len(self._cache), "capacity": self.cache_size}
+
+    # ------------------------------------------------------------------ internals
+    @staticmethod
+    def _check_args(kind: str, pattern: str) -> None:
+        if kind not in KINDS:
+            raise ValueError(f"grammar kind must be one of {KINDS}, got {kind!r}")
+        if not isinstance(pattern, str) or not pattern:
+            raise ValueError(f"{_FIELD[kind]} must be a non-empty string, got {pattern!r}")
+
+    def _compile(self, kind: str, pattern: str) -> CompiledGrammar:
+        field = _FIELD[kind]
+        if kind == "regex":
+            regex = ascii_shorthands(pattern)
+        else:
+            regex, sub_patterns = schema_to_regex(pattern, self.json_whitespace_pattern)
+            for p in sub_patterns:
+                check_regex(p, field="json_schema pattern")
+        try:
+            index = Index(regex, self.vocab.outlines)
+        except BaseException as e:  # ValueError from outlines-core, or a Rust panic (a BaseException)
+            if isinstance(e, (KeyboardInterrupt, SystemExit)):
+                raise
+            if kind == "regex":
+                check_regex(regex)  # a syntax error gets the clearer message
+            msg = str(e)
+            if "incompatible" in msg or "no transitions" in msg.lower():
+                raise ValueError(f"{field}: the tokenizer's vocabulary cannot spell this pattern ({msg})") from None
+            raise ValueError(f"{field}: cannot compile {pattern[:200]!r}: {msg}") from None
+        return CompiledGrammar(kind, pattern, regex, index, self.vocab)
+
+    def _forget_unexpected_failure(self, key: tuple[str, str], fut: Future) -> None:
+        """Keep deterministic ValueErrors cached; drop anything else (MemoryError, cancellation) so a retry
+        recompiles."""
+        if fut.cancelled() or (fut.exception() is not None and not isinstance(fut.exception(), ValueError)):
+            with self._lock:
+                if self._cache.get(key) is fut:
+                    del self._cache[key]
