@@ -34,6 +34,7 @@ from radixlm.runtime.protocol import (
     TokenizedGenerateReq,
     TokenLogprob,
 )
+from radixlm.runtime.kv_manager import KVManager
 from radixlm.runtime.radix_cache import RadixCache
 from radixlm.runtime.req import Req
 from radixlm.runtime.sampler import Sampler, top_logprobs
@@ -51,10 +52,8 @@ class Scheduler:
             raise ValueError(f"model_path: {args.model_path!r} is not a directory (radixlm never downloads models)")
         self.tokenizer = load_tokenizer(args.tokenizer_path or args.model_path)
         self.runner = ModelRunner(args)
-        self.kv_pool = self.runner.kv_pool
-        self.req_to_token_pool = self.runner.req_to_token_pool
-        self.req_to_token = self.req_to_token_pool.req_to_token
-        self.cache = RadixCache(self.kv_pool, disable=args.disable_radix_cache)
+        self.cache = RadixCache(self.runner.kv_pool, disable=args.disable_radix_cache)
+        self.kv = KVManager(self.runner.kv_pool, self.runner.req_to_token_pool, self.cache)
         self.policy = SchedulePolicy(
             args.schedule_policy, self.cache, args.lpm_aging_steps, args.lpm_fallback_queue_len, args.random_seed
         )
@@ -161,7 +160,7 @@ class Scheduler:
         for r in self.running:
             if r.rid == rid:
                 r.finish_reason = {"type": "abort"}
-                self._release(r, finished=True)
+                self.kv.release(r, finished=True)
                 self.running.remove(r)
                 self._outputs.append(self._make_output(r))
                 return
@@ -169,7 +168,7 @@ class Scheduler:
     def flush_cache(self) -> tuple[bool, str]:
         if self.running or self.waiting:
             return False, "cannot flush the cache while requests are running or waiting"
-        self.cache.reset(free_slots=True)
+        self.kv.flush()
         self.total_prompt_tokens = self.total_cached_tokens = 0
         self.check_memory()
         return True, "cache flushed"
@@ -210,7 +209,7 @@ class Scheduler:
         for r in list(self.running):
             if r.pending > 1 and rem_chunk > 0 and rem_prefill > 0:
                 n = min(r.pending, rem_chunk, rem_prefill)
-                if not self._alloc_for(r, n):
+                if not self.kv.alloc_for(r, n):
                     self._retract(r)  # re-admitted later, when memory allows
                     continue
                 batch.append((r, n))
@@ -227,15 +226,15 @@ class Scheduler:
                 continue
             if len(self.running) + len(admitted) >= self.args.max_running_requests:
                 break
-            if self.req_to_token_pool.available() == 0:
+            if self.kv.table.available() == 0:
                 break
             if not aged and admitted and self._defer_for_shared_prefix(req, admitted):
                 continue  # its uncached prefix is being computed by another request in this batch
-            self._admit(req)
+            self.kv.admit(req)
             n = min(req.pending, rem_chunk, rem_prefill)
             need = n + (int(req.remaining_new_tokens * self.args.new_token_ratio) if n == req.pending else 0)
-            if need + reserved > self.kv_pool.available() + self.cache.evictable_size() or not self._alloc_for(req, n):
-                self._unadmit(req)
+            if need + reserved > self.kv.available() or not self.kv.alloc_for(req, n):
+                self.kv.unadmit(req)
                 if aged:
                     break  # keep memory for the aged request: nothing overtakes it
                 continue
@@ -260,89 +259,31 @@ class Scheduler:
         threshold = self.args.in_batch_prefix_threshold
         if self.cache.disable or threshold <= 0:
             return False
-        cached = len(self.cache.match_prefix(req.all_ids[: req.max_prefix_len]).indices)
+        cached = self.kv.cached_prefix_len(req)
         return any(
             common_prefix_len(req.all_ids[: req.max_prefix_len], a.all_ids) - cached >= threshold for a in admitted
         )
 
-    def _admit(self, req: Req) -> None:
-        m = self.cache.match_prefix(req.all_ids[: req.max_prefix_len])
-        row = self.req_to_token_pool.alloc()
-        assert row is not None
-        req.req_pool_idx = row
-        n = len(m.indices)
-        if n:
-            self.req_to_token[row, :n] = m.indices
-        self.cache.inc_lock_ref(m.last_node)
-        req.last_node, req.locked_len, req.kv_len = m.last_node, n, n
-
-    def _unadmit(self, req: Req) -> None:
-        self.cache.dec_lock_ref(req.last_node)
-        self.req_to_token_pool.free(req.req_pool_idx)
-        req.req_pool_idx, req.last_node, req.locked_len, req.kv_len = None, None, 0, 0
-
-    def _alloc_for(self, req: Req, n: int) -> bool:
-        """Allocate n KV slots for req's next n tokens (evicting if needed) and record them."""
-        slots = self._alloc(n)
-        if slots is None:
-            return False
-        self.req_to_token[req.req_pool_idx, req.kv_len : req.kv_len + n] = slots
-        return True
-
-    def _alloc(self, n: int) -> torch.Tensor | None:
-        short = n - self.kv_pool.available()
-        if short > 0:
-            self.cache.evict(short)
-        return self.kv_pool.alloc(n)
-
     def _reserve_decode(self, reqs: list[Req]) -> list[Req]:
         """Make room for one token per decoding request, retracting the cheapest ones if needed."""
         reqs = list(reqs)
-        while reqs and self.kv_pool.available() + self.cache.evictable_size() < len(reqs):
+        while reqs and self.kv.available() < len(reqs):
             # Cheapest to redo: fewest generated tokens, then the longest prompt (frees the most).
             victim = min(reqs, key=lambda r: (len(r.output_ids), -len(r.input_ids)))
             reqs.remove(victim)
             self._retract(victim)
         for r in reqs:
-            ok = self._alloc_for(r, 1)
+            ok = self.kv.alloc_for(r, 1)
             assert ok, "decode allocation failed after reservation"
         return reqs
 
     def _retract(self, req: Req) -> None:
-        self._release(req, finished=True)  # its computed KV goes to the tree (evictable), row freed
+        self.kv.release(req, finished=True)  # its computed KV goes to the tree (evictable), row freed
         self.running.remove(req)
-        req.kv_len = req.locked_len = 0
         req.num_retractions += 1
         self.num_retracted += 1
         self.waiting.insert(0, req)
         logger.debug("retracted %s (%d tokens)", req.rid, req.seq_len)
-
-    # ------------------------------------------------------------------ KV ownership
-    def _release(self, req: Req, finished: bool) -> None:
-        """Hand req's computed KV to the radix tree (or free it) and, if finished, its table row."""
-        row = req.req_pool_idx
-        if row is None:
-            return
-        slots = self.req_to_token[row, : req.kv_len].clone()
-        if self.cache.disable:
-            if finished:
-                self.kv_pool.free(slots)
-        else:
-            key = req.all_ids[: req.kv_len]
-            n_dup = self.cache.insert(key, slots)
-            self.kv_pool.free(slots[req.locked_len : n_dup])  # ours, but the tree already had them
-            self.cache.dec_lock_ref(req.last_node)
-            if not finished:
-                m = self.cache.match_prefix(key)
-                assert len(m.indices) == req.kv_len
-                self.req_to_token[row, : req.kv_len] = m.indices
-                self.cache.inc_lock_ref(m.last_node)
-                req.last_node, req.locked_len = m.last_node, req.kv_len
-        if finished:
-            self.req_to_token_pool.free(row)
-            req.req_pool_idx, req.last_node = None, None
-        # Slots allocated for tokens that were never computed (aborted mid-step) do not exist: we
-        # allocate and compute in the same step.
 
     # ------------------------------------------------------------------ forward + sample
     def _run(self, batch: list[tuple[Req, int]], mode: ForwardMode) -> None:
@@ -373,7 +314,7 @@ class Scheduler:
                 sample_rows.append((r, len(logit_rows)))
                 logit_rows.append(start + n - 1)
         locs = torch.cat(
-            [self.req_to_token[r.req_pool_idx, r.kv_len : r.kv_len + n] for r, n in batch]
+            [self.kv.slots(r, r.kv_len, r.kv_len + n) for r, n in batch]
         )
         fb = ForwardBatch.build(
             mode,
@@ -415,7 +356,7 @@ class Scheduler:
         if mode is ForwardMode.EXTEND:
             for r, _ in batch:  # share computed prompts (and chunks) through the tree at once
                 if not r.finished:
-                    self._release(r, finished=False)
+                    self.kv.release(r, finished=False)
 
     def _input_logprobs(self, r: Req, lp: torch.Tensor, row0: int, pos0: int, n: int) -> None:
         start, n_in = r.logprob_start_len, len(r.input_ids)
@@ -590,9 +531,7 @@ class Scheduler:
 
     def _truncate(self, r: Req, idx: int) -> None:
         """Drop tokens from absolute index ``idx`` on, freeing K/V this request computed for them."""
-        if r.kv_len > idx:
-            self.kv_pool.free(self.req_to_token[r.req_pool_idx, idx : r.kv_len].clone())
-            r.kv_len = idx
+        self.kv.truncate(r, idx)
         out_pos = idx - len(r.input_ids)
         self.total_generated -= len(r.output_ids) - out_pos
         del r.output_ids[out_pos:]
@@ -606,7 +545,7 @@ class Scheduler:
     def _finish(self, r: Req, reason: dict) -> None:
         r.finish_reason = reason
         r.forced = []
-        self._release(r, finished=True)
+        self.kv.release(r, finished=True)
         self.running.remove(r)
 
     # ------------------------------------------------------------------ outputs
@@ -640,36 +579,18 @@ class Scheduler:
 
     # ------------------------------------------------------------------ stats and checks
     def check_memory(self) -> None:
-        """Assert free + evictable + protected == total when no request holds KV."""
-        free = self.kv_pool.available()
-        evictable = self.cache.evictable_size()
-        protected = self.cache.protected_size()
-        held = sum(r.kv_len - r.locked_len for r in self.running)
-        total = self.max_total_tokens
-        if free + evictable + protected + held != total:
-            raise AssertionError(
-                f"KV memory leak: free={free} evictable={evictable} protected={protected} "
-                f"held_by_running={held} total={total}"
-            )
-        if not self.running and protected != 0:
-            raise AssertionError(f"KV memory: {protected} tokens still locked while idle")
-        if not self.running and self.req_to_token_pool.available() != self.req_to_token_pool.size:
-            raise AssertionError("req_to_token rows leaked while idle")
+        """Assert free + evictable + protected (+ held by running requests) == total slots."""
+        self.kv.check(self.running)
 
     def get_stats(self) -> dict:
         now = time.monotonic()
         self._tput_window.append((now, self.total_generated))
         t0, g0 = self._tput_window[0]
         tput = (self.total_generated - g0) / (now - t0) if now > t0 else 0.0
-        free = self.kv_pool.available()
         return {
             "num_running_reqs": len(self.running),
             "num_waiting_reqs": len(self.waiting),
-            "max_total_tokens": self.max_total_tokens,
-            "free_tokens": free,
-            "evictable_tokens": self.cache.evictable_size(),
-            "protected_tokens": self.cache.protected_size(),
-            "token_usage": 1.0 - (free + self.cache.evictable_size()) / self.max_total_tokens,
+            **self.kv.stats(),
             "cache_hit_rate": self.total_cached_tokens / self.total_prompt_tokens if self.total_prompt_tokens else 0.0,
             "total_prompt_tokens": self.total_prompt_tokens,
             "total_cached_tokens": self.total_cached_tokens,
@@ -680,7 +601,6 @@ class Scheduler:
             "gen_throughput": tput,
             "forward_time_s": self.runner.forward_time,
             "schedule_policy": self.args.schedule_policy,
-            "radix_cache_enabled": not self.cache.disable,
         }
 
 

@@ -101,7 +101,7 @@ def test_flush_refused_while_running(model_path):
     while sched.has_work():
         sched.step()
     ok, _ = sched.flush_cache()
-    assert ok and sched.kv_pool.available() == sched.max_total_tokens
+    assert ok and sched.kv.kv_pool.available() == sched.max_total_tokens
     sched.check_memory()
 
 
