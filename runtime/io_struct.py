@@ -48,12 +48,16 @@ class GenerateReqInput:
         if (self.text is None) == (self.input_ids is None):
             raise ValueError("exactly one of text or input_ids must be given")
         if self.text is not None:
+            if not isinstance(self.text, (str, list)):
+                raise ValueError(f"text must be a string or a list of strings, got {type(self.text).__name__}")
             texts = [self.text] if isinstance(self.text, str) else list(self.text)
             if not texts or not all(isinstance(t, str) for t in texts):
                 raise ValueError("text must be a string or a non-empty list of strings")
             ids_list = [tokenizer(t).input_ids for t in texts]
         else:
             ids = self.input_ids
+            if not isinstance(ids, list):
+                raise ValueError(f"input_ids must be a list of ints or of lists of ints, got {type(ids).__name__}")
             ids_list = [list(x) for x in ids] if ids and isinstance(ids[0], list) else [list(ids or [])]
             if not all(all(isinstance(t, int) and not isinstance(t, bool) for t in x) for x in ids_list):
                 raise ValueError("input_ids must be a list of ints or a list of lists of ints")
@@ -74,6 +78,8 @@ class GenerateReqInput:
         rids = per(self.rid, "rid") if isinstance(self.rid, list) else [self.rid] * nb
         if not self.is_batch and isinstance(self.rid, list):
             raise ValueError("rid: a single request takes a single rid")
+        if not all(r is None or (isinstance(r, str) and r) for r in rids):
+            raise ValueError("rid must be a non-empty string (or a list of them for a batch)")
         rlp = per(self.return_logprob, "return_logprob")
         starts = per(self.logprob_start_len, "logprob_start_len")
         tops = per(self.top_logprobs_num, "top_logprobs_num")

@@ -1,0 +1,239 @@
+"""Clients of the ZeroMQ front door, for DSL programs (``radixlm.Runtime(...).endpoint``) and scripts.
+
+``FrontDoorClient`` is synchronous and thread-safe (one DEALER socket per thread, so each thread is its
+own client identity); ``AsyncFrontDoorClient`` serves one asyncio event loop. Bodies are SGLang's
+/generate bodies; answers are the same dicts /generate returns. Errors raise ``FrontDoorError``.
+Closing a stream early (``break`` out of the iterator) aborts the request on the server; so does
+closing the client or exiting the process (the server sees the connection drop).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import uuid
+from typing import Any, AsyncIterator, Iterator
+
+import msgspec
+import zmq
+import zmq.asyncio
+
+from radixlm.runtime.protocol import (
+    ClientAbort,
+    ClientChunk,
+    ClientCommand,
+    ClientError,
+    ClientGenerate,
+    decode_front_door_reply,
+    encode,
+)
+
+
+class FrontDoorError(RuntimeError):
+    def __init__(self, message: str, status: int = 400):
+        super().__init__(message)
+        self.status = status
+
+
+def _body(body: dict | None, fields: dict[str, Any], stream: bool | None) -> dict:
+    out = dict(body or {})
+    out.update(fields)
+    if stream is not None:
+        out["stream"] = stream
+    return out
+
+
+class FrontDoorClient:
+    def __init__(self, address: str, api_key: str | None = None, timeout: float | None = None):
+        """``timeout``: seconds to wait for each reply (None: forever)."""
+        self.address = address
+        self.api_key = api_key
+        self.timeout = timeout
+        self._ctx = zmq.Context()
+        self._local = threading.local()
+        self._sockets: list[zmq.Socket] = []
+        self._lock = threading.Lock()
+        self._closed = False
+
+    # ------------------------------------------------------------------ sockets
+    def _sock(self) -> zmq.Socket:
+        if self._closed:
+            raise FrontDoorError("client is closed")
+        s = getattr(self._local, "sock", None)
+        if s is None:
+            s = self._ctx.socket(zmq.DEALER)
+            s.setsockopt(zmq.LINGER, 0)
+            s.connect(self.address)
+            self._local.sock = s
+            with self._lock:
+                self._sockets.append(s)
+        return s
+
+    def _recv(self, sock: zmq.Socket, req_id: str) -> ClientChunk:
+        timeout_ms = None if self.timeout is None else int(self.timeout * 1000)
+        while True:
+            if not sock.poll(timeout_ms):
+                raise TimeoutError(f"no reply from {self.address} within {self.timeout} s")
+            try:
+                msg = decode_front_door_reply(sock.recv())
+            except msgspec.DecodeError as e:
+                raise FrontDoorError(f"malformed reply: {e}", 500) from None
+            if isinstance(msg, ClientError):
+                if msg.req_id in (req_id, ""):
+                    raise FrontDoorError(msg.message, msg.status)
+                continue
+            if msg.req_id == req_id:
+                return msg
+            # else: a late chunk of a request this thread abandoned earlier
+
+    # ------------------------------------------------------------------ API
+    def generate(self, body: dict | None = None, **fields: Any) -> dict | list[dict]:
+        """Run a /generate body to completion; returns a dict (single) or a list (batch / n > 1)."""
+        req_id = uuid.uuid4().hex
+        sock = self._sock()
+        sock.send(encode(ClientGenerate(req_id=req_id, body=_body(body, fields, False), api_key=self.api_key)))
+        try:
+            return self._recv(sock, req_id).data
+        except BaseException:
+            self._abort(sock, req_id)
+            raise
+
+    def generate_stream(self, body: dict | None = None, **fields: Any) -> Iterator[dict]:
+        """Yield SGLang stream chunks (cumulative text; ``index`` for batches). Breaking out aborts."""
+        req_id = uuid.uuid4().hex
+        sock = self._sock()
+        sock.send(encode(ClientGenerate(req_id=req_id, body=_body(body, fields, True), api_key=self.api_key)))
+        done = False
+        try:
+            while True:
+                msg = self._recv(sock, req_id)
+                if msg.finished:
+                    done = True
+                    return
+                yield msg.data
+        finally:
+            if not done:
+                self._abort(sock, req_id)
+
+    def _abort(self, sock: zmq.Socket, req_id: str) -> None:
+        try:
+            sock.send(encode(ClientAbort(req_id=req_id, api_key=self.api_key)), zmq.NOBLOCK)
+        except zmq.ZMQError:
+            pass
+
+    def command(self, name: str) -> Any:
+        req_id = uuid.uuid4().hex
+        sock = self._sock()
+        sock.send(encode(ClientCommand(req_id=req_id, command=name, api_key=self.api_key)))
+        return self._recv(sock, req_id).data
+
+    def get_model_info(self) -> dict:
+        return self.command("get_model_info")
+
+    def get_server_info(self) -> dict:
+        return self.command("get_server_info")
+
+    def flush_cache(self) -> dict:
+        return self.command("flush_cache")
+
+    def health(self) -> bool:
+        try:
+            return bool(self.command("health"))
+        except (FrontDoorError, TimeoutError):
+            return False
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        with self._lock:
+            for s in self._sockets:
+                s.close(0)
+            self._sockets.clear()
+        self._ctx.term()
+
+    def __enter__(self) -> "FrontDoorClient":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+class AsyncFrontDoorClient:
+    """One DEALER for one event loop; a reader task routes replies to their request's queue."""
+
+    def __init__(self, address: str, api_key: str | None = None):
+        self.address = address
+        self.api_key = api_key
+        self._ctx = zmq.asyncio.Context()
+        self._sock = self._ctx.socket(zmq.DEALER)
+        self._sock.setsockopt(zmq.LINGER, 0)
+        self._sock.connect(address)
+        self._queues: dict[str, asyncio.Queue] = {}
+        self._reader: asyncio.Task | None = None
+
+    def _ensure_reader(self) -> None:
+        if self._reader is None:
+            self._reader = asyncio.get_running_loop().create_task(self._read())
+
+    async def _read(self) -> None:
+        while True:
+            data = await self._sock.recv()
+            try:
+                msg = decode_front_door_reply(data)
+            except msgspec.DecodeError:
+                continue
+            if isinstance(msg, ClientError) and not msg.req_id:
+                for q in self._queues.values():
+                    q.put_nowait(msg)
+                continue
+            q = self._queues.get(msg.req_id)
+            if q is not None:
+                q.put_nowait(msg)
+
+    async def _call(self, msg: msgspec.Struct, req_id: str) -> AsyncIterator[ClientChunk]:
+        self._ensure_reader()
+        q: asyncio.Queue = asyncio.Queue()
+        self._queues[req_id] = q
+        done = False
+        try:
+            await self._sock.send(encode(msg))
+            while True:
+                m = await q.get()
+                if isinstance(m, ClientError):
+                    done = True
+                    raise FrontDoorError(m.message, m.status)
+                yield m
+                if m.finished:
+                    done = True
+                    return
+        finally:
+            self._queues.pop(req_id, None)
+            if not done and not self._sock.closed:
+                self._sock.send(encode(ClientAbort(req_id=req_id, api_key=self.api_key)), zmq.NOBLOCK)
+
+    async def generate(self, body: dict | None = None, **fields: Any) -> dict | list[dict]:
+        req_id = uuid.uuid4().hex
+        msg = ClientGenerate(req_id=req_id, body=_body(body, fields, False), api_key=self.api_key)
+        async for m in self._call(msg, req_id):
+            if m.finished:
+                return m.data
+        raise FrontDoorError("no answer", 500)
+
+    async def generate_stream(self, body: dict | None = None, **fields: Any) -> AsyncIterator[dict]:
+        req_id = uuid.uuid4().hex
+        msg = ClientGenerate(req_id=req_id, body=_body(body, fields, True), api_key=self.api_key)
+        async for m in self._call(msg, req_id):
+            if not m.finished:
+                yield m.data
+
+    async def command(self, name: str) -> Any:
+        req_id = uuid.uuid4().hex
+        async for m in self._call(ClientCommand(req_id=req_id, command=name, api_key=self.api_key), req_id):
+            return m.data
+
+    async def close(self) -> None:
+        if self._reader is not None:
+            self._reader.cancel()
+        self._sock.close(0)
+        self._ctx.term()

@@ -1,0 +1,158 @@
+"""The detokenizer process: token ids → text, one ``RequestState`` per running request.
+
+The text logic (incremental, UTF-8 safe decoding; stop strings trimmed and, while streaming, held
+back) lives in ``radixlm.runtime.io_struct.RequestState`` — the same object the in-process Engine
+uses — and runs here, off the tokenizer manager's event loop. The tokenizer manager registers each
+request (``DetokRegister``) before sending it to the scheduler; if a scheduler output overtakes its
+registration (they travel on different sockets), it waits in ``pending`` until the registration
+arrives.
+
+What goes to the tokenizer manager per request and step (``DetokOut.data``):
+  * streaming request: a *delta* — ``{"text": new text, "output_ids": new ids, "meta_info": {counts,
+    finish_reason, new logprob entries}}``; the tokenizer manager accumulates it into SGLang's
+    cumulative stream chunks or OpenAI deltas, so no step re-sends the whole text;
+  * non-streaming request: nothing until it finishes, then ``RequestState.result()``.
+Other scheduler messages (stats, flush replies, errors, ready) are forwarded unchanged.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Any
+
+import msgspec
+import zmq
+
+from radixlm.runtime.protocol import (
+    BatchOut,
+    DetokBatchOut,
+    DetokOut,
+    DetokRegister,
+    ErrorOut,
+    ReqOutput,
+    TokenLogprob,
+    decode_detokenizer_input,
+    encode,
+)
+from radixlm.runtime.server.ipc import IpcNames, parent_alive, setup_child_process
+from radixlm.runtime.server_args import ServerArgs
+
+logger = logging.getLogger("radixlm.detokenizer")
+
+
+def run_detokenizer_process(server_args: ServerArgs, ipc: IpcNames, parent_pid: int) -> None:
+    """Entry point of the spawned process."""
+    setup_child_process("detokenizer", server_args.log_level)
+    from radixlm.runtime.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(server_args.tokenizer_path or server_args.model_path)
+    ctx = zmq.Context(1)
+    recv = ctx.socket(zmq.PULL)
+    recv.bind(ipc.detokenizer)
+    send = ctx.socket(zmq.PUSH)
+    send.connect(ipc.tokenizer)
+    detok = DetokenizerManager(tokenizer)
+    try:
+        while True:
+            if not recv.poll(500):
+                if not parent_alive(parent_pid):
+                    logger.warning("parent process is gone; detokenizer exiting")
+                    return
+                continue
+            data = recv.recv()
+            out = detok.handle_bytes(data)
+            if out is not None:
+                send.send(out)
+    except Exception:
+        logger.exception("detokenizer crashed")
+        sys.exit(1)
+    finally:
+        recv.close(0)
+        send.close(0)
+        ctx.term()
+
+
+class DetokenizerManager:
+    """Socket-free core of the detokenizer process (unit-testable): bytes in, bytes out."""
+
+    def __init__(self, tokenizer: Any):
+        self.tokenizer = tokenizer
+        self.states: dict[str, Any] = {}  # rid → RequestState
+        self.pending: dict[str, list[ReqOutput]] = {}  # outputs that overtook their registration
+
+    def handle_bytes(self, data: bytes) -> bytes | None:
+        try:
+            msg = decode_detokenizer_input(data)
+        except (msgspec.DecodeError, RecursionError) as e:
+            logger.warning("malformed message on the detokenizer socket: %s", e)
+            return encode(ErrorOut(message=f"detokenizer: malformed message: {e}"))
+        if isinstance(msg, DetokRegister):
+            outs = self.register(msg)
+            return encode(DetokBatchOut(outputs=outs)) if outs else None
+        if isinstance(msg, BatchOut):
+            outs = self.process(msg.outputs)
+            return encode(DetokBatchOut(outputs=outs)) if outs else None
+        if isinstance(msg, ErrorOut) and msg.rid:
+            self.states.pop(msg.rid, None)
+            self.pending.pop(msg.rid, None)
+        return data  # forwarded unchanged: the tokenizer manager decodes the same Struct
+
+    def register(self, msg: DetokRegister) -> list[DetokOut]:
+        from radixlm.runtime.io_struct import RequestState
+
+        rid = msg.req.rid
+        self.states[rid] = RequestState(msg.req, self.tokenizer, return_text_in_logprobs=msg.return_text_in_logprobs)
+        early = self.pending.pop(rid, None)
+        return self.process(early) if early else []
+
+    def process(self, outputs: list[ReqOutput]) -> list[DetokOut]:
+        result: list[DetokOut] = []
+        for out in outputs:
+            state = self.states.get(out.rid)
+            if state is None:
+                self.pending.setdefault(out.rid, []).append(out)
+                continue
+            sent = len(state.stream_text()) if state.req.stream else 0
+            state.update(out)
+            n_new = len(out.new_token_ids)
+            if out.finished:
+                del self.states[out.rid]
+            if state.req.stream:
+                data: dict | None = self._delta(state, out, sent)
+            else:
+                data = state.result() if out.finished else None
+            result.append(DetokOut(rid=out.rid, num_new_tokens=n_new, finished=out.finished, data=data))
+        return result
+
+    def _delta(self, state, out: ReqOutput, sent: int) -> dict:
+        """What a streaming client has not seen yet (text past ``sent`` characters, new ids and logprobs)."""
+        text = state.stream_text()
+        meta: dict[str, Any] = {
+            "id": state.rid,
+            "finish_reason": state.finish_reason,
+            "prompt_tokens": state.prompt_tokens,
+            "completion_tokens": state.completion_tokens,
+            "cached_tokens": state.cached_tokens,
+        }
+        req = state.req
+        if req.return_logprob:
+            with_text = state.return_text_in_logprobs
+            meta["input_token_logprobs"] = self._entries(out.input_token_logprobs, with_text)
+            meta["output_token_logprobs"] = self._entries(out.output_token_logprobs, with_text)
+            if req.top_logprobs_num:
+                meta["input_top_logprobs"] = [
+                    None if t is None else self._entries(t, with_text) for t in (out.input_top_logprobs or [])
+                ]
+                meta["output_top_logprobs"] = [self._entries(t, with_text) for t in (out.output_top_logprobs or [])]
+        if state.error:
+            meta["error"] = state.error
+        return {"text": text[sent:], "output_ids": list(out.new_token_ids), "meta_info": meta}
+
+    def _entries(self, entries: list[TokenLogprob] | None, with_text: bool) -> list:
+        """SGLang's logprob entry shape, (logprob, token_id, text or None), as RequestState.result() gives."""
+        if not entries:
+            return []
+        if with_text:
+            return [(e.logprob, e.token_id, self.tokenizer.decode([e.token_id])) for e in entries]
+        return [(e.logprob, e.token_id, None) for e in entries]

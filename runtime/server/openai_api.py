@@ -1,0 +1,382 @@
+"""OpenAI-compatible serving: /v1/completions and /v1/chat/completions on top of the TokenizerManager.
+
+Each OpenAI request becomes one ``GenerateReqInput`` (prompts tokenized here, so the prompt length is
+known for the context check; ``n`` expanded by ``normalize`` into sequences ``prompt_i × n + j``),
+and the SGLang-shaped results come back as OpenAI bodies or SSE chunks. Nothing here samples or
+decodes: sampling fields map onto ``SamplingParams`` names, text comes from the detokenizer.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any, AsyncIterator
+
+from radixlm.runtime.constrained import JSON_OBJECT_SCHEMA
+from radixlm.runtime.io_struct import GenerateReqInput
+from radixlm.runtime.server.openai_protocol import ChatCompletionRequest, CompletionRequest, ResponseFormat
+from radixlm.runtime.server.tokenizer_manager import GenEvent, RequestError
+
+
+class NotSupportedError(RequestError):
+    """A recognised OpenAI feature this server does not implement (yet): 400."""
+
+
+# --------------------------------------------------------------------------- constrained decoding
+def constrained_sampling_fields(response_format: ResponseFormat | None, regex: str | None) -> dict[str, str]:
+    """THE place where OpenAI's ``response_format`` and the extra ``regex`` field become SamplingParams
+    fields (``regex`` / ``json_schema``); the patterns themselves are validated by the shared front end."""
+    fields: dict[str, str] = {}
+    if regex is not None:
+        fields["regex"] = regex
+    if response_format is not None and response_format.type != "text":
+        if response_format.type == "json_object":
+            fields["json_schema"] = JSON_OBJECT_SCHEMA
+        elif response_format.type == "json_schema":
+            spec = response_format.json_schema or {}
+            schema = spec.get("schema", spec.get("schema_"))
+            if schema is None:
+                raise RequestError("response_format.json_schema.schema is required", param="response_format")
+            fields["json_schema"] = json.dumps(schema)
+        elif response_format.type == "regex":
+            if not response_format.regex:
+                raise RequestError("response_format.regex is required", param="response_format")
+            fields["regex"] = response_format.regex
+    if len(fields) > 1:
+        raise RequestError("regex and response_format are mutually exclusive", param="regex")
+    return fields
+
+
+# --------------------------------------------------------------------------- requests → GenerateReqInput
+def _sampling_params(req: CompletionRequest | ChatCompletionRequest, max_new_tokens: int) -> dict[str, Any]:
+    if req.logit_bias:
+        raise NotSupportedError("logit_bias is not supported", param="logit_bias")
+    sp: dict[str, Any] = {
+        "max_new_tokens": max_new_tokens,
+        "min_new_tokens": req.min_tokens,
+        "n": req.n,
+        "temperature": req.temperature,
+        "top_p": req.top_p,
+        "top_k": req.top_k,
+        "min_p": req.min_p,
+        "presence_penalty": req.presence_penalty,
+        "frequency_penalty": req.frequency_penalty,
+        "repetition_penalty": req.repetition_penalty,
+        "stop": req.stop,
+        "stop_token_ids": req.stop_token_ids,
+        "ignore_eos": req.ignore_eos,
+        "seed": req.seed,
+        "skip_special_tokens": req.skip_special_tokens,
+        "spaces_between_special_tokens": req.spaces_between_special_tokens,
+        "no_stop_trim": req.no_stop_trim,
+    }
+    sp.update(constrained_sampling_fields(req.response_format, req.regex))
+    return {k: v for k, v in sp.items() if v is not None}
+
+
+def _max_tokens(requested: int | None, prompt_lens: list[int], context_len: int, param: str) -> int:
+    """OpenAI semantics: an explicit budget must fit the context (400 otherwise); none means 'the rest'."""
+    if requested is None:
+        return max(context_len - max(prompt_lens), 1)
+    if requested < 0:
+        raise RequestError(f"{param} must be >= 0, got {requested}", param=param)
+    longest = max(prompt_lens)
+    if longest >= context_len or requested + longest > context_len:
+        raise RequestError(
+            f"{param}: this model's maximum context length is {context_len} tokens. However, you requested "
+            f"{requested + longest} tokens ({longest} in the prompt, {requested} in the completion). "
+            f"Please reduce the length of the prompt or the completion.",
+            param=param,
+        )
+    return requested
+
+
+@dataclass
+class Prepared:
+    """A converted OpenAI request: what to submit, and what the response builder needs."""
+
+    obj: GenerateReqInput
+    prompts: list[list[int]]
+    n: int
+    model: str
+    created: int
+    id: str
+
+
+def prepare_completion(req: CompletionRequest, tokenizer: Any, model_info: dict, model: str) -> Prepared:
+    if req.suffix:
+        raise NotSupportedError("suffix is not supported", param="suffix")
+    if req.best_of is not None and req.best_of != req.n:
+        raise NotSupportedError("best_of != n is not supported", param="best_of")
+    p = req.prompt
+    if isinstance(p, str):
+        prompts = [tokenizer(p).input_ids]
+    elif isinstance(p[0], str):
+        prompts = [tokenizer(s).input_ids for s in p]
+    elif isinstance(p[0], int):
+        prompts = [list(p)]
+    else:
+        prompts = [list(x) for x in p]
+    if any(len(x) == 0 for x in prompts):
+        raise RequestError("prompt must not be empty", param="prompt")
+    ctx = int(model_info.get("context_length") or 1 << 30)
+    max_new = _max_tokens(req.max_tokens, [len(x) for x in prompts], ctx, "max_tokens")
+    want_lp = req.logprobs is not None
+    obj = GenerateReqInput(
+        input_ids=prompts if len(prompts) > 1 else prompts[0],
+        sampling_params=_sampling_params(req, max_new),
+        rid=req.rid,
+        return_logprob=want_lp,
+        logprob_start_len=0 if (want_lp and req.echo) else None,
+        top_logprobs_num=req.logprobs if want_lp else None,
+        return_text_in_logprobs=want_lp,
+        stream=req.stream,
+    )
+    return Prepared(obj, prompts, req.n, model, int(time.time()), f"cmpl-{uuid.uuid4().hex}")
+
+
+def load_chat_template(spec: str | None) -> str | None:
+    """--chat-template: a Jinja file, a JSON file with a "chat_template" key, or the template text."""
+    if not spec:
+        return None
+    if os.path.isfile(spec):
+        with open(spec) as f:
+            text = f.read()
+        if spec.endswith(".json"):
+            return json.loads(text)["chat_template"]
+        return text
+    if "{%" in spec or "{{" in spec:
+        return spec
+    raise ValueError(f"chat_template: {spec!r} is neither a file nor a Jinja template")
+
+
+def prepare_chat(
+    req: ChatCompletionRequest, tokenizer: Any, chat_template: str | None, model_info: dict, model: str
+) -> Prepared:
+    if req.tools:
+        raise NotSupportedError("tools are not supported yet", param="tools")
+    messages = []
+    for i, m in enumerate(req.messages):
+        if isinstance(m.content, list):
+            parts = []
+            for part in m.content:
+                if part.type != "text" or part.text is None:
+                    raise NotSupportedError(f"messages[{i}].content: only text parts are supported", param="messages")
+                parts.append(part.text)
+            content = "".join(parts)
+        else:
+            content = m.content or ""
+        messages.append({"role": m.role, "content": content})
+    template = chat_template or getattr(tokenizer, "chat_template", None)
+    if not template:
+        raise RequestError("this model has no chat template; start the server with --chat-template", param="messages")
+    try:
+        text = tokenizer.apply_chat_template(
+            messages,
+            chat_template=template,
+            tokenize=False,
+            add_generation_prompt=req.add_generation_prompt and not req.continue_final_message,
+            continue_final_message=req.continue_final_message,
+            **(req.chat_template_kwargs or {}),
+        )
+    except Exception as e:  # noqa: BLE001 - a template error is the request's fault (roles, kwargs)
+        raise RequestError(f"messages: the chat template failed: {e}", param="messages") from None
+    ids = tokenizer(text, add_special_tokens=False).input_ids  # the template writes BOS itself
+    ctx = int(model_info.get("context_length") or 1 << 30)
+    requested = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+    param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
+    max_new = _max_tokens(requested, [len(ids)], ctx, param)
+    want_lp = bool(req.logprobs)
+    if req.top_logprobs and not want_lp:
+        raise RequestError("top_logprobs requires logprobs=true", param="top_logprobs")
+    obj = GenerateReqInput(
+        input_ids=ids,
+        sampling_params=_sampling_params(req, max_new),
+        rid=req.rid,
+        return_logprob=want_lp,
+        top_logprobs_num=(req.top_logprobs or 0) if want_lp else None,
+        return_text_in_logprobs=want_lp,
+        stream=req.stream,
+    )
+    return Prepared(obj, [ids], req.n, model, int(time.time()), f"chatcmpl-{uuid.uuid4().hex}")
+
+
+# --------------------------------------------------------------------------- results → OpenAI bodies
+def finish_reason(meta: dict) -> str | None:
+    fr = meta.get("finish_reason")
+    if not fr:
+        return None
+    return {"stop": "stop", "length": "length", "abort": "abort"}.get(fr.get("type"), fr.get("type"))
+
+
+def _matched_stop(meta: dict) -> Any:
+    fr = meta.get("finish_reason") or {}
+    return fr.get("matched")
+
+
+def usage(prep: Prepared, metas: list[dict]) -> dict:
+    # The prompt counts once per prompt, not once per sample (OpenAI's accounting for n > 1).
+    prompt = sum(m.get("prompt_tokens", 0) for i, m in enumerate(metas) if i % prep.n == 0)
+    completion = sum(m.get("completion_tokens", 0) for m in metas)
+    cached = sum(m.get("cached_tokens", 0) for i, m in enumerate(metas) if i % prep.n == 0)
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+        "prompt_tokens_details": {"cached_tokens": cached},
+    }
+
+
+def _tok(entry: list | tuple) -> str:
+    return entry[2] if len(entry) > 2 and entry[2] is not None else ""
+
+
+def completion_logprobs(meta: dict, text_offset0: int, echo: bool) -> dict:
+    """Legacy completions shape: tokens, token_logprobs, top_logprobs, text_offset."""
+    entries = list(meta.get("input_token_logprobs") or []) if echo else []
+    tops = list(meta.get("input_top_logprobs") or []) if echo else []
+    entries += list(meta.get("output_token_logprobs") or [])
+    tops += list(meta.get("output_top_logprobs") or [])
+    tokens = [_tok(e) for e in entries]
+    offsets, pos = [], text_offset0
+    for t in tokens:
+        offsets.append(pos)
+        pos += len(t)
+    out = {"tokens": tokens, "token_logprobs": [e[0] for e in entries], "text_offset": offsets, "top_logprobs": None}
+    if tops:
+        out["top_logprobs"] = [None if t is None else {_tok(x): x[0] for x in t} for t in tops]
+    return out
+
+
+def chat_logprobs(meta: dict) -> dict:
+    entries = meta.get("output_token_logprobs") or []
+    tops = meta.get("output_top_logprobs") or []
+    content = []
+    for k, e in enumerate(entries):
+        tok = _tok(e)
+        top = tops[k] if k < len(tops) and tops[k] is not None else []
+        content.append(
+            {
+                "token": tok,
+                "logprob": e[0],
+                "bytes": list(tok.encode("utf-8")),
+                "top_logprobs": [{"token": _tok(x), "logprob": x[0], "bytes": list(_tok(x).encode("utf-8"))} for x in top],
+            }
+        )
+    return {"content": content}
+
+
+def completion_response(prep: Prepared, req: CompletionRequest, results: list[dict], tokenizer: Any) -> dict:
+    choices = []
+    for i, r in enumerate(results):
+        meta = r["meta_info"]
+        prefix = tokenizer.decode(prep.prompts[i // prep.n], skip_special_tokens=True) if req.echo else ""
+        choice = {
+            "index": i,
+            "text": prefix + r["text"],
+            "logprobs": completion_logprobs(meta, 0, req.echo) if req.logprobs is not None else None,
+            "finish_reason": finish_reason(meta),
+            "matched_stop": _matched_stop(meta),
+        }
+        choices.append(choice)
+    return {
+        "id": prep.id,
+        "object": "text_completion",
+        "created": prep.created,
+        "model": prep.model,
+        "choices": choices,
+        "usage": usage(prep, [r["meta_info"] for r in results]),
+    }
+
+
+def chat_response(prep: Prepared, req: ChatCompletionRequest, results: list[dict]) -> dict:
+    choices = []
+    for i, r in enumerate(results):
+        meta = r["meta_info"]
+        choices.append(
+            {
+                "index": i,
+                "message": {"role": "assistant", "content": r["text"]},
+                "logprobs": chat_logprobs(meta) if req.logprobs else None,
+                "finish_reason": finish_reason(meta),
+                "matched_stop": _matched_stop(meta),
+            }
+        )
+    return {
+        "id": prep.id,
+        "object": "chat.completion",
+        "created": prep.created,
+        "model": prep.model,
+        "choices": choices,
+        "usage": usage(prep, [r["meta_info"] for r in results]),
+    }
+
+
+# --------------------------------------------------------------------------- streaming
+def _sse(obj: Any) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+async def stream_completion(
+    prep: Prepared, req: CompletionRequest, events: AsyncIterator[GenEvent], tokenizer: Any
+) -> AsyncIterator[str]:
+    include_usage = bool(req.stream_options and req.stream_options.include_usage)
+    num = len(prep.prompts) * prep.n
+    metas: list[dict] = [{} for _ in range(num)]
+    echoed = [False] * num
+    base = {"id": prep.id, "object": "text_completion", "created": prep.created, "model": prep.model}
+    async for ev in events:
+        meta = ev.data.get("meta_info") or {}
+        _merge_meta(metas[ev.index], meta)
+        text = ev.data.get("text", "")
+        if req.echo and not echoed[ev.index]:
+            echoed[ev.index] = True
+            text = tokenizer.decode(prep.prompts[ev.index // prep.n], skip_special_tokens=True) + text
+        lp = completion_logprobs(meta, 0, req.echo) if req.logprobs is not None else None
+        if not text and not ev.finished and not (lp and lp["tokens"]):
+            continue
+        choice = {"index": ev.index, "text": text, "logprobs": lp,
+                  "finish_reason": finish_reason(meta) if ev.finished else None}
+        if ev.finished:
+            choice["matched_stop"] = _matched_stop(meta)
+        chunk = dict(base, choices=[choice])
+        if include_usage:
+            chunk["usage"] = None
+        yield _sse(chunk)
+    if include_usage:
+        yield _sse(dict(base, choices=[], usage=usage(prep, metas)))
+    yield "data: [DONE]\n\n"
+
+
+async def stream_chat(prep: Prepared, req: ChatCompletionRequest, events: AsyncIterator[GenEvent]) -> AsyncIterator[str]:
+    include_usage = bool(req.stream_options and req.stream_options.include_usage)
+    metas: list[dict] = [{} for _ in range(prep.n)]
+    base = {"id": prep.id, "object": "chat.completion.chunk", "created": prep.created, "model": prep.model}
+    extra = {"usage": None} if include_usage else {}
+    for i in range(prep.n):  # OpenAI opens every choice with the role
+        yield _sse(dict(base, choices=[{"index": i, "delta": {"role": "assistant", "content": ""},
+                                        "logprobs": None, "finish_reason": None}], **extra))
+    async for ev in events:
+        meta = ev.data.get("meta_info") or {}
+        _merge_meta(metas[ev.index], meta)
+        text = ev.data.get("text", "")
+        lp = chat_logprobs(meta) if req.logprobs else None
+        if not text and not ev.finished and not (lp and lp["content"]):
+            continue
+        choice = {"index": ev.index, "delta": {"content": text} if text else {}, "logprobs": lp,
+                  "finish_reason": finish_reason(meta) if ev.finished else None}
+        if ev.finished:
+            choice["matched_stop"] = _matched_stop(meta)
+        yield _sse(dict(base, choices=[choice], **extra))
+    if include_usage:
+        yield _sse(dict(base, choices=[], usage=usage(prep, metas)))
+    yield "data: [DONE]\n\n"
+
+
+def _merge_meta(acc: dict, delta: dict) -> None:
+    for k, v in delta.items():
+        if not k.endswith("_logprobs"):
+            acc[k] = v

@@ -1,0 +1,438 @@
+"""TokenizerManager: the front process's request tracker (asyncio, one per server).
+
+Both front doors (HTTP and ZeroMQ) call ``generate(GenerateReqInput)``: it validates and tokenizes
+with the shared ``GenerateReqInput.normalize`` (batch and ``n`` expanded), registers each sequence
+with the detokenizer, sends it to the scheduler, and yields ``GenEvent``s as the detokenizer's
+outputs arrive. Closing the iterator early (a client went away) aborts every unfinished sequence,
+which releases its KV at the scheduler's next step.
+
+If the scheduler or detokenizer process dies, every waiting caller gets a ``ServerDeadError`` at
+once and the ``on_dead`` callbacks run (the launcher stops the server).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Callable
+
+import msgspec
+import zmq
+import zmq.asyncio
+
+from radixlm.runtime.io_struct import GenerateReqInput
+from radixlm.runtime.protocol import (
+    AbortReq,
+    DetokBatchOut,
+    DetokRegister,
+    ErrorOut,
+    FlushCacheOut,
+    FlushCacheReq,
+    GetStatsReq,
+    ReadyOut,
+    StatsOut,
+    TokenizedGenerateReq,
+    decode_tokenizer_manager_input,
+    encode,
+)
+from radixlm.runtime.server.ipc import IpcNames
+from radixlm.runtime.server.metrics import ServerMetrics
+from radixlm.runtime.server_args import ServerArgs
+
+logger = logging.getLogger("radixlm.tokenizer_manager")
+
+
+class RequestError(Exception):
+    """A request failed; ``status`` is the HTTP status it maps to."""
+
+    status = 400
+
+    def __init__(self, message: str, status: int | None = None, param: str | None = None):
+        super().__init__(message)
+        if status is not None:
+            self.status = status
+        self.param = param if param is not None else _param_named_in(message)
+
+
+def _param_named_in(message: str) -> str | None:
+    """The field a ValueError names first ("regex: ...", "top_p must be ..."), for OpenAI's ``param``."""
+    from radixlm.runtime.io_struct import GenerateReqInput
+    from radixlm.runtime.sampling_params import SamplingParams
+
+    m = re.match(r"([a-z_]+)\b", message)
+    if m is None:
+        return None
+    word = m.group(1)
+    known = set(SamplingParams.__struct_fields__) | set(GenerateReqInput.__dataclass_fields__)
+    return word if word in known else None
+
+
+class ServerDeadError(RequestError):
+    status = 503
+
+
+@dataclass
+class GenEvent:
+    """One sequence's progress: ``data`` is a delta for streaming requests, the result once finished
+    for non-streaming ones (see detokenizer_process)."""
+
+    index: int  # position in the normalized (batch × n) request list
+    data: dict
+    finished: bool
+
+
+@dataclass
+class _Track:
+    rid: str
+    index: int
+    queue: asyncio.Queue
+    created: float = field(default_factory=time.monotonic)
+    first_token: float | None = None
+    last_token: float | None = None
+    finished: bool = False
+
+
+class TokenizerManager:
+    def __init__(self, server_args: ServerArgs, ipc: IpcNames, tokenizer: Any, metrics: ServerMetrics | None = None):
+        self.args = server_args
+        self.ipc = ipc
+        self.tokenizer = tokenizer
+        self.metrics = metrics
+        self.model_info: dict = {}
+        self.scheduler_pid: int | None = None
+        self.dead_reason: str | None = None
+        self.on_dead: list[Callable[[str], None]] = []
+        self._tracks: dict[str, _Track] = {}
+        self._groups: dict[str, list[str]] = {}  # user-given rid → the rids it expanded into
+        self._stats_waiters: deque[asyncio.Future] = deque()
+        self._flush_waiters: deque[asyncio.Future] = deque()
+        self._ready: asyncio.Future | None = None
+        self._recv_task: asyncio.Task | None = None
+        self._watched: list[Any] = []
+        self._closed = False
+        # Sends use a plain context with unbounded queues, so a send never blocks the event loop.
+        self._ctx = zmq.Context(1)
+        self._to_scheduler = self._push(ipc.scheduler)
+        self._to_detokenizer = self._push(ipc.detokenizer)
+        self._actx = zmq.asyncio.Context(1)
+        self._recv = self._actx.socket(zmq.PULL)
+        self._recv.bind(ipc.tokenizer)
+
+    def _push(self, addr: str) -> zmq.Socket:
+        s = self._ctx.socket(zmq.PUSH)
+        s.setsockopt(zmq.SNDHWM, 0)
+        s.setsockopt(zmq.LINGER, 0)
+        s.connect(addr)
+        return s
+
+    # ------------------------------------------------------------------ lifecycle
+    async def start(self) -> None:
+        self._ready = asyncio.get_running_loop().create_future()
+        self._recv_task = asyncio.create_task(self._recv_loop(), name="tokenizer-manager-recv")
+
+    async def wait_ready(self, timeout: float | None = None) -> dict:
+        """Wait for the scheduler's ReadyOut (model loaded); raises ServerDeadError if a child died first."""
+        assert self._ready is not None, "call start() first"
+        await asyncio.wait_for(asyncio.shield(self._ready), timeout)
+        return self.model_info
+
+    def watch_process(self, proc: Any, name: str) -> None:
+        """Fail everything as soon as ``proc`` (a multiprocessing.Process) exits."""
+        loop = asyncio.get_running_loop()
+
+        def on_exit() -> None:
+            loop.remove_reader(proc.sentinel)
+            proc.join(1.0)  # the sentinel fires as the process exits; reaping it may take a moment
+            self.mark_dead(f"the {name} process exited (exit code {proc.exitcode})")
+
+        loop.add_reader(proc.sentinel, on_exit)
+        self._watched.append(proc)
+
+    def mark_dead(self, reason: str) -> None:
+        if self.dead_reason is not None:
+            return
+        self.dead_reason = reason
+        logger.error("server is dead: %s", reason)
+        self.fail_all(ServerDeadError(f"server error: {reason}"))
+        for cb in list(self.on_dead):
+            cb(reason)
+
+    def shutting_down(self) -> None:
+        """Refuse new requests and end the running ones with a 503 (their KV is released by abort),
+        so a graceful shutdown need not wait for long streams."""
+        if self._closed or self.dead_reason is not None:
+            return
+        rids = list(self._tracks)
+        self.fail_all(ServerDeadError("the server is shutting down"))
+        for rid in rids:
+            self._to_scheduler.send(encode(AbortReq(rid=rid)))
+        self._closed = True
+
+    def fail_all(self, err: RequestError) -> None:
+        """Every waiting caller gets ``err`` now."""
+        for t in self._tracks.values():
+            t.queue.put_nowait(err)
+        self._tracks.clear()
+        self._groups.clear()
+        for waiters in (self._stats_waiters, self._flush_waiters):
+            while waiters:
+                f = waiters.popleft()
+                if not f.done():
+                    f.set_exception(err)
+        if self._ready is not None and not self._ready.done():
+            self._ready.set_exception(err)
+
+    @property
+    def is_alive(self) -> bool:
+        return self.dead_reason is None and not self._closed and self._ready is not None and self._ready.done()
+
+    async def close(self) -> None:
+        """Close the sockets; requests still open (cancelled at loop shutdown) then send nothing."""
+        self._closed = True
+        loop = asyncio.get_running_loop()
+        for p in self._watched:
+            try:
+                loop.remove_reader(p.sentinel)
+            except (ValueError, OSError):
+                pass
+        if self._recv_task is not None:
+            self._recv_task.cancel()
+        self._recv.close(0)
+        self._to_scheduler.close(0)
+        self._to_detokenizer.close(0)
+        self._actx.term()
+        self._ctx.term()
+
+    # ------------------------------------------------------------------ generation
+    def _check_alive(self) -> None:
+        if self._closed:
+            raise ServerDeadError("the server is shutting down")
+        if self.dead_reason is not None:
+            raise ServerDeadError(f"server error: {self.dead_reason}")
+
+    def validate(self, reqs: list[TokenizedGenerateReq]) -> None:
+        """Checks that need the model's limits; everything else is GenerateReqInput's and the scheduler's."""
+        ctx = self.model_info.get("context_length")
+        for r in reqs:
+            if r.rid in self._tracks:
+                raise RequestError(f"rid: a request with id {r.rid!r} is already running", param="rid")
+            if ctx and len(r.input_ids) >= ctx:
+                raise RequestError(
+                    f"input_ids: the prompt has {len(r.input_ids)} tokens, over the context length of {ctx}",
+                    param="input_ids",
+                )
+            if ctx and r.sampling_params.max_new_tokens > ctx:
+                raise RequestError(
+                    f"max_new_tokens: {r.sampling_params.max_new_tokens} is over the context length of {ctx}",
+                    param="max_new_tokens",
+                )
+
+    def submit(self, obj: GenerateReqInput) -> "RequestHandle":
+        """Validate, tokenize and send every sequence of ``obj``; iterate the handle for GenEvents.
+
+        Raises RequestError at once for bad input (ValueErrors of normalize are 400s) or a dead server
+        (503). The handle must be closed (``async with`` / ``close()``): closing early aborts the rest.
+        """
+        self._check_alive()
+        try:
+            reqs = obj.normalize(self.tokenizer)
+        except (ValueError, TypeError) as e:  # TypeError: a wrong type normalize did not anticipate
+            raise RequestError(str(e)) from None
+        self.validate(reqs)
+        queue: asyncio.Queue = asyncio.Queue()
+        tracks = [_Track(rid=r.rid, index=i, queue=queue) for i, r in enumerate(reqs)]
+        group = obj.rid if isinstance(obj.rid, str) and (len(reqs) > 1 or obj.rid != reqs[0].rid) else None
+        for t, r in zip(tracks, reqs):
+            self._tracks[r.rid] = t
+            # Registration first: the detokenizer must know the rid before its first output.
+            self._to_detokenizer.send(encode(DetokRegister(req=r, return_text_in_logprobs=obj.return_text_in_logprobs)))
+            self._to_scheduler.send(encode(r))
+        if group:
+            self._groups[group] = [r.rid for r in reqs]
+        return RequestHandle(self, reqs, tracks, queue, group)
+
+    async def generate(self, obj: GenerateReqInput) -> AsyncIterator[GenEvent]:
+        """``submit`` + iterate; for callers that need no early 400 before the first event."""
+        handle = self.submit(obj)
+        try:
+            async for ev in handle:
+                yield ev
+        finally:
+            handle.close()
+
+    def abort(self, rid: str) -> bool:
+        """Abort a running request by its rid (or the user rid of a batch / n>1 request)."""
+        rids = self._groups.get(rid, [rid])
+        found = False
+        for r in rids:
+            t = self._tracks.get(r)
+            if t is not None:
+                found = True
+                self._send_abort(r)
+        return found
+
+    def _send_abort(self, rid: str) -> None:
+        if self.dead_reason is None and not self._closed:
+            self._to_scheduler.send(encode(AbortReq(rid=rid)))
+
+    @property
+    def num_active(self) -> int:
+        return len(self._tracks)
+
+    # ------------------------------------------------------------------ control
+    async def get_stats(self, timeout: float = 10.0) -> dict:
+        self._check_alive()
+        fut = asyncio.get_running_loop().create_future()
+        self._stats_waiters.append(fut)
+        self._to_scheduler.send(encode(GetStatsReq()))
+        out: StatsOut = await asyncio.wait_for(fut, timeout)
+        if self.metrics is not None:
+            self.metrics.set_scheduler_stats(out.stats)
+        return out.stats
+
+    async def flush_cache(self, timeout: float = 30.0) -> FlushCacheOut:
+        self._check_alive()
+        fut = asyncio.get_running_loop().create_future()
+        self._flush_waiters.append(fut)
+        self._to_scheduler.send(encode(FlushCacheReq()))
+        return await asyncio.wait_for(fut, timeout)
+
+    # ------------------------------------------------------------------ receiving
+    async def _recv_loop(self) -> None:
+        while True:
+            data = await self._recv.recv()
+            try:
+                msg = decode_tokenizer_manager_input(data)
+            except (msgspec.DecodeError, RecursionError) as e:
+                logger.error("malformed message on the tokenizer socket: %s", e)
+                continue
+            try:
+                self._dispatch(msg)
+            except Exception:  # noqa: BLE001 - a bug here must not stop the loop for everyone
+                logger.exception("tokenizer manager failed to dispatch %s", type(msg).__name__)
+
+    def _dispatch(self, msg: Any) -> None:
+        if isinstance(msg, DetokBatchOut):
+            now = time.monotonic()
+            for o in msg.outputs:
+                t = self._tracks.get(o.rid)
+                if t is None:
+                    continue  # aborted by us, or a late output after an error
+                self._observe(t, o.num_new_tokens, now)
+                if o.finished:
+                    t.finished = True
+                    del self._tracks[o.rid]
+                    if self.metrics is not None:
+                        self.metrics.observe_finished(now - t.created, (o.data or {}).get("meta_info"))
+                if o.data is not None:
+                    t.queue.put_nowait(GenEvent(t.index, o.data, o.finished))
+        elif isinstance(msg, ErrorOut):
+            t = self._tracks.pop(msg.rid, None) if msg.rid else None
+            if t is None:
+                logger.warning("scheduler error: %s", msg.message)
+            else:
+                t.finished = True
+                t.queue.put_nowait(RequestError(msg.message))
+        elif isinstance(msg, StatsOut):
+            _resolve(self._stats_waiters, msg)
+        elif isinstance(msg, FlushCacheOut):
+            _resolve(self._flush_waiters, msg)
+        elif isinstance(msg, ReadyOut):
+            self.model_info = dict(msg.model_info)
+            self.scheduler_pid = msg.pid
+            if self._ready is not None and not self._ready.done():
+                self._ready.set_result(None)
+
+    def _observe(self, t: _Track, n_new: int, now: float) -> None:
+        if n_new <= 0 or self.metrics is None:
+            return
+        if t.first_token is None:
+            t.first_token = now
+            self.metrics.observe_ttft(now - t.created)
+        elif t.last_token is not None:
+            self.metrics.observe_itl((now - t.last_token) / n_new)
+        t.last_token = now
+
+
+class RequestHandle:
+    """The sequences of one submitted GenerateReqInput; async-iterate for GenEvents in arrival order."""
+
+    def __init__(self, tm: TokenizerManager, reqs: list[TokenizedGenerateReq], tracks: list[_Track],
+                 queue: asyncio.Queue, group: str | None):
+        self.tm = tm
+        self.reqs = reqs
+        self._tracks = tracks
+        self._queue = queue
+        self._group = group
+        self._remaining = len(reqs)
+        self._closed = False
+
+    @property
+    def rids(self) -> list[str]:
+        return [r.rid for r in self.reqs]
+
+    def __aiter__(self) -> "RequestHandle":
+        return self
+
+    async def __anext__(self) -> GenEvent:
+        if self._remaining == 0 or self._closed:
+            raise StopAsyncIteration
+        ev = await self._queue.get()
+        if isinstance(ev, BaseException):
+            self._remaining = 0
+            raise ev
+        if ev.finished:
+            self._remaining -= 1
+            err = (ev.data.get("meta_info") or {}).get("error")
+            if err:
+                self._remaining = 0
+                raise RequestError(str(err))
+        return ev
+
+    def close(self) -> None:
+        """Abort every sequence that has not finished (idempotent)."""
+        if self._closed:
+            return
+        self._closed = True
+        for t in self._tracks:
+            if not t.finished and self.tm._tracks.pop(t.rid, None) is not None:
+                self.tm._send_abort(t.rid)
+        if self._group:
+            self.tm._groups.pop(self._group, None)
+
+    async def __aenter__(self) -> "RequestHandle":
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def _resolve(waiters: deque, value: Any) -> None:
+    while waiters:
+        f = waiters.popleft()
+        if not f.done():
+            f.set_result(value)
+            return
+
+
+class StreamAccumulator:
+    """Folds streaming deltas of one sequence into SGLang's cumulative /generate stream chunks."""
+
+    def __init__(self) -> None:
+        self.text = ""
+        self.output_ids: list[int] = []
+        self.meta: dict[str, Any] = {}
+
+    def add(self, delta: dict) -> dict:
+        self.text += delta.get("text", "")
+        self.output_ids.extend(delta.get("output_ids", ()))
+        for k, v in (delta.get("meta_info") or {}).items():
+            if k.endswith("_logprobs"):
+                self.meta.setdefault(k, []).extend(v)
+            else:
+                self.meta[k] = v
+        return {"text": self.text, "output_ids": list(self.output_ids), "meta_info": dict(self.meta)}
