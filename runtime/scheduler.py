@@ -1,8 +1,8 @@
 """Scheduler: the waiting queue, admission, continuous batching, and what happens after each forward.
 
-One step = one forward pass, either EXTEND (new prompts, prompt chunks, jump-forward tokens) or
-DECODE (one token for every running request). After an EXTEND step the next step decodes, so running
-requests keep streaming between prefill chunks. Memory: every request holds a row of the
+One step = one forward pass. Every running request with one pending token decodes in every step; new
+prompts, prompt chunks and jump-forward tokens ride in the same pass when there are any (mode EXTEND),
+otherwise the pass is a pure DECODE. So running requests keep streaming while long prompts prefill. Memory: every request holds a row of the
 req→token table and owns the KV slots of its computed tokens beyond its locked radix prefix; the
 radix tree owns the rest. ``check_memory`` verifies that when idle nothing is lost.
 
@@ -67,7 +67,6 @@ class Scheduler:
         self.waiting: list[Req] = []
         self.running: list[Req] = []
         self.step_count = 0
-        self.last_mode: ForwardMode | None = None
         self._outputs: list[ReqOutput] = []  # produced outside step() (aborts, errors)
         # Stats
         self.total_prompt_tokens = 0
@@ -181,19 +180,14 @@ class Scheduler:
         """Run one scheduling step; return what each touched request produced."""
         outputs, self._outputs = self._outputs, []
         self._poll_grammars(outputs)
-        decodable = [r for r in self.running if r.pending == 1]
-        batch: list[tuple[Req, int]] = []
-        mode = ForwardMode.DECODE
-        if not (self.last_mode is ForwardMode.EXTEND and decodable):
-            batch = self._build_extend_batch()
-            mode = ForwardMode.EXTEND
-        if not batch:
-            decodable = self._reserve_decode([r for r in self.running if r.pending == 1])
-            batch = [(r, 1) for r in decodable]
-            mode = ForwardMode.DECODE
+        # Decoding requests first get their one slot each (retracting if memory ran out), then the
+        # extend work (new prompts, prompt chunks, jump-forward tokens) fills the step's token budget.
+        # Both go into one forward pass: decodes never wait for a prefill step.
+        decodable = self._reserve_decode([r for r in self.running if r.pending == 1])
+        extend = self._build_extend_batch()
+        batch = extend + [(r, 1) for r in decodable]
         if batch:
-            self._run(batch, mode)
-            self.last_mode = mode
+            self._run(batch, ForwardMode.EXTEND if extend else ForwardMode.DECODE)
             outputs.extend(self._collect_outputs([r for r, _ in batch]))
         self.step_count += 1
         if self.args.debug_check_memory and not self.running:
