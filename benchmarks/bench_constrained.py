@@ -127,11 +127,11 @@ def bench_extraction(preset: str, num_requests: int, whitespace: str | None) -> 
             with Engine(model_path=path, dtype="float32", device="cpu", enable_jump_forward=jf,
                         constrained_json_whitespace_pattern=whitespace, max_total_tokens=65536) as eng:
                 eng.generate("warm up", {"json_schema": schema, "max_new_tokens": 4})
-                p0 = eng.get_server_info()["num_forward_passes"]
+                p0 = eng.get_server_info()["scheduler_stats"]["num_forward_passes"]
                 t0 = time.perf_counter()
                 outs = eng.generate(prompts, {**sp, "json_schema": schema, "max_new_tokens": 160})
                 wall = time.perf_counter() - t0
-                passes = eng.get_server_info()["num_forward_passes"] - p0
+                passes = eng.get_server_info()["scheduler_stats"]["num_forward_passes"] - p0
             toks = sum(len(o["output_ids"]) for o in outs)
             valid = 0
             for o in outs:

@@ -85,7 +85,7 @@ def run_engine(path, rounds, new_tokens, **kw) -> dict:
             outs = eng.generate(input_ids=prompts, sampling_params=sp)
             gen += sum(len(o["output_ids"]) for o in outs)
         wall = time.perf_counter() - t0
-        info = eng.get_server_info()
+        info = eng.get_server_info()["scheduler_stats"]
         eng.check_memory()
     return {
         "wall": wall,

@@ -224,8 +224,16 @@ class Engine:
         return {"success": ok, "message": message}
 
     def get_server_info(self) -> dict:
-        stats = self._call(self.scheduler.get_stats)
-        return {**self.scheduler.model_info, **stats, "server_args": self.server_args.__dict__}
+        """The same shape as the server's ``/get_server_info``: server args (minus the API key),
+        ``model_info`` and the scheduler's live ``scheduler_stats``."""
+        import dataclasses
+
+        import radixlm
+
+        info = {k: v for k, v in dataclasses.asdict(self.server_args).items() if k != "api_key"}
+        info.update(version=radixlm.__version__, model_info=dict(self.scheduler.model_info))
+        info["scheduler_stats"] = self._call(self.scheduler.get_stats)
+        return info
 
     def get_model_info(self) -> dict:
         return dict(self.scheduler.model_info)

@@ -96,7 +96,7 @@ def test_jump_forward_saves_forward_passes(make_model):
             for o in outs:
                 if o["meta_info"]["finish_reason"]["type"] == "stop":
                     assert output_is_valid("json", pattern, o["text"])
-            passes[jf] = eng.get_server_info()["num_forward_passes"]
+            passes[jf] = eng.get_server_info()["scheduler_stats"]["num_forward_passes"]
             eng.check_memory()
     assert passes[True] < passes[False]
 

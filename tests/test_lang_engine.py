@@ -313,10 +313,10 @@ def batch_qa(s, i):
 
 def test_run_batch_of_64_in_order_with_the_shared_prefix_computed_once(backend, engine):
     sgl.flush_cache(backend)
-    before = backend.get_server_info()
+    before = backend.get_server_info()["scheduler_stats"]
     states = batch_qa.run_batch([{"i": str(k)} for k in range(64)], backend=backend, temperature=0,
                                 progress_bar=True)
-    after = backend.get_server_info()
+    after = backend.get_server_info()["scheduler_stats"]
     assert len(states) == 64
     for k, st in enumerate(states):
         assert st.error() is None
@@ -400,7 +400,7 @@ def test_default_backend_flush_cache_and_server_info(engine):
     try:
         assert sgl.flush_cache()["success"] is True
         info = sgl.get_server_info()
-        assert "cache_hit_rate" in info and info["model_path"]
+        assert "cache_hit_rate" in info["scheduler_stats"] and info["model_path"]
 
         @sgl.function
         def prog(s):

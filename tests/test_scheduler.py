@@ -40,11 +40,11 @@ def _run(model_path, **kw):
         # Twice: the second round hits whatever the first left in the cache.
         first = [o["output_ids"] for o in eng.generate(PROMPTS, SP)]
         second = [o["output_ids"] for o in eng.generate(PROMPTS[::-1], SP)][::-1]
-        info = eng.get_server_info()
+        info = eng.get_server_info()["scheduler_stats"]
         eng.check_memory()
         flushed = eng.flush_cache()
         assert flushed["success"]
-        info_after = eng.get_server_info()
+        info_after = eng.get_server_info()["scheduler_stats"]
         assert info_after["free_tokens"] == info_after["max_total_tokens"]
         return first, second, info
     finally:
@@ -84,7 +84,7 @@ def test_cached_tokens_and_in_batch_sharing(model_path):
         # The shared prefix is computed once: one request pays for it, the others hit the cache.
         cached = sorted(o["meta_info"]["cached_tokens"] for o in outs)
         assert cached[0] == 0 and all(c >= 8 for c in cached[1:])
-        info = eng.get_server_info()
+        info = eng.get_server_info()["scheduler_stats"]
         total = sum(o["meta_info"]["prompt_tokens"] for o in outs)
         assert info["total_prefill_computed"] < total
         again = eng.generate(PROMPTS[0], {"temperature": 0, "max_new_tokens": 2})
