@@ -39,6 +39,7 @@ class Req:
 
     # Progress
     finish_reason: dict | None = None
+    error: str | None = None  # reported to the client with the final output
     input_logprobs_done: bool = False
     first_admitted: bool = False
     num_retractions: int = 0

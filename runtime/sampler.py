@@ -38,9 +38,12 @@ class Sampler:
         need_lp = any(r.return_logprob for r in reqs)
         logprobs = torch.log_softmax(logits, dim=-1) if need_lp else None
         logits = self._apply_penalties(logits, reqs)
-        logits = self._ban_early_stop(logits, reqs)
         if masks is not None:
             logits = logits.masked_fill(~masks, float("-inf"))
+        banned = self._ban_early_stop(logits, reqs)
+        # A grammar that admits only EOS outranks min_new_tokens: never leave a row with nothing to pick.
+        dead = torch.isinf(banned).all(dim=-1) & ~torch.isinf(logits).all(dim=-1)
+        logits = torch.where(dead[:, None], logits, banned)
 
         sps = [r.sampling_params for r in reqs]
         greedy = torch.tensor([sp.is_greedy for sp in sps])

@@ -373,7 +373,12 @@ class Scheduler:
         r.output_ids.append(tok)
         self.total_generated += 1
         if r.grammar is not None:
-            r.grammar.accept_token(tok)
+            try:
+                r.grammar.accept_token(tok)
+            except ValueError as e:  # a grammar that cannot continue fails this request, not the engine
+                r.error = f"constrained decoding failed: {e}"
+                self._finish(r, {"type": "abort", "message": r.error})
+                return
         reason = self._check_finish(r, tok)
         if reason is not None:
             self._finish(r, reason)
@@ -384,6 +389,9 @@ class Scheduler:
         """Finish reason if the output ``r.output_ids[:upto]`` (ending in ``tok``) is complete."""
         sp = r.sampling_params
         out = r.output_ids if upto is None else r.output_ids[:upto]
+        if r.grammar is not None and upto is None and r.grammar.is_finished():
+            # Nothing but EOS can follow: the grammar ends the request, whatever min_new_tokens says.
+            return {"type": "stop", "matched": tok if tok in self.eos_ids else None}
         if len(out) >= sp.min_new_tokens:
             if not sp.ignore_eos and tok in self.eos_ids:
                 return {"type": "stop", "matched": tok}
@@ -396,8 +404,6 @@ class Scheduler:
                 for s in sp.stop:
                     if s in tail:
                         return {"type": "stop", "matched": s}
-            if r.grammar is not None and upto is None and r.grammar.is_finished():
-                return {"type": "stop", "matched": None}
         if len(out) >= sp.max_new_tokens:
             return {"type": "length", "length": sp.max_new_tokens}
         return None
@@ -426,10 +432,9 @@ class Scheduler:
                 r.grammar = g.result().new_matcher()
             except Exception as e:  # noqa: BLE001 - surfaced to the client as this request's error
                 self.waiting.remove(r)
-                r.finish_reason = {"type": "abort", "message": str(e)}
-                out = self._make_output(r)
-                out.error = f"{type(e).__name__}: {e}" if not isinstance(e, ValueError) else str(e)
-                outputs.append(out)
+                r.error = str(e) if isinstance(e, ValueError) else f"{type(e).__name__}: {e}"
+                r.finish_reason = {"type": "abort", "message": r.error}
+                outputs.append(self._make_output(r))
 
     def _grammar_masks(self, reqs: list[Req]) -> torch.Tensor | None:
         if all(r.grammar is None for r in reqs):
@@ -557,6 +562,7 @@ class Scheduler:
             prompt_tokens=len(r.input_ids),
             completion_tokens=visible,
             cached_tokens=r.cached_tokens,
+            error=r.error,
         )
         r.sent_len = visible
         if r.return_logprob:

@@ -169,3 +169,11 @@ def test_slow_compile_does_not_stall_decoding(make_model):
     while sched.has_work():
         sched.step()
     sched.check_memory()
+
+
+def test_min_new_tokens_never_outranks_a_finished_grammar(engine):
+    # After "red" the grammar admits only EOS, which min_new_tokens would ban: the grammar wins.
+    out = engine.generate("Color: ", {"regex": "(red|green|blue)", "min_new_tokens": 20, "max_new_tokens": 30,
+                                      "temperature": 1.0, "seed": 4})
+    assert out["text"] in ("red", "green", "blue")
+    assert out["meta_info"]["finish_reason"]["type"] == "stop"
