@@ -49,3 +49,29 @@ def make_model(model_cache_dir):
 @pytest.fixture(scope="session")
 def tiny_llama(make_model) -> str:
     return make_model("llama")
+
+
+def _engines_in(value):
+    from radixlm.runtime.engine import Engine
+
+    if isinstance(value, Engine):
+        yield value
+    elif isinstance(value, (tuple, list)):
+        for v in value:
+            yield from _engines_in(v)
+
+
+@pytest.fixture(autouse=True)
+def _check_kv_invariant_after_engine_tests(request):
+    """After every test that used an Engine fixture: free + evictable + protected == total."""
+    yield
+    for name in request.fixturenames:
+        if name.startswith("_") or name == "request":
+            continue
+        try:
+            value = request.getfixturevalue(name)
+        except Exception:  # noqa: BLE001 - fixtures that failed to set up have nothing to check
+            continue
+        for eng in _engines_in(value):
+            if eng._thread.is_alive():
+                eng.check_memory()

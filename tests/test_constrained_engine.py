@@ -33,14 +33,6 @@ def engine_no_jf(make_model):
     eng.shutdown()
 
 
-@pytest.fixture(autouse=True)
-def _kv_invariant(request):
-    yield
-    for name in ("engine", "engine_no_jf"):
-        if name in request.fixturenames:
-            request.getfixturevalue(name).check_memory()
-
-
 def _check_samples(engine, kind, pattern, sp_field):
     outs = engine.generate(
         "Answer: ", {sp_field: pattern, "temperature": 1.0, "n": SAMPLES, "max_new_tokens": 96, "seed": 3}

@@ -44,16 +44,6 @@ def llama_engine(make_model):
     eng.shutdown()
 
 
-@pytest.fixture(autouse=True)
-def _kv_invariant(request):
-    yield
-    for name in ("arch_engine", "llama_engine"):
-        if name in request.fixturenames:
-            eng = request.getfixturevalue(name)
-            eng = eng[2] if isinstance(eng, tuple) else eng
-            eng.check_memory()
-
-
 def _hf(path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
