@@ -209,7 +209,9 @@ class Scheduler:
                 batch.append((r, n))
                 rem_chunk -= n
                 rem_prefill -= n
-        if not self.waiting or rem_chunk <= 0 or rem_prefill <= 0:
+        if not self.waiting or rem_chunk <= 0 or rem_prefill <= 0 or self.kv.table.available() == 0:
+            return batch  # (also skips matching the whole queue against the tree when nothing can join)
+        if len(self.running) >= self.args.max_running_requests:
             return batch
 
         reserved = sum(int(r.remaining_new_tokens * self.args.new_token_ratio) for r in self.running)
