@@ -78,8 +78,8 @@ class KVPool:
     # ----------------------------------------------------------------- data
     def set_kv(self, layer_id: int, loc: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """loc [T] int64, k/v [T, Hkv, D]."""
-        self.k_buffers[layer_id][loc] = k.to(self.dtype)
-        self.v_buffers[layer_id][loc] = v.to(self.dtype)
+        self.k_buffers[layer_id].index_copy_(0, loc, k.to(self.dtype))
+        self.v_buffers[layer_id].index_copy_(0, loc, v.to(self.dtype))
 
     def bytes_per_token(self) -> int:
         k = self.k_buffers[0]
