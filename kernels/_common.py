@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import functools
 
+import math
+
 import torch
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -94,3 +96,18 @@ def device_parallelism(device: torch.device) -> int:
     if device.type != "cuda":
         return 1
     return num_sms(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def check_sm_scale(sm_scale: float) -> None:
+    if not isinstance(sm_scale, (int, float)) or not math.isfinite(sm_scale):
+        raise ValueError(f"sm_scale must be a finite number, got {sm_scale!r}")
+
+
+def output_like(q: torch.Tensor, out: torch.Tensor | None, device: torch.device) -> torch.Tensor:
+    """The launcher's output buffer: ``out`` after checks, or a new tensor shaped like q."""
+    if out is None:
+        return torch.empty_like(q)
+    check_tensor("out", out, 3, (q.dtype,), device)
+    if out.shape != q.shape or out.stride(-1) != 1:
+        raise ValueError(f"out must have shape {tuple(q.shape)} with a contiguous last dim")
+    return out

@@ -24,6 +24,8 @@ from radixlm.kernels._common import (
     FLOAT_DTYPES,
     INDEX_DTYPES,
     check_indptr,
+    check_sm_scale,
+    output_like,
     check_runnable,
     check_tensor,
     device_parallelism,
@@ -226,14 +228,8 @@ def decode_attention(
         raise ValueError(f"q heads ({num_q_heads}) must be a multiple of k_buffer heads ({num_kv_heads})")
     check_indptr("kv_indptr", kv_indptr, batch, device)
     check_tensor("kv_indices", kv_indices, 1, INDEX_DTYPES, device)
-    if not isinstance(sm_scale, (int, float)) or not math.isfinite(sm_scale):
-        raise ValueError(f"sm_scale must be a finite number, got {sm_scale!r}")
-    if out is None:
-        out = torch.empty_like(q)
-    else:
-        check_tensor("out", out, 3, (q.dtype,), device)
-        if out.shape != q.shape or out.stride(-1) != 1:
-            raise ValueError(f"out must have shape {tuple(q.shape)} with a contiguous last dim")
+    check_sm_scale(sm_scale)
+    out = output_like(q, out, device)
     block_d = head_block(head_dim)
     check_runnable(_decode_split_kernel, device)
     if batch == 0:

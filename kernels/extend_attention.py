@@ -12,7 +12,6 @@ Softmax runs in base 2 (``exp2``; scores pre-scaled by log2(e)).
 
 from __future__ import annotations
 
-import math
 
 import torch
 import triton
@@ -22,6 +21,8 @@ from radixlm.kernels._common import (
     FLOAT_DTYPES,
     INDEX_DTYPES,
     check_indptr,
+    check_sm_scale,
+    output_like,
     check_runnable,
     check_tensor,
     dot_upcast,
@@ -213,14 +214,8 @@ def extend_attention(
     batch = check_indptr("qo_indptr", qo_indptr, None, device)
     check_indptr("prefix_indptr", prefix_indptr, batch, device)
     check_tensor("prefix_indices", prefix_indices, 1, INDEX_DTYPES, device)
-    if not isinstance(sm_scale, (int, float)) or not math.isfinite(sm_scale):
-        raise ValueError(f"sm_scale must be a finite number, got {sm_scale!r}")
-    if out is None:
-        out = torch.empty_like(q)
-    else:
-        check_tensor("out", out, 3, (q.dtype,), device)
-        if out.shape != q.shape or out.stride(-1) != 1:
-            raise ValueError(f"out must have shape {tuple(q.shape)} with a contiguous last dim")
+    check_sm_scale(sm_scale)
+    out = output_like(q, out, device)
     block_d = head_block(head_dim)
     check_runnable(_extend_kernel, device)
     if batch == 0 or num_tokens == 0:

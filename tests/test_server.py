@@ -15,7 +15,7 @@ import requests
 import zmq
 
 from radixlm.runtime.protocol import ClientError, ClientGenerate, decode_front_door_reply, encode
-from radixlm.runtime.server import FrontDoorClient, Runtime, openai_api
+from radixlm.runtime.server import FrontDoorClient, Runtime
 from radixlm.runtime.server.client import FrontDoorError
 from tests.server_helpers import check_kv_invariant, pid_alive, stats, wait_until
 

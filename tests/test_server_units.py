@@ -23,7 +23,6 @@ from radixlm.runtime.protocol import (
 from radixlm.runtime.sampling_params import SamplingParams
 from radixlm.runtime.server.detokenizer_process import DetokenizerManager
 from radixlm.runtime.server.native_protocol import parse_generate_body
-from radixlm.runtime.server import openai_api
 from radixlm.runtime.server.openai_api import constrained_sampling_fields
 from radixlm.runtime.server.openai_protocol import ResponseFormat
 from radixlm.runtime.server.runtime_handle import server_args_to_argv

@@ -38,7 +38,6 @@ from radixlm.runtime.protocol import (
     decode_front_door_request,
     encode,
 )
-from radixlm.runtime.server import openai_api
 from radixlm.runtime.server.tokenizer_manager import RequestError, StreamAccumulator, TokenizerManager
 
 logger = logging.getLogger("radixlm.frontdoor")
