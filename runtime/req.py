@@ -58,6 +58,15 @@ class Req:
     def all_ids(self) -> list[int]:
         return self.input_ids + self.output_ids
 
+    def tokens(self, start: int, end: int) -> list[int]:
+        """``all_ids[start:end]`` without building the whole concatenation (the per-step hot path)."""
+        n_in = len(self.input_ids)
+        if start >= n_in:
+            return self.output_ids[start - n_in : end - n_in]
+        if end <= n_in:
+            return self.input_ids[start:end]
+        return self.input_ids[start:] + self.output_ids[: end - n_in]
+
     @property
     def seq_len(self) -> int:
         return len(self.input_ids) + len(self.output_ids)

@@ -291,7 +291,7 @@ class Scheduler:
         verify: list[tuple[Req, list[tuple[int, int, int]]]] = []  # (req, [(index, state, logits row)])
         for r, n in batch:
             start = len(input_ids)
-            ids = r.all_ids[r.kv_len : r.kv_len + n]
+            ids = r.tokens(r.kv_len, r.kv_len + n)
             input_ids.extend(ids)
             positions.extend(range(r.kv_len, r.kv_len + n))
             checks = []
