@@ -101,14 +101,7 @@ async def _http_one(client, url: str, ids: list[int], sp: dict, res: RequestResu
                 if not line.startswith("data: ") or line == "data: [DONE]":
                     continue
                 chunk = json.loads(line[6:])
-                n = len(chunk["output_ids"])
-                now = time.perf_counter()
-                if n > last_n:
-                    if res.first is None:
-                        res.first = now
-                    elif last_t is not None:
-                        res.itls.extend([(now - last_t) / (n - last_n)] * (n - last_n))
-                    last_t, last_n = now, n
+                last_t, last_n = _record_chunk(res, len(chunk["output_ids"]), last_t, last_n)
         res.output_tokens = last_n
         res.done = time.perf_counter()
     except httpx.HTTPError as e:
@@ -147,19 +140,24 @@ def rt_flush(url: str) -> None:
     requests.post(url + "/flush_cache", timeout=60)
 
 
+def _record_chunk(res: "RequestResult", n: int, last_t: float | None, last_n: int) -> tuple[float | None, int]:
+    """A streamed chunk holding n output tokens so far: first-token time, or per-token gaps since the last."""
+    now = time.perf_counter()
+    if n <= last_n:
+        return last_t, last_n
+    if res.first is None:
+        res.first = now
+    elif last_t is not None:
+        res.itls.extend([(now - last_t) / (n - last_n)] * (n - last_n))
+    return now, n
+
+
 # --------------------------------------------------------------------------- in-process Engine
 def _engine_one(engine, ids: list[int], sp: dict, res: RequestResult) -> None:
     last_t, last_n = None, 0
     try:
         for chunk in engine.generate(input_ids=ids, sampling_params=sp, stream=True):
-            n = len(chunk["output_ids"])
-            now = time.perf_counter()
-            if n > last_n:
-                if res.first is None:
-                    res.first = now
-                elif last_t is not None:
-                    res.itls.extend([(now - last_t) / (n - last_n)] * (n - last_n))
-                last_t, last_n = now, n
+            last_t, last_n = _record_chunk(res, len(chunk["output_ids"]), last_t, last_n)
         res.output_tokens = last_n
         res.done = time.perf_counter()
     except Exception as e:  # noqa: BLE001 - reported in the table as a failure

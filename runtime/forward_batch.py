@@ -16,7 +16,7 @@ Layout (T = total new tokens this step, B = requests in the batch):
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -45,7 +45,6 @@ class ForwardBatch:
     attn_metadata: Any = None
     # Which rows of the [T, hidden] output need logits (last token of each request by default).
     logits_indices: torch.Tensor | None = None
-    extras: dict = field(default_factory=dict)
 
     @property
     def batch_size(self) -> int:

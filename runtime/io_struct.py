@@ -67,15 +67,17 @@ class GenerateReqInput:
                 raise ValueError(f"text/input_ids[{i}]: the prompt is empty")
 
         def per(value, name: str) -> list:
-            if isinstance(value, list) and self.is_batch and name != "sampling_params_single":
+            """One value per prompt: a batch may give a list, anything else is shared."""
+            if isinstance(value, list) and self.is_batch:
                 if len(value) != nb:
                     raise ValueError(f"{name}: expected {nb} entries, got {len(value)}")
                 return value
             return [value] * nb
 
-        sps = self.sampling_params
-        sp_list = per(sps, "sampling_params") if isinstance(sps, list) else [sps] * nb
-        rids = per(self.rid, "rid") if isinstance(self.rid, list) else [self.rid] * nb
+        if isinstance(self.sampling_params, list) and not self.is_batch:
+            raise ValueError("sampling_params: a single prompt takes a single dict")
+        sp_list = per(self.sampling_params, "sampling_params")
+        rids = per(self.rid, "rid")
         if not self.is_batch and isinstance(self.rid, list):
             raise ValueError("rid: a single request takes a single rid")
         if not all(r is None or (isinstance(r, str) and r) for r in rids):

@@ -80,7 +80,3 @@ class KVPool:
         """loc [T] int64, k/v [T, Hkv, D]."""
         self.k_buffers[layer_id].index_copy_(0, loc, k.to(self.dtype))
         self.v_buffers[layer_id].index_copy_(0, loc, v.to(self.dtype))
-
-    def bytes_per_token(self) -> int:
-        k = self.k_buffers[0]
-        return 2 * self.num_layers * k.shape[1] * k.shape[2] * k.element_size()

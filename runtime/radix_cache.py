@@ -177,17 +177,6 @@ class RadixCache:
             yield node
             stack.extend(node.children.values())
 
-    def pretty(self) -> str:  # debugging aid
-        lines: list[str] = []
-
-        def walk(node: TreeNode, depth: int) -> None:
-            for c in node.children.values():
-                lines.append(f"{'  ' * depth}{c.key[:8]}{'...' if len(c.key) > 8 else ''} len={len(c.key)} lock={c.lock_ref}")
-                walk(c, depth + 1)
-
-        walk(self.root, 0)
-        return "\n".join(lines)
-
 
 def _common_len(a: list[int], key: list[int], start: int) -> int:
     n = min(len(a), len(key) - start)

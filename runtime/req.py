@@ -42,7 +42,6 @@ class Req:
     error: str | None = None  # reported to the client with the final output
     input_logprobs_done: bool = False
     first_admitted: bool = False
-    num_retractions: int = 0
     grammar: Any = None  # GrammarMatcher or a Future while compiling
     # Jump-forward tokens of a greedy request not yet checked against the model: (index in all_ids,
     # grammar state before it). They are held back from the client until verified.

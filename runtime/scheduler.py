@@ -276,7 +276,6 @@ class Scheduler:
     def _retract(self, req: Req) -> None:
         self.kv.release(req, finished=True)  # its computed KV goes to the tree (evictable), row freed
         self.running.remove(req)
-        req.num_retractions += 1
         self.num_retracted += 1
         self.waiting.insert(0, req)
         logger.debug("retracted %s (%d tokens)", req.rid, req.seq_len)
