@@ -5,8 +5,11 @@ from __future__ import annotations
 import argparse
 import sys
 
+from radixlm.runtime.child_process import isolate_sys_path
+
 
 def main(argv: list[str] | None = None) -> None:
+    isolate_sys_path()
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(prog="radixlm", description="radixlm structured generation runtime")
     sub = parser.add_subparsers(dest="command", required=True)

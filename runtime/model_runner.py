@@ -7,6 +7,7 @@ own model code, and turns a ForwardBatch into logits. It knows nothing of reques
 from __future__ import annotations
 
 import logging
+import os
 import time
 
 import torch
@@ -79,9 +80,7 @@ class ModelRunner:
         if self.device.startswith("cuda"):
             free, _ = torch.cuda.mem_get_info()
             return max(int(free * self.args.mem_fraction_static) // bytes_per_token, 1)
-        import psutil
-
-        avail = psutil.virtual_memory().available
+        avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
         return max(min(int(avail * self.args.mem_fraction_static) // bytes_per_token, _CPU_AUTO_MAX_TOKENS), 1)
 
     @torch.inference_mode()

@@ -24,6 +24,7 @@ from typing import Any, Callable
 
 import uvicorn
 
+from radixlm.runtime.child_process import isolate_sys_path
 from radixlm.runtime.server_args import ServerArgs
 
 logger = logging.getLogger("radixlm.server")
@@ -46,6 +47,7 @@ def make_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
+    isolate_sys_path()
     args = make_parser().parse_args(sys.argv[1:] if argv is None else argv)
     try:
         server_args = ServerArgs.from_cli_args(args)

@@ -21,6 +21,7 @@ from typing import Any
 
 import requests
 
+from radixlm.runtime.child_process import child_env, python_command
 from radixlm.runtime.server.client import FrontDoorClient
 from radixlm.runtime.server.ipc import free_port
 from radixlm.runtime.server_args import ServerArgs
@@ -58,9 +59,8 @@ class Runtime:
         self.url = f"http://{host}:{a.port}"
         self.api_key = a.api_key
         self._endpoint: FrontDoorClient | None = None
-        cmd = [sys.executable, "-m", "radixlm.runtime.launch_server", *server_args_to_argv(a)]
-        env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
-        self.process = subprocess.Popen(cmd, env=env)
+        cmd = python_command("radixlm.runtime.launch_server", *server_args_to_argv(a))
+        self.process = subprocess.Popen(cmd, env=child_env(TOKENIZERS_PARALLELISM="false"))
         atexit.register(self.shutdown)
         try:
             self._wait_healthy(launch_timeout)
