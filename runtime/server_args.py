@@ -13,53 +13,70 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 SCHEDULE_POLICIES = ("lpm", "dfs-weight", "fcfs", "lof", "random")
+DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16", "half", "float", "bf16", "fp16", "fp32")
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+
+
+def arg(default: Any, help: str, choices: Optional[tuple] = None) -> Any:
+    """A ServerArgs field: its default, its ``--help`` text and (optionally) its allowed values.
+
+    The help text and choices live here, next to the field, and nowhere else: ``add_cli_args`` turns
+    them into argparse options and ``__post_init__`` checks the choices for the Engine and Runtime too.
+    """
+    meta = {"help": help, "choices": choices}
+    return dataclasses.field(default=default, metadata=meta)
 
 
 @dataclass(frozen=True)
 class ServerArgs:
-    model_path: str
-    tokenizer_path: Optional[str] = None
-    dtype: str = "auto"  # auto | float32 | bfloat16 | float16
-    device: str = "auto"  # auto | cpu | cuda
-    context_length: Optional[int] = None
+    model_path: str = arg(None, "a local Hugging Face model directory (config.json, safetensors, tokenizer)")
+    tokenizer_path: Optional[str] = arg(None, "tokenizer directory, when it is not the model's")
+    dtype: str = arg("auto", "weights and KV dtype; auto takes the checkpoint's", DTYPE_CHOICES)
+    device: str = arg("auto", "where the model runs; auto picks cuda when available", ("auto", "cpu", "cuda"))
+    context_length: Optional[int] = arg(None, "maximum tokens per request (prompt + output); default: the model's")
     # Memory
-    max_total_tokens: Optional[int] = None  # KV pool size in tokens; overrides mem_fraction_static
-    mem_fraction_static: float = 0.5  # fraction of free device memory for the KV pool
-    max_running_requests: int = 256
+    max_total_tokens: Optional[int] = arg(None, "KV pool size in tokens; overrides --mem-fraction-static")
+    mem_fraction_static: float = arg(0.5, "fraction of free device memory given to the KV pool")
+    max_running_requests: int = arg(256, "requests decoding at once (rows of the request-to-token table)")
     # Scheduling
-    schedule_policy: str = "lpm"
-    chunked_prefill_size: int = 2048  # <= 0 disables chunking
-    max_prefill_tokens: int = 16384
-    disable_radix_cache: bool = False
-    lpm_aging_steps: int = 32  # a waiting request is admitted within this many scheduling steps
-    lpm_fallback_queue_len: int = 128  # above this queue length LPM falls back to FCFS
-    in_batch_prefix_threshold: int = 32  # defer a request whose uncached prefix another one in the batch computes
-    new_token_ratio: float = 0.4  # decode reservation per running request, fraction of its remaining budget
-    debug_check_memory: bool = False  # assert the KV invariant whenever the scheduler is idle
-    random_seed: int = 0
+    schedule_policy: str = arg("lpm", "queue order: longest prefix match, DFS weight, FCFS, ...", SCHEDULE_POLICIES)
+    chunked_prefill_size: int = arg(2048, "prompt tokens per request per step; longer prompts are chunked (<= 0: off)")
+    max_prefill_tokens: int = arg(16384, "prompt tokens computed per scheduler step, over all requests")
+    disable_radix_cache: bool = arg(False, "turn prefix caching off (the no-cache baseline)")
+    lpm_aging_steps: int = arg(32, "a waiting request goes to the front after this many scheduler steps")
+    lpm_fallback_queue_len: int = arg(128, "above this many waiting requests lpm/dfs-weight fall back to fcfs")
+    in_batch_prefix_threshold: int = arg(
+        32, "defer a request for one step when a request admitted now computes this many of its uncached tokens"
+    )
+    new_token_ratio: float = arg(0.4, "KV reserved per running request, as a fraction of its remaining token budget")
+    debug_check_memory: bool = arg(False, "assert the KV memory invariant whenever the scheduler is idle")
+    random_seed: int = arg(0, "seed for requests that give none")
     # Kernels and decoding
-    attention_backend: str = "auto"  # auto | torch | triton
-    enable_jump_forward: bool = True
-    grammar_cache_size: int = 64
-    # JSON whitespace between tokens: None = outlines' default (optional single space), "" = compact JSON
-    constrained_json_whitespace_pattern: Optional[str] = None
+    attention_backend: str = arg(
+        "auto", "attention implementation; auto: triton on CUDA, torch on the CPU", ("auto", "torch", "triton")
+    )
+    enable_jump_forward: bool = arg(True, "append text a grammar forces without sampling it")
+    grammar_cache_size: int = arg(64, "compiled grammars kept (LRU)")
+    constrained_json_whitespace_pattern: Optional[str] = arg(
+        None, "regex for whitespace between JSON tokens; default: outlines' (an optional space); '' = compact"
+    )
     # Server
-    host: str = "127.0.0.1"
-    port: int = 30000
-    api_key: Optional[str] = None
-    chat_template: Optional[str] = None
-    served_model_name: Optional[str] = None
-    log_level: str = "info"
-    log_interval_s: float = 10.0
-    max_request_body_bytes: int = 32 * 1024 * 1024  # HTTP body / ZeroMQ message limit (413 above it)
+    host: str = arg("127.0.0.1", "address to listen on (HTTP and the ZeroMQ front door)")
+    port: int = arg(30000, "HTTP port")
+    api_key: Optional[str] = arg(None, "require 'Authorization: Bearer KEY' on every route but /health")
+    chat_template: Optional[str] = arg(None, "a chat template name or Jinja file; default: the tokenizer's")
+    served_model_name: Optional[str] = arg(None, "the model id reported by /v1/models; default: --model-path")
+    log_level: str = arg("info", "logging level of the server processes", LOG_LEVELS)
+    log_interval_s: float = arg(10.0, "seconds between the scheduler's throughput log lines")
+    max_request_body_bytes: int = arg(32 * 1024 * 1024, "largest HTTP body or ZeroMQ message (413 above it)")
 
     def __post_init__(self) -> None:
-        if self.schedule_policy not in SCHEDULE_POLICIES:
-            raise ValueError(f"schedule_policy must be one of {SCHEDULE_POLICIES}, got {self.schedule_policy!r}")
-        if self.dtype not in ("auto", "float32", "bfloat16", "float16", "half", "float", "bf16", "fp16", "fp32"):
-            raise ValueError(f"dtype: unsupported {self.dtype!r}")
-        if self.attention_backend not in ("auto", "torch", "triton"):
-            raise ValueError(f"attention_backend must be auto, torch or triton, got {self.attention_backend!r}")
+        if not self.model_path:
+            raise ValueError("model_path is required")
+        for f in dataclasses.fields(self):
+            choices = f.metadata.get("choices")
+            if choices and getattr(self, f.name) not in choices:
+                raise ValueError(f"{f.name} must be one of {list(choices)}, got {getattr(self, f.name)!r}")
         if self.max_total_tokens is not None and self.max_total_tokens < 1:
             raise ValueError("max_total_tokens must be >= 1")
         if not (0.0 < self.mem_fraction_static < 1.0):
@@ -103,17 +120,20 @@ class ServerArgs:
         for f in dataclasses.fields(ServerArgs):
             flag = "--" + f.name.replace("_", "-")
             default = f.default
+            help_text = f.metadata["help"]
             if f.type in ("bool",) or isinstance(default, bool):
-                parser.add_argument(flag, action="store_true", default=default)
                 if default:
-                    parser.add_argument("--no-" + f.name.replace("_", "-"), dest=f.name, action="store_false")
+                    parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=True, help=help_text)
+                else:
+                    parser.add_argument(flag, action="store_true", default=False, help=help_text)
                 continue
             typ = {"int": int, "float": float}.get(str(f.type).replace("Optional[", "").rstrip("]"), str)
-            kw: dict[str, Any] = {"type": typ, "default": default, "dest": f.name}
-            if f.name == "schedule_policy":
-                kw["choices"] = SCHEDULE_POLICIES
+            kw: dict[str, Any] = {"type": typ, "default": default, "dest": f.name, "help": help_text + " (default: %(default)s)"}
+            if f.metadata.get("choices"):
+                kw["choices"] = f.metadata["choices"]
             if f.name == "model_path":
                 kw["required"] = True
+                kw["help"] = help_text
                 del kw["default"]
             parser.add_argument(flag, **kw)
 
