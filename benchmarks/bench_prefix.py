@@ -91,7 +91,7 @@ def run_engine(path, rounds, new_tokens, **kw) -> dict:
         "wall": wall,
         "tok_s": gen / wall,
         "hit": info["cache_hit_rate"],
-        "prefill": info["total_prefill_computed"],
+        "prefill": info["total_computed_prompt_tokens"],
         "retracted": info["num_retracted"],
     }
 

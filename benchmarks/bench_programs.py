@@ -129,11 +129,11 @@ class CountingBackend(EngineBackend):
 
 
 def _prefilled(engine: Engine, fn: Callable[[], Any]) -> tuple[Any, float, int]:
-    before = engine.get_server_info()["scheduler_stats"]["total_prefill_computed"]
+    before = engine.get_server_info()["scheduler_stats"]["total_computed_prompt_tokens"]
     t0 = time.perf_counter()
     out = fn()
     wall = time.perf_counter() - t0
-    return out, wall, engine.get_server_info()["scheduler_stats"]["total_prefill_computed"] - before
+    return out, wall, engine.get_server_info()["scheduler_stats"]["total_computed_prompt_tokens"] - before
 
 
 def dsl_few_shot(engine: Engine, items: list[str]) -> Result:

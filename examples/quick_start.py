@@ -46,14 +46,19 @@ def travel_planner(s, city):
     s += sgl.assistant(sgl.gen("plan", max_tokens=64, json_schema=TRIP))
 
 
+def cache_line(what: str, meta: dict) -> str:
+    return f"  {what:<34} {meta['prompt_tokens']:>5} prompt tokens, {meta['cached_tokens']:>5} from the cache"
+
+
 def main() -> None:
     if not os.path.exists(os.path.join(MODEL_DIR, "config.json")):
-        print(f"Building a tiny random model in {MODEL_DIR}/ ...")
+        print(f"Building a tiny random model in {MODEL_DIR}/ (a few seconds) ...")
         make_tiny_model(MODEL_DIR)
-    print("Starting the runtime ...")
-    runtime = sgl.Runtime(model_path=MODEL_DIR, log_level="warning")
+    print("Starting the runtime: a server process loads the model and reports below ...", flush=True)
+    runtime = sgl.Runtime(model_path=MODEL_DIR)
     sgl.set_default_backend(runtime)
     try:
+        print("Running the program ...", flush=True)
         state = travel_planner.run(city="Lisbon", temperature=0)
         print("\n--- the program's text ---")
         print(state.text())
@@ -64,10 +69,18 @@ def main() -> None:
         print("plan:    ", json.loads(state["plan"]))  # valid JSON, whatever the weights
 
         stats = sgl.get_server_info()["scheduler_stats"]
-        print("--- cache statistics ---")
-        print(f"prompt tokens {stats['total_prompt_tokens']}, served from the radix cache "
-              f"{stats['total_cached_tokens']} (hit rate {stats['cache_hit_rate']:.0%}), "
-              f"computed {stats['total_prefill_computed']}")
+        prompt, cached = stats["total_prompt_tokens"], stats["total_cached_tokens"]
+        print("--- the radix cache ---")
+        print(f"prompt tokens {prompt}, served from the radix cache {cached} "
+              f"(hit rate {stats['cache_hit_rate']:.0%}), computed {stats['total_computed_prompt_tokens']}")
+        print("each call's prompt, and how much of it an earlier call had already computed:")
+        print(cache_line("overview (the first gen)", state.get_meta_info("overview")))
+        season = state.get_meta_info("season")
+        for choice, p, c in zip(["summer", "winter"], season["prompt_tokens"], season["cached_tokens"]):
+            print(cache_line(f"select: scoring {choice!r}", {"prompt_tokens": p, "cached_tokens": c}))
+        for i, meta in enumerate(state.get_meta_info("tip")):
+            print(cache_line(f"fork branch {i + 1} (shares the parent)", meta))
+        print(cache_line("plan (JSON after the fork)", state.get_meta_info("plan")))
     finally:
         runtime.shutdown()
 

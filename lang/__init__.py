@@ -8,7 +8,6 @@ server), ``sgl.OpenAI`` (any OpenAI-compatible server) or an in-process ``sgl.En
 __version__ = "0.1.0"
 
 from radixlm.api import (  # noqa: E402
-    Engine,
     Runtime,
     assistant,
     assistant_begin,
@@ -42,7 +41,11 @@ from radixlm.state import ProgramError, ProgramState  # noqa: E402
 
 
 def __getattr__(name: str):
-    # The OpenAI backend imports the openai package: only when asked for.
+    # The Engine imports torch and the model code, the OpenAI backend the openai package: only when asked.
+    if name == "Engine":
+        from radixlm.runtime.engine import Engine
+
+        return Engine
     if name == "OpenAI":
         from radixlm.backend.openai import OpenAI
 

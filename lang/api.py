@@ -36,13 +36,6 @@ def Runtime(*args: Any, **kwargs: Any):
     return _Runtime(*args, **kwargs)
 
 
-def Engine(*args: Any, **kwargs: Any):
-    """The in-process engine (``radixlm.runtime.engine.Engine``); usable directly as a backend."""
-    from radixlm.runtime.engine import Engine as _Engine
-
-    return _Engine(*args, **kwargs)
-
-
 def set_default_backend(backend: Any) -> None:
     from radixlm.backend import as_backend
 

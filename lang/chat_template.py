@@ -153,106 +153,27 @@ _matchers.append(_match_by_name)
 
 
 # --------------------------------------------------------------------------- derived from a tokenizer
-_PROBE = {"system": "QzSYSzQ", "user": "QzUSRzQ", "assistant": "QzASTzQ", "user2": "QzUSR2zQ"}
-
-
-def _split(segment: str, probe: str) -> tuple[str, str]:
-    i = segment.index(probe)  # ValueError when the template dropped or rewrote the content
-    return segment[:i], segment[i + len(probe) :]
-
-
-def _adds_bos(tokenizer: Any) -> bool:
-    bos = getattr(tokenizer, "bos_token_id", None)
-    if bos is None:
-        return False
-    try:
-        ids = tokenizer("a").input_ids
-    except Exception:  # noqa: BLE001 - an odd tokenizer simply does not count as adding BOS
-        return False
-    return len(ids) > 0 and ids[0] == bos
-
-
 def chat_template_from_tokenizer(tokenizer: Any, name: str = "tokenizer") -> Optional[ChatTemplate]:
-    """Derive role prefixes/suffixes from ``tokenizer.apply_chat_template``; None if impossible.
+    """The role prefixes/suffixes of ``tokenizer``'s own chat template; None if it cannot be split.
 
-    The leading BOS the template writes is dropped when the tokenizer adds BOS itself, because the
-    runtime tokenizes the program text with special tokens (otherwise the prompt would start with two).
-    """
-    if not getattr(tokenizer, "chat_template", None):
+    The derivation lives in the runtime (``radixlm.runtime.prompt_format``), because a server publishes
+    the same description in ``/get_model_info`` for clients that have no tokenizer of their own."""
+    from radixlm.runtime.prompt_format import role_template_from_tokenizer
+
+    return chat_template_from_info(role_template_from_tokenizer(tokenizer), name)
+
+
+def chat_template_from_info(info: Optional[dict], name: str) -> Optional[ChatTemplate]:
+    """A ChatTemplate from the ``role_template`` a server publishes (None when it published none)."""
+    if not info:
         return None
-    bos = getattr(tokenizer, "bos_token", None) or ""
-    strip_bos = bool(bos) and _adds_bos(tokenizer)
-
-    def render(msgs: list[tuple[str, str]], gen: bool = False) -> str:
-        text = tokenizer.apply_chat_template(
-            [{"role": r, "content": c} for r, c in msgs], tokenize=False, add_generation_prompt=gen
-        )
-        return text[len(bos) :] if strip_bos and text.startswith(bos) else text
-
-    P = _PROBE
-    try:
-        try:
-            t_base = render([("system", P["system"])])
-            sys_prefix, sys_suffix = _split(t_base, P["system"])
-            base = [("system", P["system"])]
-        except Exception:  # noqa: BLE001 - a template that rejects system messages
-            # System text is then written as plain text ahead of the first user turn.
-            base, t_base, sys_prefix, sys_suffix = [], "", "", "\n\n"
-        t_u = render(base + [("user", P["user"])])
-        t_ua = render(base + [("user", P["user"]), ("assistant", P["assistant"])])
-        t_uau = render(base + [("user", P["user"]), ("assistant", P["assistant"]), ("user", P["user2"])])
-        if not (t_u.startswith(t_base) and t_ua.startswith(t_u) and t_uau.startswith(t_ua)):
-            return None
-        user_prefix, user_suffix = _split(t_uau[len(t_ua) :], P["user2"])
-        if t_u[len(t_base) :] != user_prefix + P["user"] + user_suffix:
-            return None  # the first user turn is written differently from later ones
-        asst_prefix, asst_suffix = _split(t_ua[len(t_u) :], P["assistant"])
-        t_gen = render(base + [("user", P["user"])], gen=True)
-        if t_gen.startswith(t_u) and t_gen[len(t_u) :] not in ("", asst_prefix):
-            return None  # generation prompt differs from history: not expressible as prefix/suffix
-    except Exception as e:  # noqa: BLE001 - any template failure means "fall back"
-        logger.debug("chat template derivation failed: %s", e)
-        return None
-
-    # A template that writes a system message when none is given (Qwen2): recover its text.
-    default_system: Optional[str] = None
-    if base:
-        try:
-            t_only_user = render([("user", P["user"])])
-            lead = t_only_user[: t_only_user.index(user_prefix + P["user"])]
-            if lead and lead.startswith(sys_prefix) and lead.endswith(sys_suffix):
-                default_system = lead[len(sys_prefix) : len(lead) - len(sys_suffix)]
-        except Exception:  # noqa: BLE001
-            pass
-
-    end_of_turn = asst_suffix.strip()
-    stop_ids: tuple[int, ...] = ()
-    if end_of_turn and hasattr(tokenizer, "convert_tokens_to_ids"):
-        tid = tokenizer.convert_tokens_to_ids(end_of_turn)
-        if isinstance(tid, int) and tid != getattr(tokenizer, "unk_token_id", None):
-            stop_ids = (tid,)
-    tpl = ChatTemplate(
+    return ChatTemplate(
         name=name,
-        default_system_prompt=default_system,
-        role_prefix_and_suffix={
-            "system": (sys_prefix, sys_suffix),
-            "user": (user_prefix, user_suffix),
-            "assistant": (asst_prefix, asst_suffix),
-        },
-        stop_str=(end_of_turn,) if end_of_turn else (),
-        stop_token_ids=stop_ids,
+        default_system_prompt=info.get("default_system_prompt"),
+        role_prefix_and_suffix={role: (pair[0], pair[1]) for role, pair in info["role_prefix_and_suffix"].items()},
+        stop_str=tuple(info.get("stop_str", ())),
+        stop_token_ids=tuple(info.get("stop_token_ids", ())),
     )
-    convo = [("user", "hi there"), ("assistant", "hello!"), ("user", "and now?")]
-    if base:
-        convo = [("system", "be brief")] + convo
-    try:
-        expected = render(convo, gen=True)
-    except Exception:  # noqa: BLE001
-        return None
-    msgs = [{"role": r, "content": c} for r, c in convo]
-    if tpl.get_prompt(msgs) + tpl.get_prefix_and_suffix("assistant", msgs)[0] != expected:
-        return None
-    return tpl
 
 
 def resolve_chat_template(
@@ -290,6 +211,7 @@ def load_local_tokenizer(model_path: Optional[str]) -> Any:
 __all__ = [
     "ChatTemplate",
     "ChatTemplateStyle",
+    "chat_template_from_info",
     "chat_template_from_tokenizer",
     "chat_template_registry",
     "get_chat_template",

@@ -205,6 +205,7 @@ class ProgramStateGroup:
                 for k, v in exe.variables.items():
                     if k not in before:
                         src.variables.setdefault(k, []).append(v)
+                        src.meta_info.setdefault(k, []).append(exe.meta_info.get(k))
         elif mode == "concate_and_append":
             self.src_state += SglConcateAndAppend(list(self.states))
         else:

@@ -1,4 +1,4 @@
-"""The ``radixlm`` command: ``make-tiny-model`` and ``serve``."""
+"""The ``radixlm`` command: ``make-tiny-model``, ``serve`` and ``--version``."""
 
 from __future__ import annotations
 
@@ -8,10 +8,22 @@ import sys
 from radixlm.runtime.child_process import isolate_sys_path
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("radixlm")
+    except PackageNotFoundError:  # running from a source tree that was never installed
+        import radixlm
+
+        return radixlm.__version__
+
+
 def main(argv: list[str] | None = None) -> None:
     isolate_sys_path()
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(prog="radixlm", description="radixlm structured generation runtime")
+    parser.add_argument("--version", action="version", version=f"radixlm {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("make-tiny-model", help="write a small random Hugging Face model directory")

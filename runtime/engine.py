@@ -236,7 +236,14 @@ class Engine:
         return info
 
     def get_model_info(self) -> dict:
-        return dict(self.scheduler.model_info)
+        """The scheduler's model info plus how prompts are written (chat template, special tokens,
+        stop strings, EOS ids), as the server's ``/get_model_info`` gives them."""
+        from radixlm.runtime.prompt_format import prompt_format_info
+        from radixlm.runtime.prompt_format import load_chat_template
+
+        info = dict(self.scheduler.model_info)
+        template = load_chat_template(self.server_args.chat_template)
+        return {**info, **prompt_format_info(self.tokenizer, template, list(info.get("eos_token_ids", [])))}
 
     def check_memory(self) -> None:
         """Assert the KV invariant (free + evictable + protected == total); waits until idle."""

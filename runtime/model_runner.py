@@ -42,6 +42,10 @@ def resolve_dtype(name: str, config) -> torch.dtype:
     return _DTYPES.get(str(cfg), torch.float32)
 
 
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
 class ModelRunner:
     def __init__(self, args: ServerArgs):
         from radixlm.runtime.models.loader import load_model
@@ -53,9 +57,15 @@ class ModelRunner:
         hf_config = AutoConfig.from_pretrained(args.model_path)
         self.dtype = resolve_dtype(args.dtype, hf_config)
         t0 = time.perf_counter()
+        logger.info("loading %s (%s, %s) ...", args.model_path, _dtype_name(self.dtype), self.device)
         self.model = load_model(args.model_path, self.dtype, self.device)
         self.config = self.model.config
-        logger.info("loaded %s in %.1fs (%s, %s)", args.model_path, time.perf_counter() - t0, self.dtype, self.device)
+        n_params = sum(p.numel() for p in self.model.parameters())
+        n_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        logger.info(
+            "loaded %s: %.1fM parameters, %.1f MB of %s weights, in %.1f s",
+            args.model_path, n_params / 1e6, n_bytes / 1e6, _dtype_name(self.dtype), time.perf_counter() - t0,
+        )
 
         cfg = self.config
         self.num_layers = cfg.num_hidden_layers

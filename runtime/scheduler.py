@@ -72,7 +72,8 @@ class Scheduler:
         self.total_prompt_tokens = 0
         self.total_cached_tokens = 0
         self.total_generated = 0
-        self.total_prefill_computed = 0
+        self.total_computed_prompt_tokens = 0  # prompt positions the model computed (not served from the cache)
+        self.total_computed_tokens = 0  # every position computed: prompts, decodes, jump-forward runs
         self.num_forward = 0
         self.num_retracted = 0
         self._tput_window: deque[tuple[float, int]] = deque(maxlen=64)
@@ -168,7 +169,7 @@ class Scheduler:
         if self.running or self.waiting:
             return False, "cannot flush the cache while requests are running or waiting"
         self.kv.flush()
-        self.total_prompt_tokens = self.total_cached_tokens = 0
+        self.total_prompt_tokens = self.total_cached_tokens = self.total_computed_prompt_tokens = 0
         self.check_memory()
         return True, "cache flushed"
 
@@ -324,9 +325,9 @@ class Scheduler:
         fb.logits_indices = torch.tensor(logit_rows, dtype=torch.int64, device=self.runner.device)
         logits = self.runner.forward(fb).cpu()  # [N, V]; N may be 0 for a middle chunk
         self.num_forward += 1
-        if mode is ForwardMode.EXTEND:
-            self.total_prefill_computed += len(input_ids)
+        self.total_computed_tokens += len(input_ids)
         for r, n in batch:
+            self.total_computed_prompt_tokens += max(0, min(r.kv_len + n, len(r.input_ids)) - r.kv_len)
             r.kv_len += n
 
         if lp_rows:
@@ -595,7 +596,8 @@ class Scheduler:
             "cache_hit_rate": self.total_cached_tokens / self.total_prompt_tokens if self.total_prompt_tokens else 0.0,
             "total_prompt_tokens": self.total_prompt_tokens,
             "total_cached_tokens": self.total_cached_tokens,
-            "total_prefill_computed": self.total_prefill_computed,
+            "total_computed_prompt_tokens": self.total_computed_prompt_tokens,
+            "total_computed_tokens": self.total_computed_tokens,
             "total_generated_tokens": self.total_generated,
             "num_forward_passes": self.num_forward,
             "num_retracted": self.num_retracted,

@@ -1,20 +1,21 @@
 """Every example script runs to completion (exit status 0) on the tiny model.
 
-The examples connect to the session's shared server through ``RADIXLM_URL``; the quick start runs
-exactly as the README says (no environment, in an empty folder: it builds the tiny model itself and
-starts its own runtime).
+The examples connect to the session's shared server through ``RADIXLM_URL``; the quick start runs as
+the README says, from the repository root: it builds the tiny model itself and starts its own runtime.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 
 import pytest
 from test_lang_support import shared_runtime
 
-EXAMPLES_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "examples")
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EXAMPLES_DIR = os.path.join(REPO_ROOT, "examples")
 EXAMPLES = ["few_shot.py", "parallel_branches.py", "react_agent.py", "multi_turn_chat.py",
             "json_extraction.py", "openai_backend.py"]
 
@@ -38,8 +39,18 @@ def test_example_runs(script, runtime, tiny_llama, tmp_path):
     assert proc.stdout.strip()
 
 
-def test_quick_start_is_one_command(tmp_path):
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RADIXLM_")}
-    proc = _run("quick_start.py", tmp_path, env)
+def test_quick_start_from_the_repository_root(tmp_path):
+    """The README's last step, as written: ``python examples/quick_start.py`` from the repository root
+    (CI also runs the whole README command in a fresh environment with only the default dependencies).
+    The summary it prints must add up: computed prompt tokens = prompt tokens - cached tokens."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RADIXLM_") and k != "PYTHONPATH"}
+    env["RADIXLM_MODEL"] = str(tmp_path / "tiny-model")  # not ./tiny-model: leave the checkout as it was
+    proc = _run("quick_start.py", REPO_ROOT, env)
     assert (tmp_path / "tiny-model" / "config.json").exists()  # it built the model itself
-    assert "cache statistics" in proc.stdout and "hit rate" in proc.stdout
+    summary = re.search(r"prompt tokens (\d+), served from the radix cache (\d+) \(hit rate (\d+)%\), "
+                        r"computed (\d+)", proc.stdout)
+    assert summary, proc.stdout
+    prompt, cached, rate, computed = map(int, summary.groups())
+    assert 0 < cached < prompt and computed == prompt - cached
+    assert rate == round(100 * cached / prompt)
+    assert "fork branch 2" in proc.stdout and "select: scoring" in proc.stdout

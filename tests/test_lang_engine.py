@@ -326,7 +326,7 @@ def test_run_batch_of_64_in_order_with_the_shared_prefix_computed_once(backend, 
     n_shared = len(_ids(engine, shared))
     # Every program found the shared prefix cached (the warm-up computed it, once).
     assert all(st.get_meta_info("answer")["cached_tokens"] >= n_shared - 1 for st in states)
-    computed = after["total_prefill_computed"] - before["total_prefill_computed"]
+    computed = after["total_computed_prompt_tokens"] - before["total_computed_prompt_tokens"]
     unique = sum(st.get_meta_info("answer")["prompt_tokens"] - n_shared for st in states)
     assert computed < 2 * n_shared + unique  # computing the prefix a second time would exceed this
     assert after["cache_hit_rate"] > 0.5

@@ -173,3 +173,31 @@ def test_notebook_executes_against_the_live_runtime(runtime, monkeypatch):
     assert any("rl-gen" in h and "rl-role" in h for h in html)  # the program state rendered
     text = "".join(str(o.get("text", "")) + str(o.get("data", {})) for o in outputs)
     assert "topic:" in text and "cache_hit_rate" in text
+
+
+def test_program_text_does_not_depend_on_the_client_folder(tiny_llama, tmp_path, monkeypatch):
+    """The server publishes how prompts are written; a client run from any folder renders the same text,
+    even when the server was started with a model path relative to its own folder."""
+    from transformers import AutoTokenizer
+
+    from radixlm.chat_template import chat_template_from_tokenizer
+
+    expected = chat_template_from_tokenizer(AutoTokenizer.from_pretrained(tiny_llama))
+    assert expected is not None and expected.role_prefix_and_suffix["user"][0]  # ChatML, not "USER:"
+    monkeypatch.chdir(os.path.dirname(tiny_llama))
+    rt = sgl.Runtime(model_path=os.path.basename(tiny_llama), log_level="warning")
+    try:
+        info = rt.get("/get_model_info")
+        assert info["chat_template"] and info["eos_token_ids"] and info["special_tokens"]["eos_token"]
+        assert info["stop_strings"] == list(expected.stop_str)
+        for folder in (tmp_path, os.path.dirname(tiny_llama)):
+            monkeypatch.chdir(folder)
+            ep = sgl.RuntimeEndpoint(rt.url)
+            try:
+                assert ep.chat_template.role_prefix_and_suffix == expected.role_prefix_and_suffix
+                state = chat_program.run(question="hi", backend=ep, temperature=0)
+                assert state.text().startswith(expected.role_prefix_and_suffix["system"][0] + SYSTEM)
+            finally:
+                ep.shutdown()
+    finally:
+        rt.shutdown()

@@ -86,7 +86,7 @@ def test_cached_tokens_and_in_batch_sharing(model_path):
         assert cached[0] == 0 and all(c >= 8 for c in cached[1:])
         info = eng.get_server_info()["scheduler_stats"]
         total = sum(o["meta_info"]["prompt_tokens"] for o in outs)
-        assert info["total_prefill_computed"] < total
+        assert info["total_computed_prompt_tokens"] < total
         again = eng.generate(PROMPTS[0], {"temperature": 0, "max_new_tokens": 2})
         assert again["meta_info"]["cached_tokens"] == again["meta_info"]["prompt_tokens"] - 1
         eng.check_memory()

@@ -161,7 +161,7 @@ def test_server_args_cli_round_trip():
 
 
 def test_load_chat_template(tmp_path):
-    from radixlm.runtime.server.openai_api import load_chat_template
+    from radixlm.runtime.prompt_format import load_chat_template
 
     tpl = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
     (tmp_path / "t.jinja").write_text(tpl)

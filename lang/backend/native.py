@@ -125,10 +125,16 @@ class NativeBackend(BaseBackend):
             })
             ures = ures if isinstance(ures, list) else [ures]
             unconditional = [[_entry(e) for e in r["meta_info"]["input_token_logprobs"]] for r in ures]
-        return method(
+        decision = method(
             choices=list(choices),
             normalized_prompt_logprobs=normalized,
             input_token_logprobs=input_token_logprobs,
             output_token_logprobs=[[] for _ in choices],
             unconditional_token_logprobs=unconditional,
         )
+        # Per choice: its whole prompt (prefix + choice) and how much of it the radix cache served.
+        meta = dict(decision.meta_info or {})
+        meta["prompt_tokens"] = [int(r["meta_info"]["prompt_tokens"]) for r in res[1:]]
+        meta["cached_tokens"] = [int(r["meta_info"].get("cached_tokens", 0)) for r in res[1:]]
+        decision.meta_info = meta
+        return decision

@@ -13,7 +13,7 @@ from typing import Any, Iterator, Optional, Union
 import requests
 
 from radixlm.backend.native import BackendError, NativeBackend
-from radixlm.chat_template import load_local_tokenizer, resolve_chat_template
+from radixlm.chat_template import ChatTemplate, chat_template_from_info, get_chat_template, resolve_chat_template
 
 
 class RuntimeEndpoint(NativeBackend):
@@ -43,9 +43,19 @@ class RuntimeEndpoint(NativeBackend):
             from radixlm.runtime.server.client import FrontDoorClient
 
             self._client = FrontDoorClient(address, api_key=api_key, timeout=timeout)
-        model_path = self.model_info.get("model_path")
-        tokenizer = None if chat_template_name else load_local_tokenizer(self.model_info.get("tokenizer_path") or model_path)
-        self.chat_template = resolve_chat_template(chat_template_name, tokenizer, model_path)
+        self.chat_template = self._resolve_chat_template(chat_template_name)
+
+    def _resolve_chat_template(self, name: Optional[str]) -> ChatTemplate:
+        """An explicit name wins; then the role template the server publishes (a radixlm server
+        derives it from the model's own chat template); then, for servers that publish none (SGLang),
+        a guess from the model's name. Never a tokenizer on this machine: the server's model path
+        means nothing here (it may be relative to the server's folder, or absent)."""
+        if name:
+            return get_chat_template(name)
+        served = chat_template_from_info(self.model_info.get("role_template"), f"server:{self.get_model_name()}")
+        if served is not None:
+            return served
+        return resolve_chat_template(None, None, self.model_info.get("model_path"))
 
     # ------------------------------------------------------------------ HTTP helpers
     def _check(self, res: requests.Response) -> Any:

@@ -13,6 +13,7 @@ import os
 
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from radixlm.runtime.models import MODEL_REGISTRY
 from radixlm.runtime.models.rope import RotaryEmbedding
@@ -63,7 +64,10 @@ def load_weights(model: nn.Module, files: list[str]) -> None:
     tied = getattr(model, "tie_word_embeddings", False)
     stacked = getattr(model, "stacked_params", ())
     loaded: set[tuple[str, int | None]] = set()
-    for path in files:
+    # A bar only where it tells something: one step per shard of a sharded checkpoint. (Not even a
+    # disabled one otherwise: tqdm creates a multiprocessing lock that a terminated server then leaks.)
+    shards = tqdm(files, desc="loading weight shards", unit="shard") if len(files) > 1 else files
+    for path in shards:
         with safe_open(path, framework="pt", device="cpu") as sf:
             for name in sf.keys():
                 if name.endswith(_IGNORED_SUFFIXES) or (tied and name == "lm_head.weight"):

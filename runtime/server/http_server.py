@@ -33,6 +33,7 @@ from radixlm.runtime.server.native_protocol import parse_generate_body
 from radixlm.runtime.server.metrics import CONTENT_TYPE_LATEST, ServerMetrics
 from radixlm.runtime.server.openai_protocol import ChatCompletionRequest, CompletionRequest
 from radixlm.runtime.server.tokenizer_manager import GenEvent, RequestError, RequestHandle, StreamAccumulator, TokenizerManager
+from radixlm.runtime.prompt_format import prompt_format_info
 from radixlm.runtime.server_args import ServerArgs
 
 logger = logging.getLogger("radixlm.http")
@@ -48,6 +49,7 @@ class ServerContext:
     frontdoor_address: str | None = None
     pids: dict[str, int] = field(default_factory=dict)
     chat_template: str | None = None
+    _prompt_format: dict | None = None
     started: float = field(default_factory=time.time)
 
     @property
@@ -60,8 +62,12 @@ class ServerContext:
 
     def model_info(self) -> dict:
         a = self.args
+        if self._prompt_format is None:  # derived once: it renders the chat template a few times
+            eos = list(self.tm.model_info.get("eos_token_ids", []))
+            self._prompt_format = prompt_format_info(self.tm.tokenizer, self.chat_template, eos)
         return {"model_path": a.model_path, "tokenizer_path": a.tokenizer_path or a.model_path,
-                "is_generation": True, "served_model_name": self.model_name, **self.tm.model_info}
+                "is_generation": True, "served_model_name": self.model_name, **self.tm.model_info,
+                **self._prompt_format}
 
     async def server_info(self) -> dict:
         """Server args (minus the key), addresses, pids, model info and the scheduler's live stats."""

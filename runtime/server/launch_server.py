@@ -61,7 +61,7 @@ def launch_server(server_args: ServerArgs) -> int:
     """Run the server until SIGINT/SIGTERM (→ 0) or a child process dies (→ 1). Blocks."""
     from radixlm.runtime.server.ipc import IpcNames, configure_logging
 
-    from radixlm.runtime.server.openai_api import load_chat_template
+    from radixlm.runtime.prompt_format import load_chat_template
 
     configure_logging(server_args.log_level)
     try:
@@ -145,7 +145,7 @@ async def _serve(server_args: ServerArgs, ipc: Any, procs: list, chat_template: 
         ctx.frontdoor_address = frontdoor.address
         await frontdoor.start()
         config = uvicorn.Config(
-            create_app(ctx), host=server_args.host, port=server_args.port, log_level=server_args.log_level.lower(),
+            create_app(ctx), host=server_args.host, port=server_args.port, log_level=_uvicorn_log_level(server_args.log_level),
             access_log=server_args.log_level.lower() == "debug", timeout_keep_alive=5, timeout_graceful_shutdown=3,
             lifespan="off",
         )
@@ -167,6 +167,14 @@ async def _serve(server_args: ServerArgs, ipc: Any, procs: list, chat_template: 
         if frontdoor is not None:
             await frontdoor.close()
         await tm.close()
+
+
+def _uvicorn_log_level(level: str) -> str:
+    """uvicorn's own lines (process started, running on, shutting down) repeat ours: debug only."""
+    return "debug" if level.lower() == "debug" else max(level.lower(), "warning", key=_LEVELS.index)
+
+
+_LEVELS = ["debug", "info", "warning", "error", "critical"]
 
 
 class _Server(uvicorn.Server):

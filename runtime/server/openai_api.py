@@ -9,7 +9,6 @@ decodes: sampling fields map onto ``SamplingParams`` names, text comes from the 
 from __future__ import annotations
 
 import json
-import os
 import time
 import uuid
 from dataclasses import dataclass
@@ -136,21 +135,6 @@ def prepare_completion(req: CompletionRequest, tokenizer: Any, model_info: dict,
         stream=req.stream,
     )
     return Prepared(obj, prompts, req.n, model, int(time.time()), f"cmpl-{uuid.uuid4().hex}")
-
-
-def load_chat_template(spec: str | None) -> str | None:
-    """--chat-template: a Jinja file, a JSON file with a "chat_template" key, or the template text."""
-    if not spec:
-        return None
-    if os.path.isfile(spec):
-        with open(spec) as f:
-            text = f.read()
-        if spec.endswith(".json"):
-            return json.loads(text)["chat_template"]
-        return text
-    if "{%" in spec or "{{" in spec:
-        return spec
-    raise ValueError(f"chat_template: {spec!r} is neither a file nor a Jinja template")
 
 
 def prepare_chat(

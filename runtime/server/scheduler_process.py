@@ -51,7 +51,7 @@ def run_scheduler_process(server_args: ServerArgs, ipc: IpcNames, parent_pid: in
         logger.exception("scheduler failed to start")
         sys.exit(1)
     send.send(encode(ReadyOut(model_info=_plain(scheduler.model_info), pid=os.getpid())))
-    logger.info("scheduler ready: %s", scheduler.model_info)
+    logger.debug("scheduler ready: %s", scheduler.model_info)
     try:
         SchedulerLoop(scheduler, recv, send, server_args, parent_pid).run()
     except Exception:
