@@ -9,11 +9,14 @@ all the same thing: compute the pending tokens (a decode step is the case of exa
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING
 
 from radixlm.runtime.protocol import TokenLogprob
 from radixlm.runtime.radix_cache import TreeNode
 from radixlm.runtime.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from radixlm.runtime.grammar_manager import GrammarSlot
 
 
 @dataclass(eq=False)
@@ -42,7 +45,7 @@ class Req:
     error: str | None = None  # reported to the client with the final output
     input_logprobs_done: bool = False
     first_admitted: bool = False
-    grammar: Any = None  # GrammarMatcher or a Future while compiling
+    grammar: GrammarSlot | None = None  # None for a free request; admitted once the slot is ready
     # Jump-forward tokens of a greedy request not yet checked against the model: (index in all_ids,
     # grammar state before it). They are held back from the client until verified.
     forced: list[tuple[int, int]] = field(default_factory=list)

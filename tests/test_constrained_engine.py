@@ -151,7 +151,7 @@ def test_slow_compile_does_not_stall_decoding(make_model):
                                            sampling_params=SamplingParams(regex="(a|b)*a(a|b){14}", max_new_tokens=4)))
     slow = next(r for r in sched.waiting if r.rid == "slow")
     free_tokens = 0
-    while hasattr(slow.grammar, "done"):  # still compiling
+    while not slow.grammar.ready:  # still compiling
         for out in sched.step():
             if out.rid == "free":
                 free_tokens += len(out.new_token_ids)

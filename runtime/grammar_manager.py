@@ -1,0 +1,196 @@
+"""The scheduler's side of constrained decoding: per-request ``GrammarSlot``s, logit masks, jump-forward.
+
+``runtime/constrained/`` compiles grammars and knows nothing of requests; this module ties them to
+``Req``s: it submits compiles (off the loop), turns finished compiles into matchers, builds the
+sampler's masks, appends the text a grammar forces (jump-forward) and verifies a greedy request's
+forced tokens against the model. Token bookkeeping (append, truncate, finish) stays with
+``OutputProcessor``, which these hooks call back.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import Future
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from radixlm.runtime.protocol import TokenLogprob
+from radixlm.runtime.sampler import top_logprobs
+from radixlm.runtime.sampling_params import SamplingParams
+from radixlm.runtime.server_args import ServerArgs
+
+if TYPE_CHECKING:  # annotations only: these modules import this one
+    from radixlm.runtime.constrained import GrammarBackend, GrammarMatcher
+    from radixlm.runtime.output_processor import OutputProcessor
+    from radixlm.runtime.req import Req
+
+
+class GrammarSlot:
+    """A request's grammar: compiling until ``poll`` finds the compile done, then a matcher.
+
+    A request is admitted only once its slot is ``ready``; everything after admission uses ``matcher``.
+    """
+
+    __slots__ = ("_future", "matcher")
+
+    def __init__(self, future: "Future[Any]") -> None:
+        self._future: Future[Any] | None = future
+        self.matcher: GrammarMatcher | None = None
+
+    @property
+    def ready(self) -> bool:
+        return self.matcher is not None
+
+    def poll(self) -> bool:
+        """True once the matcher exists. Raises the compile's error (the request fails alone)."""
+        if self.matcher is None and self._future is not None and self._future.done():
+            fut, self._future = self._future, None
+            self.matcher = fut.result().new_matcher()
+        return self.matcher is not None
+
+
+def _grammar_key(sp: SamplingParams) -> tuple[str, str]:
+    return ("regex", sp.regex) if sp.regex is not None else ("json", sp.json_schema)
+
+
+class GrammarManager:
+    """Grammar handling for one scheduler (one tokenizer, one vocabulary)."""
+
+    def __init__(self, args: ServerArgs, tokenizer: Any, vocab_size: int, eos_ids: set[int]) -> None:
+        self.args = args
+        self.tokenizer = tokenizer
+        self.vocab_size = vocab_size
+        self.eos_ids = eos_ids
+        self._backend: GrammarBackend | None = None  # created on first use: most deployments never constrain
+
+    def backend(self) -> "GrammarBackend":
+        if self._backend is None:
+            from radixlm.runtime.constrained import GrammarBackend
+
+            self._backend = GrammarBackend(
+                self.tokenizer,
+                self.vocab_size,
+                cache_size=self.args.grammar_cache_size,
+                eos_token_ids=sorted(self.eos_ids),
+                json_whitespace_pattern=self.args.constrained_json_whitespace_pattern,
+            )
+        return self._backend
+
+    def submit(self, sp: SamplingParams) -> GrammarSlot | None:
+        """Start the compile for a constrained request (None when it is free); never blocks."""
+        if sp.regex is None and sp.json_schema is None:
+            return None
+        return GrammarSlot(self.backend().submit(*_grammar_key(sp)))
+
+    def poll(self, waiting: list["Req"]) -> list["Req"]:
+        """Turn finished compiles into matchers. Requests whose grammar did not compile leave ``waiting``
+        with an abort reason and an error; they are returned so their final output can be sent."""
+        failed = []
+        for r in list(waiting):
+            slot = r.grammar
+            if slot is None or slot.ready:
+                continue
+            try:
+                slot.poll()
+            except Exception as e:  # noqa: BLE001 - surfaced to the client as this request's error
+                waiting.remove(r)
+                r.error = str(e) if isinstance(e, ValueError) else f"{type(e).__name__}: {e}"
+                r.finish_reason = {"type": "abort", "message": r.error}
+                failed.append(r)
+        return failed
+
+    def masks(self, reqs: list["Req"]) -> torch.Tensor | None:
+        """[B, V] bool: allowed tokens, one row per request (all-true for free ones); None if none is constrained."""
+        if all(r.grammar is None for r in reqs):
+            return None
+        masks = torch.ones((len(reqs), self.vocab_size), dtype=torch.bool)
+        for i, r in enumerate(reqs):
+            if r.grammar is not None:
+                masks[i].fill_(False)
+                r.grammar.matcher.fill_mask(masks[i])
+        return masks
+
+    def jump_forward(self, r: "Req", out: "OutputProcessor") -> None:
+        """Append the text the grammar forces, without sampling it.
+
+        Sampled requests take the forced tokens as they are. Greedy requests must produce exactly what
+        greedy decoding would, so their forced tokens are speculative: they are computed in the next
+        extend and checked against the model's masked argmax there (``verify_forced``); the first
+        disagreement is replaced by the model's choice and the rest is dropped.
+        """
+        sp = r.sampling_params
+        greedy = sp.is_greedy
+        if greedy and (sp.frequency_penalty or sp.presence_penalty or sp.repetition_penalty != 1.0):
+            return  # verification below does not replay penalties; such requests simply decode
+        matcher = r.grammar.matcher
+        state = matcher.state
+        jf = matcher.jump_forward(r.output_ids[-1] if r.output_ids else None, allow_rollback=not greedy)
+        if jf is None or not jf.token_ids:
+            return
+        # The dropped token was sampled but not computed yet, so no KV needs to be given back.
+        if jf.num_rollback:  # only sampled requests roll back (see allow_rollback above)
+            out.truncate(r, r.seq_len - jf.num_rollback)
+        room = sp.max_new_tokens - len(r.output_ids)
+        tokens = jf.token_ids[:room]
+        if len(tokens) < len(jf.token_ids):  # the budget cut the run: put the matcher after what we keep
+            g = matcher.grammar
+            matcher.reset_to(g.walk(g.walk(g.initial_state, r.output_ids), tokens))
+        for tok in tokens:
+            if greedy:
+                r.forced.append((r.seq_len, state))
+                state = matcher.grammar.next_state(state, tok)
+            r.output_ids.append(tok)
+            out.counters.total_generated += 1
+            if r.return_logprob:  # filled in by verification for greedy requests
+                r.new_output_token_logprobs.append(TokenLogprob(None, tok))
+                if r.top_logprobs_num:
+                    r.new_output_top_logprobs.append([])
+        if not greedy:
+            reason = out.check_finish(r, r.output_ids[-1])
+            if reason is not None:
+                out.finish(r, reason)
+
+    def verify_forced(self, r: "Req", logits: torch.Tensor, checks: list[tuple[int, int, int]],
+                      out: "OutputProcessor") -> None:
+        """Check a greedy request's forced tokens against the logits before each: ``checks`` holds
+        (index in all_ids, grammar state before it, logits row)."""
+        n_in = len(r.input_ids)
+        lp = torch.log_softmax(logits[[row for _, _, row in checks]], dim=-1) if r.return_logprob else None
+        for k, (idx, state, row) in enumerate(checks):
+            out_pos = idx - n_in
+            choice = self._greedy_choice(r, logits[row], state, out_pos)
+            forced_tok = r.output_ids[out_pos]
+            if choice != forced_tok:
+                out.truncate(r, idx)
+                r.grammar.matcher.reset_to(state)
+                if r.return_logprob:
+                    r.new_output_token_logprobs.append(TokenLogprob(float(lp[k][choice]), choice))
+                    if r.top_logprobs_num:
+                        r.new_output_top_logprobs.append(top_logprobs(lp[k], r.top_logprobs_num))
+                out.append_token(r, choice)
+                return
+            r.forced.pop(0)
+            if r.return_logprob:
+                off = out_pos - r.sent_len
+                r.new_output_token_logprobs[off] = TokenLogprob(float(lp[k][forced_tok]), forced_tok)
+                if r.top_logprobs_num:
+                    r.new_output_top_logprobs[off] = top_logprobs(lp[k], r.top_logprobs_num)
+            reason = out.check_finish(r, forced_tok, upto=out_pos + 1)
+            if reason is None and not r.forced and r.grammar.matcher.is_finished():
+                reason = {"type": "stop", "matched": None}
+            if reason is not None:
+                out.truncate(r, idx + 1)
+                out.finish(r, reason)
+                return
+
+    def _greedy_choice(self, r: "Req", logits: torch.Tensor, state: int, out_len: int) -> int:
+        """What the sampler would pick for a greedy request at grammar ``state`` (no penalties)."""
+        allowed = torch.zeros(logits.shape[-1], dtype=torch.bool)
+        r.grammar.matcher.grammar.fill_mask(state, allowed)
+        logits = logits.masked_fill(~allowed, float("-inf"))
+        sp = r.sampling_params
+        if out_len < sp.min_new_tokens:
+            banned = list(sp.stop_token_ids or []) + ([] if sp.ignore_eos else sorted(self.eos_ids))
+            if banned:
+                logits[banned] = float("-inf")
+        return int(logits.argmax())
