@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> None:
     sub.add_parser("serve", help="start the HTTP + ZeroMQ server (see `radixlm serve --help`)", add_help=False)
 
     if argv and argv[0] == "serve":
-        from radixlm.runtime.server.launch_server import main as serve_main
+        from radixlm.runtime.server.launcher import main as serve_main
 
         serve_main(argv[1:])
         return

@@ -15,7 +15,8 @@ import threading
 from concurrent.futures import Future
 from typing import Any, Callable, Iterator
 
-from radixlm.runtime.io_struct import GenerateReqInput, RequestState
+from radixlm.runtime.generate_request import GenerateReqInput
+from radixlm.runtime.request_state import RequestState
 from radixlm.runtime.protocol import AbortReq, ErrorOut, ReqOutput
 from radixlm.runtime.scheduler import Scheduler
 from radixlm.runtime.server_args import ServerArgs

@@ -44,7 +44,7 @@ from radixlm.runtime.sampler import Sampler
 from radixlm.runtime.schedule_policy import SchedulePolicy
 from radixlm.runtime.scheduler_stats import SchedulerCounters
 from radixlm.runtime.server_args import ServerArgs
-from radixlm.runtime.tokenizer import eos_token_ids, load_tokenizer
+from radixlm.runtime.hf_tokenizer import eos_token_ids, load_tokenizer
 
 
 class Scheduler:

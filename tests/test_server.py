@@ -72,7 +72,7 @@ def test_completion_matches_native_generate(rt, auth, oai):
 def test_chat_uses_chat_template(rt, auth, oai):
     msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"}]
     c = oai.chat.completions.create(model="m", messages=msgs, max_tokens=10, temperature=0)
-    from radixlm.runtime.tokenizer import load_tokenizer
+    from radixlm.runtime.hf_tokenizer import load_tokenizer
 
     tok = load_tokenizer(rt.server_args.model_path)
     ids = tok(tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True), add_special_tokens=False).input_ids

@@ -32,7 +32,7 @@ from radixlm.runtime.server_args import ServerArgs
 
 @pytest.fixture(scope="module")
 def tokenizer(tiny_llama):
-    from radixlm.runtime.tokenizer import load_tokenizer
+    from radixlm.runtime.hf_tokenizer import load_tokenizer
 
     return load_tokenizer(tiny_llama)
 
@@ -151,7 +151,7 @@ def test_response_format_maps_to_sampling_fields():
 
 
 def test_server_args_cli_round_trip():
-    from radixlm.runtime.server.launch_server import make_parser
+    from radixlm.runtime.server.launcher import make_parser
 
     args = ServerArgs(model_path="/m", device="cpu", max_total_tokens=1234, api_key="k", enable_jump_forward=False,
                       disable_radix_cache=True, log_interval_s=0.5, schedule_policy="fcfs")

@@ -1,7 +1,7 @@
 """The detokenizer process: token ids → text, one ``RequestState`` per running request.
 
 The text logic (incremental, UTF-8 safe decoding; stop strings trimmed and, while streaming, held
-back) lives in ``radixlm.runtime.io_struct.RequestState`` — the same object the in-process Engine
+back) lives in ``radixlm.runtime.request_state.RequestState`` — the same object the in-process Engine
 uses — and runs here, off the tokenizer manager's event loop. The tokenizer manager registers each
 request (``DetokRegister``) before sending it to the scheduler; if a scheduler output overtakes its
 registration (they travel on different sockets), it waits in ``pending`` until the registration
@@ -44,7 +44,7 @@ logger = logging.getLogger("radixlm.detokenizer")
 def run_detokenizer_process(server_args: ServerArgs, ipc: IpcNames, parent_pid: int) -> None:
     """Entry point of the spawned process."""
     setup_child_process("detokenizer", server_args.log_level)
-    from radixlm.runtime.tokenizer import load_tokenizer
+    from radixlm.runtime.hf_tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(server_args.tokenizer_path or server_args.model_path)
     ctx = zmq.Context(1)
@@ -99,7 +99,7 @@ class DetokenizerManager:
         return data  # forwarded unchanged: the tokenizer manager decodes the same Struct
 
     def register(self, msg: DetokRegister) -> list[DetokOut]:
-        from radixlm.runtime.io_struct import RequestState
+        from radixlm.runtime.request_state import RequestState
 
         rid = msg.req.rid
         self.states[rid] = RequestState(msg.req, self.tokenizer, return_text_in_logprobs=msg.return_text_in_logprobs)

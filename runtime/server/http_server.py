@@ -27,7 +27,7 @@ from fastapi.exceptions import HTTPException
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 import radixlm
-from radixlm.runtime.io_struct import GenerateReqInput
+from radixlm.runtime.generate_request import GenerateReqInput
 from radixlm.runtime.server import openai_api
 from radixlm.runtime.server.native_protocol import parse_generate_body
 from radixlm.runtime.server.metrics import CONTENT_TYPE_LATEST, ServerMetrics

@@ -1,6 +1,6 @@
 """SGLang's /generate body, type-checked before it reaches ``GenerateReqInput``.
 
-``GenerateReqInput`` (runtime/io_struct.py) validates values; this model checks *types* first so that a
+``GenerateReqInput`` (runtime/generate_request.py) validates values; this model checks *types* first so that a
 client sending ``{"text": 5}`` or ``{"return_logprob": "yes"}`` gets a 400 naming the field instead of
 a Python error. Shared by the HTTP route and the ZeroMQ front door.
 """
@@ -12,7 +12,7 @@ from typing import Any, Optional, Union
 import pydantic
 from pydantic import BaseModel, ConfigDict, StrictBool, StrictInt, StrictStr
 
-from radixlm.runtime.io_struct import GenerateReqInput
+from radixlm.runtime.generate_request import GenerateReqInput
 from radixlm.runtime.server.tokenizer_manager import RequestError
 
 

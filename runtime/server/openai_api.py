@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any, AsyncIterator
 
 from radixlm.runtime.constrained import JSON_OBJECT_SCHEMA
-from radixlm.runtime.io_struct import GenerateReqInput
+from radixlm.runtime.generate_request import GenerateReqInput
 from radixlm.runtime.server.openai_protocol import ChatCompletionRequest, CompletionRequest, ResponseFormat
 from radixlm.runtime.server.tokenizer_manager import GenEvent, RequestError
 

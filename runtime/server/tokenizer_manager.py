@@ -24,7 +24,7 @@ import msgspec
 import zmq
 import zmq.asyncio
 
-from radixlm.runtime.io_struct import GenerateReqInput
+from radixlm.runtime.generate_request import GenerateReqInput
 from radixlm.runtime.protocol import (
     AbortReq,
     DetokBatchOut,
@@ -60,7 +60,7 @@ class RequestError(Exception):
 
 def _param_named_in(message: str) -> str | None:
     """The field a ValueError names first ("regex: ...", "top_p must be ..."), for OpenAI's ``param``."""
-    from radixlm.runtime.io_struct import GenerateReqInput
+    from radixlm.runtime.generate_request import GenerateReqInput
     from radixlm.runtime.sampling_params import SamplingParams
 
     m = re.match(r"([a-z_]+)\b", message)

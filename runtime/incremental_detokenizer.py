@@ -1,4 +1,4 @@
-"""Incremental, UTF-8-safe detokenization.
+"""IncrementalDetokenizer: token ids → text one step at a time, UTF-8 safe (used by RequestState).
 
 Decoding one token at a time breaks multi-byte characters (a byte-level BPE token can hold half of
 "é") and word-boundary spacing. We decode a short window that starts a few tokens back (the

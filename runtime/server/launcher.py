@@ -1,4 +1,5 @@
-"""``radixlm serve`` / ``python -m radixlm.runtime.launch_server``: start the three processes and HTTP.
+"""The server launcher behind `radixlm serve` and `python -m radixlm.runtime.launch_server` (a shim):
+start the three processes and HTTP.
 
 Processes (started with multiprocessing "spawn": forking a process that imported torch is unsafe)::
 
@@ -116,7 +117,7 @@ async def _serve(server_args: ServerArgs, ipc: Any, procs: list, chat_template: 
     from radixlm.runtime.server.metrics import ServerMetrics
     from radixlm.runtime.server.tokenizer_manager import RequestError, TokenizerManager
     from radixlm.runtime.server.zmq_frontdoor import FrontDoor
-    from radixlm.runtime.tokenizer import load_tokenizer
+    from radixlm.runtime.hf_tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(server_args.tokenizer_path or server_args.model_path)
     metrics = ServerMetrics(server_args.served_model_name or server_args.model_path)

@@ -1,4 +1,4 @@
-"""Loading the Hugging Face tokenizer and finding every id that ends generation."""
+"""The Hugging Face tokenizer: loading it from a model directory, and every id that ends generation."""
 
 from __future__ import annotations
 

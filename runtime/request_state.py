@@ -1,0 +1,124 @@
+"""RequestState: one sequence's results as the front end assembles them (the Engine and the server's
+detokenizer process both use it, so the two front doors produce the same bytes).
+
+It folds the scheduler's per-step ``ReqOutput``s into SGLang-shaped results: text (incremental, UTF-8
+safe, stop strings trimmed), output ids, and ``meta_info`` with logprobs as
+``(logprob, token_id, text|None)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from radixlm.runtime.incremental_detokenizer import IncrementalDetokenizer
+from radixlm.runtime.protocol import ReqOutput, TokenizedGenerateReq, TokenLogprob
+from radixlm.runtime.sampling_params import SamplingParams
+
+
+@dataclass
+class RequestState:
+    """Everything the front end knows about one sequence while it runs."""
+
+    req: TokenizedGenerateReq
+    tokenizer: Any
+    return_text_in_logprobs: bool = False
+    output_ids: list[int] = field(default_factory=list)
+    finished: bool = False
+    finish_reason: dict | None = None
+    error: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+    input_token_logprobs: list[TokenLogprob] = field(default_factory=list)
+    input_top_logprobs: list = field(default_factory=list)
+    output_token_logprobs: list[TokenLogprob] = field(default_factory=list)
+    output_top_logprobs: list = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        sp = self.req.sampling_params
+        self.detok = IncrementalDetokenizer(self.tokenizer, sp.skip_special_tokens, sp.spaces_between_special_tokens)
+        self.prompt_tokens = len(self.req.input_ids)
+
+    @property
+    def rid(self) -> str:
+        return self.req.rid
+
+    def update(self, out: ReqOutput) -> None:
+        self.output_ids.extend(out.new_token_ids)
+        self.completion_tokens = out.completion_tokens or len(self.output_ids)
+        self.cached_tokens = out.cached_tokens
+        self.input_token_logprobs.extend(out.input_token_logprobs or ())
+        self.input_top_logprobs.extend(out.input_top_logprobs or ())
+        self.output_token_logprobs.extend(out.output_token_logprobs or ())
+        self.output_top_logprobs.extend(out.output_top_logprobs or ())
+        if out.error:
+            self.error = out.error
+        ids = out.new_token_ids
+        if out.finished and _stopped_on_token(out.finish_reason, self.req.sampling_params):
+            ids = ids[:-1]  # the matched stop token is not part of the text
+        self.detok.add(ids)
+        if out.finished:
+            self.detok.flush()
+            self.finished = True
+            self.finish_reason = out.finish_reason
+
+    # ------------------------------------------------------------------ text
+    def text(self) -> str:
+        """Final-form text so far: a matched stop string (and what follows it) removed."""
+        text = self.detok.text
+        sp = self.req.sampling_params
+        fr = self.finish_reason or {}
+        if self.finished and isinstance(fr.get("matched"), str) and not sp.no_stop_trim:
+            idx = text.find(fr["matched"])
+            if idx >= 0:
+                text = text[:idx]
+        return text
+
+    def stream_text(self) -> str:
+        """Text safe to show now: holds back a tail that may still grow into a stop string."""
+        text = self.text()
+        if self.finished or not self.req.sampling_params.stop:
+            return text
+        hold = 0
+        for s in self.req.sampling_params.stop:
+            for k in range(min(len(s) - 1, len(text)), 0, -1):
+                if text.endswith(s[:k]):
+                    hold = max(hold, k)
+                    break
+        return text[: len(text) - hold] if hold else text
+
+    # ------------------------------------------------------------------ result
+    def _lp(self, entries) -> list:
+        if self.return_text_in_logprobs:
+            return [(e.logprob, e.token_id, self.tokenizer.decode([e.token_id])) for e in entries]
+        return [(e.logprob, e.token_id, None) for e in entries]
+
+    def _top(self, entries) -> list:
+        return [None if e is None else self._lp(e) for e in entries]
+
+    def result(self, streaming: bool = False) -> dict:
+        meta: dict[str, Any] = {
+            "id": self.rid,
+            "finish_reason": self.finish_reason,
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "cached_tokens": self.cached_tokens,
+        }
+        if self.req.return_logprob:
+            meta["input_token_logprobs"] = self._lp(self.input_token_logprobs)
+            meta["output_token_logprobs"] = self._lp(self.output_token_logprobs)
+            if self.req.top_logprobs_num:
+                meta["input_top_logprobs"] = self._top(self.input_top_logprobs)
+                meta["output_top_logprobs"] = self._top(self.output_top_logprobs)
+        if self.error:
+            meta["error"] = self.error
+        return {
+            "text": self.stream_text() if streaming else self.text(),
+            "output_ids": list(self.output_ids),
+            "meta_info": meta,
+        }
+
+
+def _stopped_on_token(finish_reason: dict | None, sp: SamplingParams) -> bool:
+    return bool(finish_reason) and isinstance(finish_reason.get("matched"), int) and not sp.no_stop_trim
