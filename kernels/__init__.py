@@ -7,7 +7,7 @@
 Both take CUDA tensors, or CPU tensors when Triton runs in its interpreter (``TRITON_INTERPRET=1``
 set before triton is imported). ``radixlm.kernels.reference`` holds the torch reference.
 
-Writing new K/V into the pool needs no kernel: ``KVPool.set_kv`` is one torch ``index_put_`` per
+Writing new K/V into the pool needs no kernel: ``KVPool.set_kv`` is one torch ``index_copy_`` per
 buffer, a single scatter launch that moves only the step's new tokens (T x Hkv x D per layer), which is
 small next to what attention reads. ``benchmarks/bench_kernels.py`` measures its bandwidth.
 """

@@ -67,8 +67,7 @@ class ReqOutput(msgspec.Struct, kw_only=True, omit_defaults=True):
     input_top_logprobs: list[list[TokenLogprob] | None] | None = None
     output_token_logprobs: list[TokenLogprob] | None = None
     output_top_logprobs: list[list[TokenLogprob]] | None = None
-    # Characters of text the scheduler has decided (e.g. jump-forward) are part of the output;
-    # the detokenizer always works from token ids, so this is informational.
+    # Set when the request failed in the scheduler: the message its client gets.
     error: str | None = None
 
 
@@ -139,8 +138,8 @@ class DetokOut(msgspec.Struct, kw_only=True, omit_defaults=True):
     rid: str
     num_new_tokens: int = 0
     finished: bool = False
-    # RequestState.stream_delta() for a streaming request; RequestState.result() once finished;
-    # None for a non-streaming request that is still running (only num_new_tokens, for metrics).
+    # RequestState.result(streaming=True) for a streaming request after each step, result() once a
+    # request finished; None for a non-streaming request still running (only num_new_tokens, for metrics).
     data: dict[str, Any] | None = None
 
 

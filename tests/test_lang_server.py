@@ -175,6 +175,21 @@ def test_notebook_executes_against_the_live_runtime(runtime, monkeypatch):
     assert "topic:" in text and "cache_hit_rate" in text
 
 
+def test_notebook_with_its_own_runtime_runs_quietly(tiny_llama, monkeypatch):
+    """Run as a newcomer would (no RADIXLM_URL): it starts its own runtime, and the server's log lines
+    stay out of the cells."""
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+    monkeypatch.delenv("RADIXLM_URL", raising=False)
+    monkeypatch.setenv("RADIXLM_MODEL", tiny_llama)
+    nb = nbformat.read(os.path.join(HERE, "..", "examples", "notebook.ipynb"), as_version=4)
+    nbclient.NotebookClient(nb, timeout=240, kernel_name="python3").execute()
+    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
+    assert not [o for o in outputs if o.get("output_type") == "error"]
+    streams = "".join(str(o.get("text", "")) for o in outputs if o.get("output_type") == "stream")
+    assert " INFO " not in streams and "Uvicorn" not in streams, streams[:2000]
+
+
 def test_program_text_does_not_depend_on_the_client_folder(tiny_llama, tmp_path, monkeypatch):
     """The server publishes how prompts are written; a client run from any folder renders the same text,
     even when the server was started with a model path relative to its own folder."""
