@@ -10,7 +10,11 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from radixlm.runtime.child_process import child_env, python_command
+
+pytestmark = pytest.mark.slow  # starts servers or subprocesses: not in the fast tier
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROBE = "import importlib.util as u; print([n for n in ('kernels', 'runtime', 'lang') if u.find_spec(n)])"

@@ -14,6 +14,8 @@ import sys
 import pytest
 from test_lang_support import shared_runtime
 
+pytestmark = pytest.mark.slow  # starts servers or subprocesses: not in the fast tier
+
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLES_DIR = os.path.join(REPO_ROOT, "examples")
 EXAMPLES = ["few_shot.py", "parallel_branches.py", "react_agent.py", "multi_turn_chat.py",

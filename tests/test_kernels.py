@@ -307,6 +307,7 @@ _COMPILE_SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_kernels_compile_for_sm90(tmp_path):
     """The interpreter accepts code the GPU compiler rejects: compile each kernel to an sm_90 cubin
     (Triton ships ptxas, no GPU needed) outside interpreter mode."""

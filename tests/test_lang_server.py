@@ -14,6 +14,8 @@ from test_lang_support import scheduler_stats, shared_runtime
 import radixlm as sgl
 from radixlm.interpreter import ProgramError
 
+pytestmark = pytest.mark.slow  # starts servers or subprocesses: not in the fast tier
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 SYSTEM = "You are a terse assistant. You answer every question with a few words and nothing else at all.\n"
 

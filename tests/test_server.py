@@ -19,6 +19,8 @@ from radixlm.runtime.server import FrontDoorClient, Runtime
 from radixlm.runtime.server.client import FrontDoorError
 from tests.server_helpers import check_kv_invariant, pid_alive, stats, wait_until
 
+pytestmark = pytest.mark.slow  # starts servers or subprocesses: not in the fast tier
+
 KEY = "test-key"
 BODY_LIMIT = 64 * 1024
 MAX_TOTAL = 4096

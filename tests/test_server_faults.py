@@ -21,6 +21,8 @@ from radixlm.runtime.server.client import FrontDoorClient, FrontDoorError
 from radixlm.runtime.server.ipc import free_port
 from tests.server_helpers import pid_alive, stats, wait_until
 
+pytestmark = pytest.mark.slow  # starts servers or subprocesses: not in the fast tier
+
 ERROR_DEADLINE_S = 5.0  # the requirement: clients hear about a dead scheduler within 5 s
 LONG = {"max_new_tokens": 2000, "ignore_eos": True, "temperature": 0.0}
 
