@@ -5,15 +5,20 @@ it computed beyond its locked radix prefix), or the radix tree. Requests enter t
 the cached prefix, take a table row), grow through ``alloc_for``, hand their computed tokens to the tree
 with ``release`` (after every extend, and when they finish or are retracted), and shrink with
 ``truncate`` (rejected jump-forward tokens). ``check`` verifies that nothing was lost:
-free + evictable + protected + held_by_running == total.
+free + evictable + protected + held_by_running == total, and (with KV tiers) each tier's own balance.
+
+With a ``HiRadixCache`` (``--enable-hierarchical-cache``) ``admit`` first loads the part of the prefix
+that lives in the host tier, then whole blocks from the disk tier, into the device pool: those tokens
+join the tree (tree-owned, like any cached prefix) and are locked with it, so no new owner appears.
 """
 
 from __future__ import annotations
 
 import torch
 
+from radixlm.runtime.kv_tiers import HiRadixCache
 from radixlm.runtime.memory_pool import KVPool, ReqToTokenPool
-from radixlm.runtime.radix_cache import RadixCache
+from radixlm.runtime.radix_cache import MatchResult, RadixCache
 from radixlm.runtime.req import Req
 
 
@@ -23,6 +28,7 @@ class KVManager:
         self.table = req_to_token_pool
         self.req_to_token = req_to_token_pool.req_to_token  # [rows, max_context] int64
         self.cache = cache
+        self.tiers = cache if isinstance(cache, HiRadixCache) else None
         self.total = kv_pool.size
 
     # ------------------------------------------------------------------ capacity
@@ -30,23 +36,42 @@ class KVManager:
         """Slots obtainable now: free plus evictable."""
         return self.kv_pool.available() + self.cache.evictable_size()
 
+    def match(self, req: Req) -> MatchResult:
+        """The request's cached prefix: on the device (``indices``) and in the host tier (``host_len``)."""
+        return self.cache.match_prefix(req.all_ids[: req.max_prefix_len])
+
     def cached_prefix_len(self, req: Req) -> int:
-        return len(self.cache.match_prefix(req.all_ids[: req.max_prefix_len]).indices)
+        """Prefix tokens the request need not compute (device or host tier)."""
+        return self.match(req).total_len
 
     def slots(self, req: Req, start: int, end: int) -> torch.Tensor:
         return self.req_to_token[req.req_pool_idx, start:end]
 
     # ------------------------------------------------------------------ ownership moves
-    def admit(self, req: Req) -> None:
-        """Take a table row and lock the request's longest cached prefix (requires a free row)."""
-        m = self.cache.match_prefix(req.all_ids[: req.max_prefix_len])
+    def admit(self, req: Req, max_load: int | None = None) -> int:
+        """Take a table row and lock the request's longest cached prefix (requires a free row).
+
+        With KV tiers, up to ``max_load`` tokens (default: what the pool can hold) of the prefix are first
+        loaded from the host tier, then from disk. Returns how many tokens were loaded.
+        """
+        assert self.table.available(), "admit() needs a free req_to_token row"
+        key = req.all_ids[: req.max_prefix_len]
+        m = self.cache.match_prefix(key)
+        loaded = 0
+        if self.tiers is not None:
+            budget = self.available() if max_load is None else max_load
+            before = len(m.indices)
+            m = self.tiers.load_back(m, budget)
+            if m.host_len == 0:
+                m = self.tiers.load_from_disk(key, m, budget - (len(m.indices) - before))
+            loaded = len(m.indices) - before
         row = self.table.alloc()
-        assert row is not None, "admit() needs a free req_to_token row"
         n = len(m.indices)
         if n:
             self.req_to_token[row, :n] = m.indices
         self.cache.inc_lock_ref(m.last_node)
         req.req_pool_idx, req.last_node, req.locked_len, req.kv_len = row, m.last_node, n, n
+        return loaded
 
     def unadmit(self, req: Req) -> None:
         """Undo ``admit`` for a request that allocated nothing yet."""
@@ -120,6 +145,8 @@ class KVManager:
             raise AssertionError(f"KV memory: {protected} tokens still locked while idle")
         if not running and self.table.available() != self.table.size:
             raise AssertionError("req_to_token rows leaked while idle")
+        if self.tiers is not None:
+            self.tiers.check()
 
     def stats(self) -> dict:
         free = self.kv_pool.available()
@@ -131,4 +158,10 @@ class KVManager:
             "protected_tokens": self.cache.protected_size(),
             "token_usage": 1.0 - (free + evictable) / self.total,
             "radix_cache_enabled": not self.cache.disable,
+            **(self.tiers.stats() if self.tiers is not None else {}),
         }
+
+    def close(self) -> None:
+        """Finish the tiers' background work (pending host copies, queued disk writes)."""
+        if self.tiers is not None:
+            self.tiers.close()

@@ -38,26 +38,18 @@ class ReqToTokenPool:
         self._free_rows = list(range(self.size))
 
 
-class KVPool:
-    def __init__(
-        self,
-        num_slots: int,
-        num_layers: int,
-        num_kv_heads: int,
-        head_dim: int,
-        dtype: torch.dtype,
-        device: torch.device | str,
-    ):
-        self.size = num_slots
-        self.num_layers = num_layers
-        self.dtype = dtype
+class SlotAllocator:
+    """A token-granular free list over slots ``1..size`` (slot 0 is padding, never handed out).
+
+    The one allocator of KV slots: the device pool and every KV tier (``radixlm.runtime.kv_tiers``)
+    hand out their slots with it. ``free`` is called by the slot's single owner.
+    """
+
+    def __init__(self, size: int, device: torch.device | str = "cpu"):
+        self.size = size
         self.device = torch.device(device)
-        shape = (num_slots + 1, num_kv_heads, head_dim)  # +1: slot 0 is padding
-        self.k_buffers = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.v_buffers = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.clear()
 
-    # ----------------------------------------------------------------- allocator
     def clear(self) -> None:
         self._free = torch.arange(1, self.size + 1, dtype=torch.int64, device=self.device)
 
@@ -73,7 +65,25 @@ class KVPool:
 
     def free(self, slots: torch.Tensor) -> None:
         if slots.numel():
-            self._free = torch.cat((self._free, slots.to(torch.int64)))
+            self._free = torch.cat((self._free, slots.to(device=self.device, dtype=torch.int64)))
+
+
+class KVPool(SlotAllocator):
+    def __init__(
+        self,
+        num_slots: int,
+        num_layers: int,
+        num_kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device | str,
+    ):
+        super().__init__(num_slots, device)
+        self.num_layers = num_layers
+        self.dtype = dtype
+        shape = (num_slots + 1, num_kv_heads, head_dim)  # +1: slot 0 is padding
+        self.k_buffers = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.v_buffers = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
 
     # ----------------------------------------------------------------- data
     def set_kv(self, layer_id: int, loc: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:

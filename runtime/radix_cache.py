@@ -14,6 +14,10 @@ Contract:
   * ``evict(n)`` frees at least ``n`` tokens (if possible) from unlocked leaves, least recent first.
   * Invariant (checked by the scheduler): kv_pool free + evictable + protected == total slots, when no
     request is running. Every slot in the tree is owned by the tree and freed only by ``evict``/``reset``.
+
+``HiRadixCache`` (``radixlm.runtime.kv_tiers``) extends this tree with tiers behind the device pool:
+there a node may keep its tokens with ``value`` None (evicted from the device) and its K/V in the host
+tier (``host_value``); ``MatchResult.host_len`` then counts the matched tokens that can be loaded back.
 """
 
 from __future__ import annotations
@@ -33,11 +37,13 @@ _EMPTY = torch.empty(0, dtype=torch.int64)
 @dataclass(eq=False)
 class TreeNode:
     key: list[int] = field(default_factory=list)
-    value: torch.Tensor = field(default_factory=lambda: _EMPTY)  # [len(key)] int64 KV slots
+    value: torch.Tensor | None = field(default_factory=lambda: _EMPTY)  # [len(key)] int64 KV slots; None: not on device
     parent: "TreeNode | None" = None
     children: dict[int, "TreeNode"] = field(default_factory=dict)  # first token of child key → child
     lock_ref: int = 0
     last_access_time: int = 0
+    host_value: torch.Tensor | None = None  # [len(key)] int64 host-tier slots (HiRadixCache only)
+    hit_count: int = 0  # matches that reached this node (HiRadixCache's write_through_selective)
 
     def __lt__(self, other: "TreeNode") -> bool:  # for the LRU heap
         return self.last_access_time < other.last_access_time
@@ -45,7 +51,14 @@ class TreeNode:
 
 class MatchResult(NamedTuple):
     indices: torch.Tensor  # [matched_len] int64 KV slots
-    last_node: TreeNode
+    last_node: TreeNode  # the deepest matched node on the device
+    host_len: int = 0  # further matched tokens whose K/V is in the host tier only (HiRadixCache)
+    last_host_node: TreeNode | None = None  # the deepest of those nodes
+
+    @property
+    def total_len(self) -> int:
+        """Matched tokens in any tier: what a request would not have to recompute."""
+        return int(self.indices.numel()) + self.host_len
 
 
 class RadixCache:
@@ -60,7 +73,7 @@ class RadixCache:
         """Drop every node; with ``free_slots`` their KV slots go back to the pool."""
         if free_slots and hasattr(self, "root"):
             for node in self._all_nodes():
-                if node is not self.root:
+                if node is not self.root and node.value is not None:
                     self.kv_pool.free(node.value)
         self.root = TreeNode(lock_ref=1)  # the root is never evicted
         self._evictable = 0
@@ -158,16 +171,21 @@ class RadixCache:
         """Split ``child`` after its first n tokens; returns the new upper node (covering key[:n])."""
         upper = TreeNode(
             key=child.key[:n],
-            value=child.value[:n],
+            value=None if child.value is None else child.value[:n],
             parent=child.parent,
             lock_ref=child.lock_ref,
             last_access_time=child.last_access_time,
+            host_value=None if child.host_value is None else child.host_value[:n],
+            hit_count=child.hit_count,
         )
         upper.children = {child.key[n]: child}
         child.parent.children[child.key[0]] = upper
         child.parent = upper
         child.key = child.key[n:]
-        child.value = child.value[n:]
+        if child.value is not None:
+            child.value = child.value[n:]
+        if child.host_value is not None:
+            child.host_value = child.host_value[n:]
         return upper
 
     def _all_nodes(self):

@@ -14,6 +14,9 @@ from typing import Any, Optional
 
 SCHEDULE_POLICIES = ("lpm", "dfs-weight", "fcfs", "lof", "random")
 DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16", "half", "float", "bf16", "fp16", "fp32")
+HICACHE_WRITE_POLICIES = ("write_through", "write_through_selective", "write_back")
+HICACHE_COMPRESSION = ("auto", "none", "int8", "fp8")
+HICACHE_STORAGE_BACKENDS = (None, "file")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 
 
@@ -49,6 +52,23 @@ class ServerArgs:
         32, "defer a request for one step when a request admitted now computes this many of its uncached tokens"
     )
     new_token_ratio: float = arg(0.4, "KV reserved per running request, as a fraction of its remaining token budget")
+    # KV tiers behind the radix tree (SGLang's HiCache names; see runtime/kv_tiers/)
+    enable_hierarchical_cache: bool = arg(False, "keep KV evicted from the device pool in a host tier (and on disk)")
+    hicache_ratio: float = arg(2.0, "host tier size as a multiple of the device KV pool's bytes")
+    hicache_size: float = arg(0, "host tier size in GB; overrides --hicache-ratio when > 0")
+    hicache_write_policy: str = arg(
+        "write_through", "when device KV is copied to the host tier", HICACHE_WRITE_POLICIES
+    )
+    hicache_compression: str = arg(
+        "auto", "host/disk tier KV codec: none (lossless), int8 or fp8 with per-block scales; auto: int8 on "
+        "the CPU, none on CUDA", HICACHE_COMPRESSION
+    )
+    hicache_storage_backend: Optional[str] = arg(
+        None, "persistent KV tier: file (a local directory, --hicache-storage-dir)", HICACHE_STORAGE_BACKENDS
+    )
+    hicache_storage_dir: Optional[str] = arg(None, "directory of the persistent KV tier (implies the file backend)")
+    hicache_storage_size_gb: float = arg(16.0, "bound on the persistent KV tier's directory, in GB (LRU eviction)")
+    hicache_storage_block_size: int = arg(64, "tokens per block of the persistent KV tier")
     debug_check_memory: bool = arg(False, "assert the KV memory invariant whenever the scheduler is idle")
     random_seed: int = arg(0, "seed for requests that give none")
     # Kernels and decoding
@@ -85,6 +105,20 @@ class ServerArgs:
             raise ValueError("max_running_requests must be >= 1")
         if self.max_prefill_tokens < 1:
             raise ValueError("max_prefill_tokens must be >= 1")
+        if self.enable_hierarchical_cache and self.disable_radix_cache:
+            raise ValueError("enable_hierarchical_cache needs the radix cache (drop disable_radix_cache)")
+        if self.hicache_ratio <= 0:
+            raise ValueError("hicache_ratio must be > 0")
+        if self.hicache_size < 0:
+            raise ValueError("hicache_size must be >= 0")
+        if self.hicache_storage_backend == "file" and not self.hicache_storage_dir:
+            raise ValueError("hicache_storage_dir is required with hicache_storage_backend='file'")
+        if self.hicache_storage_dir and not self.enable_hierarchical_cache:
+            raise ValueError("hicache_storage_dir needs enable_hierarchical_cache (the disk tier sits behind the host tier)")
+        if self.hicache_storage_size_gb <= 0:
+            raise ValueError("hicache_storage_size_gb must be > 0")
+        if self.hicache_storage_block_size < 1:
+            raise ValueError("hicache_storage_block_size must be >= 1")
         if self.max_request_body_bytes < 1:
             raise ValueError("max_request_body_bytes must be >= 1")
 
