@@ -60,6 +60,7 @@ class Engine:
             try:
                 while item is not None:
                     if item is _STOP:
+                        sched.close()
                         return
                     if callable(item):
                         item()

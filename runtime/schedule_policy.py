@@ -50,7 +50,7 @@ class SchedulePolicy:
             policy = "fcfs"
         if policy == "lpm":
             for r in rest:
-                r.prefix_len = len(self.cache.match_prefix(r.all_ids[: r.max_prefix_len]).indices)
+                r.prefix_len = self.cache.match_prefix(r.all_ids[: r.max_prefix_len]).total_len  # any tier
             rest.sort(key=lambda r: (-r.prefix_len, r.arrival))
         elif policy == "dfs-weight":
             rest = self._dfs_weight(rest)

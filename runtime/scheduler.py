@@ -38,7 +38,7 @@ from radixlm.runtime.protocol import (
     StatsOut,
     TokenizedGenerateReq,
 )
-from radixlm.runtime.radix_cache import RadixCache
+from radixlm.runtime.kv_tiers import create_cache
 from radixlm.runtime.req import Req
 from radixlm.runtime.sampler import Sampler
 from radixlm.runtime.schedule_policy import SchedulePolicy
@@ -54,7 +54,7 @@ class Scheduler:
             raise ValueError(f"model_path: {args.model_path!r} is not a directory (radixlm never downloads models)")
         self.tokenizer = load_tokenizer(args.tokenizer_path or args.model_path)
         self.runner = ModelRunner(args)
-        self.cache = RadixCache(self.runner.kv_pool, disable=args.disable_radix_cache)
+        self.cache = create_cache(args, self.runner.kv_pool)  # RadixCache, or HiRadixCache with KV tiers
         self.kv = KVManager(self.runner.kv_pool, self.runner.req_to_token_pool, self.cache)
         self.policy = SchedulePolicy(
             args.schedule_policy, self.cache, args.lpm_aging_steps, args.lpm_fallback_queue_len, args.random_seed
@@ -169,6 +169,10 @@ class Scheduler:
         c.total_prompt_tokens = c.total_cached_tokens = c.total_computed_prompt_tokens = 0
         self.check_memory()
         return True, "cache flushed"
+
+    def close(self) -> None:
+        """Finish background work that must not be lost (queued disk-tier writes)."""
+        self.kv.close()
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running or self._outputs)

@@ -39,7 +39,9 @@ class HostTier(SlotAllocator):
         self.cuda = pool.device.type == "cuda"
         hkv, d = pool.k_buffers[0].shape[1:]
         shape = (pool.num_layers, 2, num_tokens + 1, hkv, d)
-        self.data = torch.zeros(shape, dtype=codec.storage_dtype, pin_memory=self.cuda)
+        # float8 has no CPU index_copy_/index_select: store its bytes (same size) and view them back.
+        self._raw = torch.uint8 if codec.storage_dtype == torch.float8_e4m3fn else codec.storage_dtype
+        self.data = torch.zeros(shape, dtype=self._raw, pin_memory=self.cuda)
         self.scale = None if codec.lossless else torch.ones(shape[:-1], dtype=torch.float32, pin_memory=self.cuda)
         self._pending: list[_PendingBackup] = []
         self._stream = torch.cuda.Stream(device=pool.device) if self.cuda else None
@@ -87,7 +89,7 @@ class HostTier(SlotAllocator):
         """Copy the K/V stored at ``host_slots`` into the device pool at ``device_slots``."""
         self.synchronize()  # a load may read rows whose backup is still in flight
         host_slots = host_slots.cpu()
-        data = self.data.index_select(2, host_slots)
+        data = self.data.index_select(2, host_slots).view(self.codec.storage_dtype)
         scale = self.scale.index_select(2, host_slots) if self.scale is not None else None
         self.num_loaded += int(host_slots.numel())
         if self.cuda:
@@ -101,13 +103,6 @@ class HostTier(SlotAllocator):
             torch.cuda.current_stream().wait_event(copied)  # the forward reads these rows
             data.record_stream(torch.cuda.current_stream())
         scatter_kv(self.pool, device_slots, self.codec.decode(data, scale))
-
-    def read(self, host_slots: torch.Tensor) -> torch.Tensor:
-        """Decoded K/V of ``host_slots`` as [L, 2, T, Hkv, D] on the CPU (for the disk tier)."""
-        self.synchronize()
-        host_slots = host_slots.cpu()
-        scale = self.scale.index_select(2, host_slots) if self.scale is not None else None
-        return self.codec.decode(self.data.index_select(2, host_slots), scale)
 
     def poll(self) -> None:
         """Apply backups whose copies have finished (in order)."""
@@ -130,6 +125,6 @@ class HostTier(SlotAllocator):
 
     def _store(self, host_slots: torch.Tensor, data: torch.Tensor, scale: torch.Tensor | None) -> None:
         host_slots = host_slots.cpu()
-        self.data.index_copy_(2, host_slots, data.cpu())
+        self.data.index_copy_(2, host_slots, data.cpu().view(self._raw))
         if scale is not None:
             self.scale.index_copy_(2, host_slots, scale.cpu())

@@ -58,6 +58,7 @@ def run_scheduler_process(server_args: ServerArgs, ipc: IpcNames, parent_pid: in
         logger.exception("scheduler crashed")
         sys.exit(1)
     finally:
+        scheduler.close()
         recv.close(0)
         send.close(0)
         ctx.term()

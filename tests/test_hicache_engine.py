@@ -1,0 +1,185 @@
+"""KV tiers end to end: greedy outputs are identical whether a prefix came from the device pool, the
+host tier, disk or was recomputed (float32, lossless tiers); the compressed tier's error is bounded;
+a restart with the same directory serves cached prefixes from disk; torn blocks are misses."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from radixlm.runtime.engine import Engine
+
+GREEDY = {"temperature": 0, "max_new_tokens": 8, "ignore_eos": True}
+
+
+def _prompts(vocab: int, n_prefixes: int = 3, per: int = 3, prefix_len: int = 48, seed: int = 0) -> list[list[int]]:
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n_prefixes):
+        prefix = [rng.randrange(3, vocab) for _ in range(prefix_len)]
+        out += [prefix + [rng.randrange(3, vocab) for _ in range(rng.randint(4, 12))] for _ in range(per)]
+    return out
+
+
+def _engine(path, **kw) -> Engine:
+    return Engine(model_path=path, dtype="float32", device="cpu", **kw)
+
+
+def _run(eng: Engine, prompts, sp=GREEDY, **kw) -> list[dict]:
+    """One request at a time, so later ones find earlier prefixes in whatever tier they went to."""
+    return [eng.generate(input_ids=p, sampling_params=sp, **kw) for p in prompts]
+
+
+@pytest.fixture(scope="module")
+def vocab(tiny_llama) -> int:
+    import json
+    import os
+
+    with open(os.path.join(tiny_llama, "config.json")) as f:
+        return json.load(f)["vocab_size"]
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_llama, vocab):
+    """Each group of prompts sharing a prefix, then a revisit that alternates between the groups (so in
+    a small pool each revisit finds its prefix evicted); outputs computed from scratch (no cache)."""
+    prompts = _prompts(vocab)
+    revisit = [prompts[g * 3 + i] for i in range(3) for g in range(3)]
+    with _engine(tiny_llama, disable_radix_cache=True) as eng:
+        outs = _run(eng, prompts + revisit, return_logprob=True)
+        eng.check_memory()
+    return prompts + revisit, outs
+
+
+def _same(outs, ref) -> None:
+    for o, r in zip(outs, ref):
+        assert o["output_ids"] == r["output_ids"]
+        for (a, _, _), (b, _, _) in zip(o["meta_info"]["output_token_logprobs"], r["meta_info"]["output_token_logprobs"]):
+            assert abs(a - b) < 1e-4
+
+
+@pytest.fixture
+def small_pool_hicache(tiny_llama):
+    # The pool holds ~1.5 prompts: every revisit finds its prefix in the host tier, not on the device.
+    with _engine(
+        tiny_llama, max_total_tokens=96, enable_hierarchical_cache=True, hicache_compression="none", hicache_ratio=8
+    ) as eng:
+        yield eng
+
+
+def test_host_tier_hits_are_token_identical_to_recomputing(small_pool_hicache, reference):
+    prompts, ref = reference
+    outs = _run(small_pool_hicache, prompts, return_logprob=True)
+    _same(outs, ref)
+    stats = small_pool_hicache.get_server_info()["scheduler_stats"]
+    assert stats["hicache_host_hit_tokens"] >= 9 * 48
+    assert all(o["meta_info"]["cached_tokens"] >= 48 for o in outs[9:])  # every revisit hit
+
+
+@pytest.mark.parametrize("policy", ["write_back", "write_through_selective"])
+def test_write_policies_give_identical_outputs(tiny_llama, reference, policy):
+    prompts, ref = reference
+    with _engine(
+        tiny_llama, max_total_tokens=96, enable_hierarchical_cache=True, hicache_compression="none",
+        hicache_write_policy=policy,
+    ) as eng:
+        outs = _run(eng, prompts, return_logprob=True)
+        _same(outs, ref)
+        assert eng.get_server_info()["scheduler_stats"]["hicache_host_hit_tokens"] > 0
+        eng.check_memory()
+
+
+def test_no_host_tier_recomputes_what_the_small_pool_evicted(tiny_llama, reference):
+    """The same pool without the hierarchy: the revisits miss (so the test above measures the tier)."""
+    prompts, ref = reference
+    with _engine(tiny_llama, max_total_tokens=96) as eng:
+        outs = _run(eng, prompts, return_logprob=True)
+        _same(outs, ref)
+        eng.check_memory()
+    assert all(o["meta_info"]["cached_tokens"] < 48 for o in outs[9:])
+
+
+def test_compressed_host_tier_error_is_small(tiny_llama, vocab):
+    """int8 and fp8 tiers change K/V slightly: teacher-forced logprobs of a continuation scored behind a
+    prefix loaded from the compressed tier stay close to the lossless ones (the benchmark reports them)."""
+    rng = random.Random(5)
+    prefix = [rng.randrange(3, vocab) for _ in range(64)]
+    cont = [rng.randrange(3, vocab) for _ in range(16)]
+    filler = [[rng.randrange(3, vocab) for _ in range(80)] for _ in range(2)]
+    sp = {"temperature": 0, "max_new_tokens": 1}
+
+    def score(**kw) -> tuple[list[float], dict]:
+        with _engine(tiny_llama, max_total_tokens=100, enable_hierarchical_cache=True, hicache_ratio=4, **kw) as eng:
+            eng.generate(input_ids=prefix, sampling_params=sp)
+            for f in filler:  # push the prefix out of the device pool into the host tier
+                eng.generate(input_ids=f, sampling_params=sp)
+            out = eng.generate(input_ids=prefix + cont, sampling_params=sp, return_logprob=True, logprob_start_len=65)
+            eng.check_memory()
+            return [lp for lp, _, _ in out["meta_info"]["input_token_logprobs"]], out["meta_info"]
+
+    exact, meta = score(hicache_compression="none")
+    assert meta["cached_tokens"] == 64
+    for codec, bound in (("int8", 0.05), ("fp8", 0.3)):
+        lossy, meta = score(hicache_compression=codec)
+        assert meta["cached_tokens"] == 64
+        delta = max(abs(a - b) for a, b in zip(exact, lossy))
+        assert 0 < delta < bound, (codec, delta)  # > 0: the tier really is lossy and really was used
+
+
+def test_restart_serves_the_prefix_from_disk(tiny_llama, vocab, tmp_path):
+    rng = random.Random(7)
+    prompt = [rng.randrange(3, vocab) for _ in range(70)]
+    kw = dict(enable_hierarchical_cache=True, hicache_compression="none", hicache_storage_dir=str(tmp_path),
+              hicache_storage_block_size=16)
+    with _engine(tiny_llama, disable_radix_cache=True) as cold_eng:
+        cold = cold_eng.generate(input_ids=prompt, sampling_params=GREEDY, return_logprob=True)
+    with _engine(tiny_llama, **kw) as eng:
+        first = eng.generate(input_ids=prompt, sampling_params=GREEDY, return_logprob=True)
+        assert first["meta_info"]["cached_tokens"] == 0
+        eng.check_memory()
+    # A new process would do the same: nothing survives in memory, the directory is all it has.
+    with _engine(tiny_llama, **kw) as eng:
+        again = eng.generate(input_ids=prompt, sampling_params=GREEDY, return_logprob=True)
+        eng.check_memory()
+        assert eng.get_server_info()["scheduler_stats"]["hicache_disk_hit_tokens"] == 64
+    assert again["meta_info"]["cached_tokens"] == 64  # 4 whole blocks of 16 (the 70th token is computed)
+    _same([first, again], [cold, cold])
+
+
+def test_torn_block_on_disk_is_a_miss_and_outputs_stay_exact(tiny_llama, vocab, tmp_path):
+    rng = random.Random(8)
+    prompt = [rng.randrange(3, vocab) for _ in range(70)]
+    kw = dict(enable_hierarchical_cache=True, hicache_compression="none", hicache_storage_dir=str(tmp_path),
+              hicache_storage_block_size=16)
+    with _engine(tiny_llama, **kw) as eng:
+        cold = eng.generate(input_ids=prompt, sampling_params=GREEDY, return_logprob=True)
+    blocks = sorted(tmp_path.rglob("*.kv"), key=lambda p: p.stat().st_mtime_ns)
+    assert len(blocks) == 4
+    from radixlm.runtime.kv_tiers.disk_tier import MAGIC
+
+    # Tear the third block: keep its header, lose half of the payload.
+    with _engine(tiny_llama, **kw) as eng:
+        names = eng.scheduler.cache.disk.chain(prompt, 4)
+        torn = eng.scheduler.cache.disk.path(names[2])
+        raw = torn.read_bytes()
+        assert raw.startswith(MAGIC)
+        torn.write_bytes(raw[: len(raw) // 2])
+        out = eng.generate(input_ids=prompt, sampling_params=GREEDY, return_logprob=True)
+        eng.check_memory()
+        stats = eng.get_server_info()["scheduler_stats"]
+    assert out["meta_info"]["cached_tokens"] == 32 and stats["hicache_storage_corrupt"] == 1
+    _same([out], [cold])
+
+
+def test_hicache_settings_are_validated_by_name(tiny_llama, tmp_path):
+    with pytest.raises(ValueError, match="hicache_write_policy"):
+        _engine(tiny_llama, enable_hierarchical_cache=True, hicache_write_policy="write_sometimes")
+    with pytest.raises(ValueError, match="hicache_storage_backend"):
+        _engine(tiny_llama, enable_hierarchical_cache=True, hicache_storage_backend="mooncake")
+    with pytest.raises(ValueError, match="hicache_storage_dir"):
+        _engine(tiny_llama, enable_hierarchical_cache=True, hicache_storage_backend="file")
+    with pytest.raises(ValueError, match="enable_hierarchical_cache"):
+        _engine(tiny_llama, hicache_storage_dir=str(tmp_path))
+    with pytest.raises(ValueError, match="hicache_ratio"):
+        _engine(tiny_llama, enable_hierarchical_cache=True, hicache_ratio=0)
