@@ -38,8 +38,22 @@ class Engine:
             server_args = ServerArgs.from_kwargs(model_path=model_path, **kwargs)
         elif kwargs or model_path:
             server_args = server_args.replace(**({"model_path": model_path} if model_path else {}), **kwargs)
+        if server_args.dp_size > 1:
+            raise ValueError("dp_size > 1 is a server setting (radixlm serve --dp-size); an Engine is one replica")
+        if server_args.node_rank > 0:
+            raise ValueError("node_rank > 0 runs tensor-parallel followers only: use radixlm serve on that node")
+        self._tp_procs: list = []
+        if server_args.tp_size > 1:
+            from radixlm.runtime.distributed.worker import start_followers, with_dist_addr
+
+            server_args = with_dist_addr(server_args)
+            self._tp_procs = start_followers(server_args)
         self.server_args = server_args
-        self.scheduler = Scheduler(server_args)
+        try:
+            self.scheduler = Scheduler(server_args)
+        except BaseException:
+            self._stop_tp(wait_s=0.0)  # the followers may be waiting for a rank 0 that never comes
+            raise
         self.tokenizer = self.scheduler.tokenizer
         self._inbox: queue.Queue = queue.Queue()
         self._lock = threading.Lock()
@@ -262,6 +276,16 @@ class Engine:
         if self._thread.is_alive():
             self._inbox.put(_STOP)
             self._thread.join(timeout=30)
+        self.scheduler.runner.close()
+        self._stop_tp()
+
+    def _stop_tp(self, wait_s: float = 10.0) -> None:
+        for p in self._tp_procs:
+            p.join(timeout=wait_s)
+            if p.is_alive():
+                p.kill()
+                p.join(timeout=5)
+        self._tp_procs = []
 
     def __enter__(self) -> "Engine":
         return self

@@ -47,18 +47,26 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 
 class ModelRunner:
-    def __init__(self, args: ServerArgs):
+    def __init__(self, args: ServerArgs, tp_rank: int = 0):
+        """``tp_rank``: this process's tensor-parallel rank (with ``args.tp_size`` > 1; 0 runs the scheduler)."""
         from radixlm.runtime.models.loader import load_model
 
         self.args = args
-        self.device = args.resolved_device
+        # Tensor parallelism (runtime/distributed): join the group, shard after load, send each step.
+        self.tp = None
+        self._steps = None
+        if args.tp_size > 1:
+            from radixlm.runtime.distributed import TPContext
+
+            self.tp = TPContext.create(args, tp_rank)
+        self.device = self.tp.device if self.tp else args.resolved_device
         from transformers import AutoConfig
 
         hf_config = AutoConfig.from_pretrained(args.model_path)
         self.dtype = resolve_dtype(args.dtype, hf_config)
         t0 = time.perf_counter()
         logger.info("loading %s (%s, %s) ...", args.model_path, _dtype_name(self.dtype), self.device)
-        self.model = load_model(args.model_path, self.dtype, self.device)
+        self.model = load_model(args.model_path, self.dtype, "cpu" if self.tp else self.device)
         self.config = self.model.config
         n_params = sum(p.numel() for p in self.model.parameters())
         n_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
@@ -66,14 +74,24 @@ class ModelRunner:
             "loaded %s: %.1fM parameters, %.1f MB of %s weights, in %.1f s",
             args.model_path, n_params / 1e6, n_bytes / 1e6, _dtype_name(self.dtype), time.perf_counter() - t0,
         )
+        if self.tp:
+            from radixlm.runtime.distributed.sharding import shard_model
+
+            self.model = shard_model(self.model, self.tp).to(self.device)
 
         cfg = self.config
         self.num_layers = cfg.num_hidden_layers
         self.num_kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+        if self.tp:  # this rank's KV heads only: the pool is per rank
+            from radixlm.runtime.distributed.sharding import local_kv_heads
+
+            self.num_kv_heads = local_kv_heads(cfg, self.tp.world_size)
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self.vocab_size = cfg.vocab_size
         self.context_len = args.context_length or getattr(cfg, "max_position_embeddings", 4096)
         self.max_total_tokens = self._pool_size()
+        if self.tp:  # rank 0 allocates slots for every rank: all pools must be as large as the smallest
+            self.max_total_tokens = self.tp.agree_min(self.max_total_tokens)
         self.req_to_token_pool = ReqToTokenPool(args.max_running_requests, self.context_len + 1, self.device)
         self.kv_pool = KVPool(
             self.max_total_tokens, self.num_layers, self.num_kv_heads, self.head_dim, self.dtype, self.device
@@ -82,6 +100,10 @@ class ModelRunner:
             args.resolved_attention_backend, self.kv_pool, self.req_to_token_pool
         )
         self.forward_time = 0.0  # seconds spent in forward passes (for overhead accounting)
+        if self.tp and self.tp.is_leader:
+            from radixlm.runtime.distributed.step_channel import StepLeader
+
+            self._steps = StepLeader(self.tp.step_channel_addr, self.tp.world_size - 1)
 
     def _pool_size(self) -> int:
         if self.args.max_total_tokens is not None:
@@ -97,9 +119,20 @@ class ModelRunner:
     def forward(self, fb: ForwardBatch) -> torch.Tensor:
         """Logits [N, V] float32 for the rows ``fb.logits_indices``."""
         t0 = time.perf_counter()
+        if self._steps is not None:  # every rank runs the same forward pass
+            self._steps.send_step(fb, self.req_to_token_pool.req_to_token)
         self.attn_backend.init_forward_metadata(fb)
         logits = self.model(fb, self.attn_backend).float()
         if self.device.startswith("cuda"):
             torch.cuda.synchronize()
         self.forward_time += time.perf_counter() - t0
         return logits
+
+    def close(self) -> None:
+        """Release the other tensor-parallel ranks and leave the process group (no-op without TP)."""
+        if self._steps is not None:
+            self._steps.close()
+            self._steps = None
+        if self.tp is not None:
+            self.tp.close()
+            self.tp = None

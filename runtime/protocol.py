@@ -212,3 +212,39 @@ def decode_front_door_request(data: bytes) -> FrontDoorRequest:
 
 def decode_front_door_reply(data: bytes) -> FrontDoorReply:
     return _front_reply_decoder.decode(data)
+
+
+# --------------------------------------------------------------------------- tensor-parallel steps
+# Rank 0's ModelRunner sends each forward pass to the other ranks (runtime/distributed/step_channel.py).
+# Tensors travel as raw little-endian int64 bytes (``tensor.numpy().tobytes()``): no pickle, no per-int cost.
+class TPReady(_Msg):
+    """A follower rank connected to the step channel."""
+
+    rank: int
+
+
+class TPStep(_Msg):
+    """One forward pass: the ForwardBatch's tensors and the batch's rows of req_to_token."""
+
+    mode: str  # ForwardMode value
+    input_ids: bytes  # [T] int64
+    positions: bytes  # [T] int64
+    out_cache_loc: bytes  # [T] int64
+    req_pool_indices: bytes  # [B] int64
+    prefix_lens: list[int]  # [B]
+    extend_lens: list[int]  # [B]
+    logits_indices: bytes | None = None  # [N] int64, None: the last token of each request
+    rows: bytes = b""  # [B, row_len] int64: req_to_token[req_pool_indices, :row_len]
+    row_len: int = 0
+
+
+class TPShutdown(_Msg):
+    pass
+
+
+TPMessage = Union[TPReady, TPStep, TPShutdown]
+_tp_decoder = msgspec.msgpack.Decoder(TPMessage)
+
+
+def decode_tp_message(data: bytes) -> TPMessage:
+    return _tp_decoder.decode(data)

@@ -20,6 +20,14 @@ HICACHE_STORAGE_BACKENDS = (None, "file")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 
 
+def split_addr(addr: str) -> tuple[str, int]:
+    """``host:port`` → (host, port); a ValueError naming dist_init_addr otherwise."""
+    host, _, port = addr.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65535:
+        raise ValueError(f"dist_init_addr must be 'host:port', got {addr!r}")
+    return host.strip("[]"), int(port)
+
+
 def arg(default: Any, help: str, choices: Optional[tuple] = None) -> Any:
     """A ServerArgs field: its default, its ``--help`` text and (optionally) its allowed values.
 
@@ -80,6 +88,16 @@ class ServerArgs:
     constrained_json_whitespace_pattern: Optional[str] = arg(
         None, "regex for whitespace between JSON tokens; default: outlines' (an optional space); '' = compact"
     )
+    # Parallelism (runtime/distributed; SGLang's flag names)
+    tp_size: int = arg(1, "tensor-parallel ranks: attention heads and the MLP are sharded over them")
+    dp_size: int = arg(1, "data-parallel replicas behind one front door, routed cache-aware (serve only)")
+    nnodes: int = arg(1, "machines the tensor-parallel ranks span (tp_size is split evenly over them)")
+    node_rank: int = arg(0, "this machine's index among --nnodes; node 0 runs the scheduler and HTTP")
+    dist_init_addr: Optional[str] = arg(
+        None, "host:port of node 0 for the process-group rendezvous (port+1: the step channel); "
+        "default on one node: a free loopback port"
+    )
+    base_gpu_id: int = arg(0, "first GPU of this node's ranks (rank r on this node uses base + r)")
     # Server
     host: str = arg("127.0.0.1", "address to listen on (HTTP and the ZeroMQ front door)")
     port: int = arg(30000, "HTTP port")
@@ -121,6 +139,22 @@ class ServerArgs:
             raise ValueError("hicache_storage_block_size must be >= 1")
         if self.max_request_body_bytes < 1:
             raise ValueError("max_request_body_bytes must be >= 1")
+        if self.tp_size < 1:
+            raise ValueError("tp_size must be >= 1")
+        if self.dp_size < 1:
+            raise ValueError("dp_size must be >= 1")
+        if self.nnodes < 1 or self.tp_size % self.nnodes:
+            raise ValueError(f"nnodes must be >= 1 and divide tp_size ({self.tp_size}), got {self.nnodes}")
+        if not 0 <= self.node_rank < self.nnodes:
+            raise ValueError(f"node_rank must be in [0, nnodes), got {self.node_rank}")
+        if self.nnodes > 1 and not self.dist_init_addr:
+            raise ValueError("dist_init_addr (host:port of node 0) is required when nnodes > 1")
+        if self.nnodes > 1 and self.dp_size > 1:
+            raise ValueError("dp_size > 1 with nnodes > 1 is not supported: run a router over one server per node")
+        if self.dist_init_addr is not None:
+            split_addr(self.dist_init_addr)
+        if self.base_gpu_id < 0:
+            raise ValueError("base_gpu_id must be >= 0")
 
     # ------------------------------------------------------------------ derived
     @property

@@ -149,10 +149,13 @@ class LlamaForCausalLM(nn.Module):
             return [a.q_size, a.kv_size, a.kv_size]
         return [self.config.intermediate_size] * 2
 
-    def forward(self, fb: ForwardBatch, attn: AttentionBackend) -> torch.Tensor:
+    def final_hidden(self, fb: ForwardBatch, attn: AttentionBackend) -> torch.Tensor:
+        """Normed hidden states [N, hidden] of the rows that need logits (tensor parallelism reuses this)."""
         h = self.model(fb, attn)  # [T, hidden]
         idx = fb.logits_indices
         if idx is None:
             idx = torch.cumsum(fb.extend_lens, 0) - 1  # last new token of each request
-        h = self.model.norm(h[idx])  # [N, hidden]; the norm is per row, so select first
-        return F.linear(h, self.lm_head_weight).float()  # [N, V]
+        return self.model.norm(h[idx])  # [N, hidden]; the norm is per row, so select first
+
+    def forward(self, fb: ForwardBatch, attn: AttentionBackend) -> torch.Tensor:
+        return F.linear(self.final_hidden(fb, attn), self.lm_head_weight).float()  # [N, V]

@@ -65,6 +65,17 @@ def launch_server(server_args: ServerArgs) -> int:
     from radixlm.runtime.prompt_format import load_chat_template
 
     configure_logging(server_args.log_level)
+    if server_args.node_rank > 0:  # another machine's share of the tensor-parallel ranks: no HTTP here
+        from radixlm.runtime.distributed.worker import serve_node
+
+        return serve_node(server_args)
+    if server_args.dp_size > 1:
+        from radixlm.runtime.distributed.data_parallel import launch_data_parallel
+
+        return launch_data_parallel(server_args)
+    from radixlm.runtime.distributed.worker import with_dist_addr
+
+    server_args = with_dist_addr(server_args)
     try:
         chat_template = load_chat_template(server_args.chat_template)
     except (OSError, ValueError, KeyError) as e:
@@ -97,6 +108,10 @@ def _start_children(server_args: ServerArgs, ipc: Any) -> list:
     ]
     for p in procs:
         p.start()
+    if server_args.tp_size > 1:  # this node's other tensor-parallel ranks, watched like the others
+        from radixlm.runtime.distributed.worker import start_followers
+
+        procs += start_followers(server_args)
     return procs
 
 
@@ -133,7 +148,8 @@ async def _serve(server_args: ServerArgs, ipc: Any, procs: list, chat_template: 
             logger.error("the server failed to start: %s", e)
             return 1
         ctx = ServerContext(args=server_args, tm=tm, metrics=metrics, chat_template=chat_template,
-                            pids={"tokenizer_manager": os.getpid(), "detokenizer": procs[1].pid})
+                            pids={"tokenizer_manager": os.getpid(), "detokenizer": procs[1].pid,
+                                  **{p.name.removeprefix("radixlm-"): p.pid for p in procs[2:]}})
         frontdoor = FrontDoor(
             tm, server_args.host, server_args.api_key, server_args.max_request_body_bytes,
             commands={

@@ -68,7 +68,8 @@ class Runtime:
         except BaseException:
             self.shutdown()
             raise
-        self.zmq_address: str = self.server_info["zmq_frontdoor"]
+        # A data-parallel server's front door is the router, which has no ZeroMQ door (DSL clients use HTTP).
+        self.zmq_address: str | None = self.server_info.get("zmq_frontdoor")
 
     @property
     def pid(self) -> int:
