@@ -15,6 +15,9 @@ from typing import Any, Optional
 SCHEDULE_POLICIES = ("lpm", "dfs-weight", "fcfs", "lof", "random")
 DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16", "half", "float", "bf16", "fp16", "fp32")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+# Kept in step with runtime/parsers (a test checks): listed here so ServerArgs imports nothing heavy.
+TOOL_CALL_PARSERS = ("auto", "hermes", "qwen25", "qwen", "llama3", "mistral")
+REASONING_PARSERS = ("none", "deepseek-r1", "qwen3")
 
 
 def arg(default: Any, help: str, choices: Optional[tuple] = None) -> Any:
@@ -66,6 +69,12 @@ class ServerArgs:
     api_key: Optional[str] = arg(None, "require 'Authorization: Bearer KEY' on every route but /health")
     chat_template: Optional[str] = arg(None, "a chat template name or Jinja file; default: the tokenizer's")
     served_model_name: Optional[str] = arg(None, "the model id reported by /v1/models; default: --model-path")
+    tool_call_parser: str = arg(
+        "auto", "tool-call format of the model's outputs; auto: detected from the chat template", TOOL_CALL_PARSERS
+    )
+    reasoning_parser: str = arg(
+        "none", "split <think> reasoning into reasoning_content (DeepSeek-R1, Qwen3); none: off", REASONING_PARSERS
+    )
     log_level: str = arg("info", "logging level of the server processes", LOG_LEVELS)
     log_interval_s: float = arg(10.0, "seconds between the scheduler's throughput log lines")
     max_request_body_bytes: int = arg(32 * 1024 * 1024, "largest HTTP body or ZeroMQ message (413 above it)")
