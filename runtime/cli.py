@@ -24,6 +24,8 @@ def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(prog="radixlm", description="radixlm structured generation runtime")
     parser.add_argument("--version", action="version", version=f"radixlm {_version()}")
+    from radixlm.runtime.tiny_chat_templates import FAMILIES
+
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("make-tiny-model", help="write a small random Hugging Face model directory")
@@ -31,6 +33,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--arch", choices=["llama", "qwen2", "mistral"], default="llama")
     p.add_argument("--preset", choices=["tiny", "small"], default="tiny")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--chat-template-family", choices=sorted(FAMILIES), default="chatml",
+                   help="chat template to write: ChatML, or a tool-calling / reasoning family (default: chatml)")
 
     sub.add_parser("serve", help="start the HTTP + ZeroMQ server (see `radixlm serve --help`)", add_help=False)
 
@@ -43,7 +47,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.command == "make-tiny-model":
         from radixlm.runtime.tiny_model import make_tiny_model
 
-        make_tiny_model(args.dir, arch=args.arch, preset=args.preset, seed=args.seed)
+        make_tiny_model(args.dir, arch=args.arch, preset=args.preset, seed=args.seed,
+                        chat_template_family=args.chat_template_family)
         print(f"wrote {args.arch} ({args.preset}) model to {args.dir}")
 
 

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from radixlm.runtime.protocol import TokenLogprob
-from radixlm.runtime.sampler import top_logprobs
+from radixlm.runtime.sampler import apply_logit_bias, top_logprobs
 from radixlm.runtime.sampling_params import SamplingParams
 from radixlm.runtime.server_args import ServerArgs
 
@@ -187,8 +187,8 @@ class GrammarManager:
         """What the sampler would pick for a greedy request at grammar ``state`` (no penalties)."""
         allowed = torch.zeros(logits.shape[-1], dtype=torch.bool)
         r.grammar.matcher.grammar.fill_mask(state, allowed)
-        logits = logits.masked_fill(~allowed, float("-inf"))
         sp = r.sampling_params
+        logits = apply_logit_bias(logits, [sp]).masked_fill(~allowed, float("-inf"))
         if out_len < sp.min_new_tokens:
             banned = list(sp.stop_token_ids or []) + ([] if sp.ignore_eos else sorted(self.eos_ids))
             if banned:

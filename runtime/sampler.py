@@ -1,7 +1,7 @@
 """Sampler: logits of the sampled rows → next tokens, in one batched pass.
 
-Order of operations per row (as in vLLM/SGLang): penalties on the raw logits → min_new_tokens ban on
-EOS/stop ids → grammar mask → greedy argmax, or temperature → top-k → top-p → min-p → draw.
+Order of operations per row (as in vLLM/SGLang): penalties on the raw logits → logit_bias → min_new_tokens
+ban on EOS/stop ids → grammar mask → greedy argmax, or temperature → top-k → top-p → min-p → draw.
 
 Reported logprobs are the model's own ``log_softmax`` of the raw logits (before penalties, masks and
 temperature), so they are comparable with transformers and independent of sampling settings.
@@ -38,6 +38,7 @@ class Sampler:
         need_lp = any(r.return_logprob for r in reqs)
         logprobs = torch.log_softmax(logits, dim=-1) if need_lp else None
         logits = self._apply_penalties(logits, reqs)
+        logits = apply_logit_bias(logits, [r.sampling_params for r in reqs])
         if masks is not None:
             logits = logits.masked_fill(~masks, float("-inf"))
         banned = self._ban_early_stop(logits, reqs)
@@ -120,6 +121,22 @@ class Sampler:
                 g = torch.Generator().manual_seed((seed * 1_000_003 + r.seq_len) & 0x7FFFFFFFFFFFFFFF)
                 noise[i].exponential_(generator=g)
         return (probs / noise).argmax(dim=-1)
+
+
+def apply_logit_bias(logits: torch.Tensor, sps: list) -> torch.Tensor:
+    """logits [B, V] + each row's ``logit_bias`` (token id → bias); a copy only when some row has one.
+
+    Also used on one row ([V], one SamplingParams) by the greedy jump-forward check, so both agree."""
+    if logits.dim() == 1:
+        return apply_logit_bias(logits[None], sps)[0]
+    rows = [(i, sp.logit_bias) for i, sp in enumerate(sps) if sp.logit_bias]
+    if not rows:
+        return logits
+    logits = logits.clone()
+    for i, bias in rows:
+        ids = torch.tensor(list(bias.keys()), dtype=torch.int64)
+        logits[i].index_add_(0, ids, torch.tensor(list(bias.values()), dtype=logits.dtype))
+    return logits
 
 
 def top_logprobs(row: torch.Tensor, k: int) -> list[TokenLogprob]:

@@ -37,6 +37,7 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
     seed: int | None = None
     regex: str | None = None
     json_schema: str | None = None
+    logit_bias: dict[int, float] | None = None  # token id → added to its logit before sampling (OpenAI's)
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -81,9 +82,11 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
             self.top_k = _NO_TOP_K
         if self.json_schema is not None and not isinstance(self.json_schema, str):
             self.json_schema = schema_to_json(self.json_schema)
+        if not self.logit_bias:
+            self.logit_bias = None
 
-    def verify(self) -> None:
-        """Raise ValueError naming the offending field."""
+    def verify(self, vocab_size: int | None = None) -> None:
+        """Raise ValueError naming the offending field (``vocab_size``: also check token ids against it)."""
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be a non-negative integer, got {self.max_new_tokens!r}")
         if self.min_new_tokens < 0:
@@ -110,6 +113,14 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
             raise ValueError(f"n must be >= 1, got {self.n}")
         if self.stop_token_ids is not None and any(t < 0 for t in self.stop_token_ids):
             raise ValueError("stop_token_ids must be non-negative token ids")
+        if vocab_size is not None and self.logit_bias and max(self.logit_bias) >= vocab_size:
+            raise ValueError(f"logit_bias: token id {max(self.logit_bias)} is out of the vocabulary [0, {vocab_size})")
+        if self.logit_bias is not None:
+            for tok, bias in self.logit_bias.items():
+                if not isinstance(tok, int) or tok < 0:
+                    raise ValueError(f"logit_bias: keys must be non-negative token ids, got {tok!r}")
+                if not (-100.0 <= bias <= 100.0):
+                    raise ValueError(f"logit_bias: the bias of token {tok} must be in [-100, 100], got {bias}")
         if self.regex is not None and self.json_schema is not None:
             raise ValueError("regex and json_schema are mutually exclusive")
         if self.json_schema is not None:

@@ -111,11 +111,11 @@ class Scheduler:
     def add_request(self, tr: TokenizedGenerateReq) -> None:
         """Validate and queue. Raises ValueError (naming the field) for a request that can never run."""
         sp = tr.sampling_params
-        sp.verify()
+        vocab = self.runner.vocab_size
+        sp.verify(vocab)
         n_in = len(tr.input_ids)
         if n_in == 0:
             raise ValueError("input_ids: the prompt is empty")
-        vocab = self.runner.vocab_size
         if min(tr.input_ids) < 0 or max(tr.input_ids) >= vocab:
             raise ValueError(f"input_ids: token ids must be in [0, {vocab})")
         limit = min(self.context_len, self.max_total_tokens)

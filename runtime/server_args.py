@@ -18,6 +18,9 @@ HICACHE_WRITE_POLICIES = ("write_through", "write_through_selective", "write_bac
 HICACHE_COMPRESSION = ("auto", "none", "int8", "fp8")
 HICACHE_STORAGE_BACKENDS = (None, "file")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+# Kept in step with runtime/parsers (a test checks): listed here so ServerArgs imports nothing heavy.
+TOOL_CALL_PARSERS = ("auto", "hermes", "qwen25", "qwen", "llama3", "mistral")
+REASONING_PARSERS = ("none", "deepseek-r1", "qwen3")
 
 
 def split_addr(addr: str) -> tuple[str, int]:
@@ -104,6 +107,12 @@ class ServerArgs:
     api_key: Optional[str] = arg(None, "require 'Authorization: Bearer KEY' on every route but /health")
     chat_template: Optional[str] = arg(None, "a chat template name or Jinja file; default: the tokenizer's")
     served_model_name: Optional[str] = arg(None, "the model id reported by /v1/models; default: --model-path")
+    tool_call_parser: str = arg(
+        "auto", "tool-call format of the model's outputs; auto: detected from the chat template", TOOL_CALL_PARSERS
+    )
+    reasoning_parser: str = arg(
+        "none", "split <think> reasoning into reasoning_content (DeepSeek-R1, Qwen3); none: off", REASONING_PARSERS
+    )
     log_level: str = arg("info", "logging level of the server processes", LOG_LEVELS)
     log_interval_s: float = arg(10.0, "seconds between the scheduler's throughput log lines")
     max_request_body_bytes: int = arg(32 * 1024 * 1024, "largest HTTP body or ZeroMQ message (413 above it)")

@@ -5,7 +5,8 @@
     config.json              transformers config for LlamaForCausalLM / Qwen2ForCausalLM / MistralForCausalLM
     model.safetensors        float32 weights drawn from ``torch.Generator().manual_seed(seed)``
     tokenizer.json           byte-level BPE trained locally with ``tokenizers`` on a generated corpus
-    tokenizer_config.json    special tokens + a ChatML-style chat template
+    tokenizer_config.json    special tokens + a chat template (``chat_template_family``: ChatML by default; a
+                             tool-calling or reasoning family from ``runtime/tiny_chat_templates.py``)
     special_tokens_map.json
     generation_config.json   bos / eos / pad ids (eos is a list: ``</s>`` and ``<|im_end|>``)
 
@@ -38,6 +39,8 @@ from dataclasses import dataclass
 
 import torch
 
+from radixlm.runtime.tiny_chat_templates import CHATML, FAMILIES, FAMILY_TOKENS
+
 SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<|im_start|>", "<|im_end|>")
 PAD, BOS, EOS, IM_START, IM_END = range(len(SPECIAL_TOKENS))
 
@@ -45,13 +48,7 @@ PRETOKENIZE_REGEX = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
 
-CHAT_TEMPLATE = (
-    "{{ bos_token }}"
-    "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
-)
+CHAT_TEMPLATE = CHATML  # the default family: ChatML, no tools
 
 
 @dataclass(frozen=True)
@@ -251,18 +248,32 @@ def _write_json(path: str, obj: dict) -> None:
         f.write(json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
 
 
-def make_tiny_model(out_dir: str, arch: str = "llama", preset: str = "tiny", seed: int = 0) -> None:
-    """Write a loadable Hugging Face model directory (see the module docstring) to ``out_dir``."""
+def make_tiny_model(
+    out_dir: str, arch: str = "llama", preset: str = "tiny", seed: int = 0, chat_template_family: str = "chatml"
+) -> None:
+    """Write a loadable Hugging Face model directory (see the module docstring) to ``out_dir``.
+
+    ``chat_template_family`` picks the chat template (one of ``FAMILIES``): the weights and tokenizer do not
+    depend on it, so a family only changes how prompts (tools, tool results, reasoning) are rendered.
+    """
     from safetensors.torch import save_file
 
     if arch not in ARCHS:
         raise ValueError(f"arch must be one of {sorted(ARCHS)}, got {arch!r}")
     if preset not in PRESETS:
         raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {preset!r}")
+    if chat_template_family not in FAMILIES:
+        raise ValueError(f"chat_template_family must be one of {sorted(FAMILIES)}, got {chat_template_family!r}")
     spec, p = ARCHS[arch], PRESETS[preset]
     os.makedirs(out_dir, exist_ok=True)
 
     tok = _train_tokenizer(p.vocab_size)
+    if FAMILY_TOKENS.get(chat_template_family):
+        from tokenizers import AddedToken
+
+        # The family's markers as single (non-special) tokens after the trained vocabulary, as Qwen2.5's
+        # <tool_call> is: a model can open a call in one step, and grammars may emit them.
+        tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in FAMILY_TOKENS[chat_template_family]])
     vocab_size = tok.get_vocab_size()
     if arch == "qwen2":
         from tokenizers import normalizers
@@ -278,7 +289,7 @@ def make_tiny_model(out_dir: str, arch: str = "llama", preset: str = "tiny", see
         **special,
         "tokenizer_class": "PreTrainedTokenizerFast",
         "additional_special_tokens": ["<|im_start|>", "<|im_end|>"],
-        "chat_template": CHAT_TEMPLATE,
+        "chat_template": FAMILIES[chat_template_family],
         "model_max_length": p.max_position_embeddings,
         "clean_up_tokenization_spaces": False,
         "padding_side": "left",

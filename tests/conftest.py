@@ -27,21 +27,22 @@ def model_cache_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("models")
 
 
-def _make(model_cache_dir, arch: str, preset: str = "tiny") -> str:
+def _make(model_cache_dir, arch: str, preset: str = "tiny", family: str = "chatml") -> str:
     from radixlm.runtime.tiny_model import make_tiny_model
 
-    path = model_cache_dir / f"{arch}-{preset}"
+    path = model_cache_dir / (f"{arch}-{preset}" if family == "chatml" else f"{arch}-{preset}-{family}")
     if not (path / "config.json").exists():
-        make_tiny_model(str(path), arch=arch, preset=preset, seed=0)
+        make_tiny_model(str(path), arch=arch, preset=preset, seed=0, chat_template_family=family)
     return str(path)
 
 
 @pytest.fixture(scope="session")
 def make_model(model_cache_dir):
-    """make_model(arch="llama", preset="tiny") -> path of a cached tiny model directory."""
+    """make_model(arch="llama", preset="tiny", family="chatml") -> path of a cached tiny model directory
+    (``family``: its chat template, see ``runtime/tiny_chat_templates.py``)."""
 
-    def factory(arch: str = "llama", preset: str = "tiny") -> str:
-        return _make(model_cache_dir, arch, preset)
+    def factory(arch: str = "llama", preset: str = "tiny", family: str = "chatml") -> str:
+        return _make(model_cache_dir, arch, preset, family)
 
     return factory
 

@@ -219,13 +219,15 @@ class Walker:
     def __init__(self, grammar: CompiledGrammar) -> None:
         self.g = grammar
         self.eos = set(grammar.vocab.eos_token_ids)
-        trans = grammar.index.get_transitions()  # {state: {token: next}}
+        V = grammar.vocab.vocab_size  # token V is the END_MARK (vocab.END_MARK): not a real token
+        trans = {s: {t: n for t, n in edges.items() if t < V}
+                 for s, edges in grammar.index.get_transitions().items()}  # {state: {token: next}}
         parents: dict[int, list[int]] = {}
         for s, edges in trans.items():
             for t, nxt in edges.items():
                 if t not in self.eos:
                     parents.setdefault(nxt, []).append(s)
-        self.dist = {s: 0 for s in trans if grammar.index.is_final_state(s)}
+        self.dist = {s: 0 for s in trans if grammar.state_info(s).is_final}
         queue = deque(self.dist)
         while queue:
             s = queue.popleft()

@@ -111,7 +111,7 @@ def test_byte_level_vocabulary_round_trips_multibyte(backend, bpe_tokenizer):
     for special in (0, 1, 3, *EOS):  # pad, bos, im_start never emitted by a grammar; EOS handled apart
         assert v.token_bytes[special] is None
     assert all(b is None for b in v.token_bytes[len(bpe_tokenizer):])  # padded logits
-    assert all(v.single_byte_ids[b] >= 0 for b in range(256))
+    assert all(v.single_byte_ids[b] >= 0 for b in range(256) if b != 0xF4)  # 0xF4: see vocab.END_MARK
 
 
 def test_sentencepiece_vocabulary(sp_backend, sp_tokenizer):
@@ -182,13 +182,31 @@ def test_ascii_shorthands():
 
 
 # --------------------------------------------------------------------------- masks and matcher
+def test_continuing_past_an_accepting_state(backend):
+    """outlines-core alone drops a token whose last byte leaves an accepting position for a non-accepting
+    one (after "a", "b" of a(?:bc)?); END_MARK keeps it, and EOS stays allowed exactly where the pattern
+    may end."""
+    v = backend.vocab.bytes_to_id
+    for pattern, prefix, nxt in [(r"a(?:bc)?", b"a", b"b"), (r"1(?:\.5)?", b"1", b"."), (r"x(?:<y>|)", b"x", b"<")]:
+        m = backend.compile("regex", pattern).new_matcher()
+        m.accept_token(v[prefix])
+        mask = torch.zeros(backend.vocab.vocab_size, dtype=torch.bool)
+        m.fill_mask(mask)
+        assert mask[v[nxt]] and mask[list(EOS)].all(), pattern
+        m.accept_token(v[nxt])
+        mask.zero_()
+        m.fill_mask(mask)
+        assert not mask[list(EOS)].any() and not m.is_accepting(), pattern
+
+
 def test_mask_matches_index_and_eos_only_when_accepting(backend):
     g = backend.compile("regex", r"ab(c|de)")
     m = g.new_matcher()
     V = backend.vocab.vocab_size
     mask = torch.zeros(V, dtype=torch.bool)
     m.fill_mask(mask)
-    assert set(mask.nonzero().flatten().tolist()) == set(g.index.get_allowed_tokens(g.initial_state))
+    # The Index also allows the END_MARK token (id V) where the pattern may end; it is never in a mask.
+    assert set(mask.nonzero().flatten().tolist()) == set(g.index.get_allowed_tokens(g.initial_state)) - {V}
     assert not mask[list(EOS)].any()
     for t in (backend.vocab.bytes_to_id[b"a"], backend.vocab.bytes_to_id[b"b"], backend.vocab.bytes_to_id[b"c"]):
         assert not m.is_finished()
@@ -224,8 +242,9 @@ def test_dense_and_sparse_states_fill_the_same_rows(backend):
     for chunk in (b'{', b'"name"', b':', b' "', b'ab'):
         mask = torch.zeros(backend.vocab.vocab_size, dtype=torch.bool)
         m.fill_mask(mask)
-        assert set(mask.nonzero().flatten().tolist()) == set(g.index.get_allowed_tokens(m.state)) | (
-            set(EOS) if g.index.is_final_state(m.state) else set())
+        V = backend.vocab.vocab_size  # the END_MARK token's id, never in a mask
+        assert set(mask.nonzero().flatten().tolist()) == set(g.index.get_allowed_tokens(m.state)) - {V} | (
+            set(EOS) if m.is_accepting() else set())
         for t in g.retokenize(chunk, m.state):
             m.accept_token(t)
     kinds = {("dense" if info.dense is not None else "sparse") for info in g._info.values()}

@@ -19,7 +19,7 @@ from outlines_core import Index, Vocabulary
 from radixlm.runtime.constrained.grammar import CompiledGrammar
 from radixlm.runtime.constrained.json_schema import schema_to_regex
 from radixlm.runtime.constrained.patterns import ascii_shorthands
-from radixlm.runtime.constrained.vocab import TokenizerVocab, build_vocab
+from radixlm.runtime.constrained.vocab import END_MARK, TokenizerVocab, build_vocab
 
 KINDS = ("regex", "json")
 _FIELD = {"regex": "regex", "json": "json_schema"}  # SamplingParams field names, for error messages
@@ -139,7 +139,7 @@ class GrammarBackend:
             for p in sub_patterns:
                 check_regex(p, field="json_schema pattern")
         try:
-            index = Index(regex, self.vocab.outlines)
+            index = Index(f"(?:{regex}){END_MARK}", self.vocab.outlines)
         except BaseException as e:  # ValueError from outlines-core, or a Rust panic (a BaseException)
             if isinstance(e, (KeyboardInterrupt, SystemExit)):
                 raise

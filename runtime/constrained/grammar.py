@@ -75,8 +75,11 @@ class CompiledGrammar:
     def _build_info(self, state: int) -> _StateInfo:
         V = self.vocab.vocab_size
         allowed = torch.tensor(self.index.get_allowed_tokens(state) or [], dtype=torch.int64)
-        is_final = bool(self.index.is_final_state(state))
-        tokens = allowed[~torch.isin(allowed, self._eos_ids)] if allowed.numel() else allowed
+        # The pattern may end here iff the END_MARK token (id V, see vocab.END_MARK) may follow and ends it
+        # (the pattern itself may also admit U+10FFFF as text, e.g. inside a JSON string).
+        after = self.index.get_next_state(state, V) if bool((allowed == V).any()) else None
+        is_final = after is not None and bool(self.index.is_final_state(after))
+        tokens = allowed[(allowed < V) & ~torch.isin(allowed, self._eos_ids)] if allowed.numel() else allowed
         forced = -1
         if not is_final and tokens.numel():
             first = self.vocab.first_byte[tokens]

@@ -112,6 +112,16 @@ def _token_to_bytes(token: str, scheme: str, u2b: dict[str, int]) -> bytes:
     return token.encode("utf-8")
 
 
+# Appended to every compiled regex and held by one synthetic token (id ``vocab_size``, never sampled): the
+# automaton then accepts only after it, so "the pattern may end here" is "END_MARK may follow". Needed because
+# outlines-core 0.2's Index drops a token whose last byte leaves an accepting position for a non-accepting
+# one (``a(?:bc)?`` never allows a lone ``b`` after ``a``; ``1(?:\.5)?`` never a lone ``.``); with END_MARK no
+# position but the last is accepting. Real tokens must not spell it, so tokens holding its lead byte 0xF4
+# (which only starts characters U+100000..U+10FFFF, the plane-16 private use area) stay out of grammars.
+END_MARK = "\U0010ffff"
+_END_LEAD = END_MARK.encode("utf-8")[:1]
+
+
 def build_vocab(tokenizer: Any, vocab_size: int, eos_token_ids: Sequence[int] | None = None) -> TokenizerVocab:
     """Build the byte vocabulary and the outlines-core ``Vocabulary`` for ``tokenizer``.
 
@@ -146,7 +156,7 @@ def build_vocab(tokenizer: Any, vocab_size: int, eos_token_ids: Sequence[int] | 
         if i in excluded:
             continue
         data = _token_to_bytes(token, scheme, u2b)
-        if not data:
+        if not data or _END_LEAD in data:
             continue
         token_bytes[i] = data
         by_bytes.setdefault(data, []).append(i)
@@ -168,7 +178,7 @@ def build_vocab(tokenizer: Any, vocab_size: int, eos_token_ids: Sequence[int] | 
         eos_token_ids=eos_ids,
         scheme=scheme,
         token_bytes=token_bytes,
-        outlines=Vocabulary(eos_ids[0], by_bytes),
+        outlines=Vocabulary(eos_ids[0], {**by_bytes, END_MARK.encode("utf-8"): [vocab_size]}),
         first_byte=first,
         single_byte_ids=tuple(single),
         bytes_to_id={data: min(ids) for data, ids in by_bytes.items()},

@@ -1,7 +1,7 @@
 """The HTTP front door: a FastAPI app with SGLang's native routes and the OpenAI-compatible ones.
 
 Native: /generate, /get_model_info, /get_server_info (= /server_info), /health, /health_generate,
-/flush_cache, /abort_request, /metrics. OpenAI: /v1/models, /v1/completions, /v1/chat/completions.
+/flush_cache, /abort_request, /metrics, /parse_function_call, /separate_reasoning. OpenAI: /v1/models, /v1/completions, /v1/chat/completions.
 
 Errors always have OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``: 400 for bad input
 (malformed JSON, wrong types, invalid UTF-8, values out of range — the message names the field), 401
@@ -28,10 +28,11 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 import radixlm
 from radixlm.runtime.generate_request import GenerateReqInput
-from radixlm.runtime.server import openai_api
+from radixlm.runtime.server import openai_api, openai_tools
 from radixlm.runtime.server.native_protocol import parse_generate_body
 from radixlm.runtime.server.metrics import CONTENT_TYPE_LATEST, ServerMetrics
 from radixlm.runtime.server.openai_protocol import ChatCompletionRequest, CompletionRequest
+from radixlm.runtime.server.openai_tools import ChatConfig
 from radixlm.runtime.server.tokenizer_manager import GenEvent, RequestError, RequestHandle, StreamAccumulator, TokenizerManager
 from radixlm.runtime.prompt_format import prompt_format_info
 from radixlm.runtime.server_args import ServerArgs
@@ -50,6 +51,7 @@ class ServerContext:
     pids: dict[str, int] = field(default_factory=dict)
     chat_template: str | None = None
     _prompt_format: dict | None = None
+    chat: ChatConfig = field(default_factory=lambda: ChatConfig(None, None, None))
     started: float = field(default_factory=time.time)
 
     @property
@@ -347,6 +349,15 @@ def create_app(ctx: ServerContext) -> FastAPI:
             media_type="text/event-stream", headers=_SSE_HEADERS,
         )
 
+    # ------------------------------------------------------------------ SGLang's parser endpoints
+    @app.post("/parse_function_call")
+    async def parse_function_call(request: Request) -> dict:
+        return openai_tools.parse_function_call_endpoint(await json_body(request), ctx.chat)
+
+    @app.post("/separate_reasoning")
+    async def separate_reasoning(request: Request) -> dict:
+        return openai_tools.separate_reasoning_endpoint(await json_body(request), ctx.chat)
+
     # ------------------------------------------------------------------ OpenAI
     @app.get("/v1/models")
     async def models() -> dict:
@@ -366,7 +377,7 @@ def create_app(ctx: ServerContext) -> FastAPI:
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
         req = ChatCompletionRequest.model_validate(await json_body(request))
-        prep = openai_api.prepare_chat(req, tm.tokenizer, ctx.chat_template, tm.model_info, ctx.model_name)
+        prep = openai_api.prepare_chat(req, tm.tokenizer, ctx.chat, tm.model_info, ctx.model_name)
         return await _openai(request, prep, req,
                              lambda results: openai_api.chat_response(prep, req, results),
                              lambda events: openai_api.stream_chat(prep, req, events))

@@ -130,6 +130,7 @@ def _stop_children(procs: list) -> None:
 async def _serve(server_args: ServerArgs, ipc: Any, procs: list, chat_template: str | None) -> int:
     from radixlm.runtime.server.http_server import ServerContext, create_app
     from radixlm.runtime.server.metrics import ServerMetrics
+    from radixlm.runtime.server.openai_tools import ChatConfig
     from radixlm.runtime.server.tokenizer_manager import RequestError, TokenizerManager
     from radixlm.runtime.server.zmq_frontdoor import FrontDoor
     from radixlm.runtime.hf_tokenizer import load_tokenizer
@@ -147,7 +148,10 @@ async def _serve(server_args: ServerArgs, ipc: Any, procs: list, chat_template: 
         except RequestError as e:
             logger.error("the server failed to start: %s", e)
             return 1
-        ctx = ServerContext(args=server_args, tm=tm, metrics=metrics, chat_template=chat_template,
+        chat = ChatConfig.build(chat_template or getattr(tokenizer, "chat_template", None),
+                                server_args.tool_call_parser, server_args.reasoning_parser,
+                                server_args.constrained_json_whitespace_pattern)
+        ctx = ServerContext(args=server_args, tm=tm, metrics=metrics, chat_template=chat_template, chat=chat,
                             pids={"tokenizer_manager": os.getpid(), "detokenizer": procs[1].pid,
                                   **{p.name.removeprefix("radixlm-"): p.pid for p in procs[2:]}})
         frontdoor = FrontDoor(

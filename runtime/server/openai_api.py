@@ -16,7 +16,18 @@ from typing import Any, AsyncIterator
 
 from radixlm.runtime.constrained import JSON_OBJECT_SCHEMA
 from radixlm.runtime.generate_request import GenerateReqInput
+from radixlm.runtime.parsers.reasoning import ReasoningParser
 from radixlm.runtime.server.openai_protocol import ChatCompletionRequest, CompletionRequest, ResponseFormat
+from radixlm.runtime.server.openai_tools import (
+    ChatConfig,
+    ChoiceStream,
+    ToolPlan,
+    chat_finish_reason,
+    chat_message,
+    parse_choice,
+    plan_tools,
+    template_messages,
+)
 from radixlm.runtime.server.tokenizer_manager import GenEvent, RequestError
 
 
@@ -51,8 +62,6 @@ def constrained_sampling_fields(response_format: ResponseFormat | None, regex: s
 
 # --------------------------------------------------------------------------- requests → GenerateReqInput
 def _sampling_params(req: CompletionRequest | ChatCompletionRequest, max_new_tokens: int) -> dict[str, Any]:
-    if req.logit_bias:
-        raise NotSupportedError("logit_bias is not supported", param="logit_bias")
     sp: dict[str, Any] = {
         "max_new_tokens": max_new_tokens,
         "min_new_tokens": req.min_tokens,
@@ -71,9 +80,24 @@ def _sampling_params(req: CompletionRequest | ChatCompletionRequest, max_new_tok
         "skip_special_tokens": req.skip_special_tokens,
         "spaces_between_special_tokens": req.spaces_between_special_tokens,
         "no_stop_trim": req.no_stop_trim,
+        "logit_bias": _logit_bias(req.logit_bias),
     }
     sp.update(constrained_sampling_fields(req.response_format, req.regex))
     return {k: v for k, v in sp.items() if v is not None}
+
+
+def _logit_bias(bias: dict[str, float] | None) -> dict[int, float] | None:
+    """OpenAI sends token ids as JSON object keys (strings); the range check against the vocabulary is
+    SamplingParams.verify's, at submit."""
+    if not bias:
+        return None
+    out: dict[int, float] = {}
+    for k, v in bias.items():
+        try:
+            out[int(k)] = float(v)
+        except ValueError:
+            raise RequestError(f"logit_bias: keys must be token ids, got {k!r}", param="logit_bias") from None
+    return out
 
 
 def _max_tokens(requested: int | None, prompt_lens: list[int], context_len: int, param: str) -> int:
@@ -103,6 +127,8 @@ class Prepared:
     model: str
     created: int
     id: str
+    plan: ToolPlan = ToolPlan("none")  # chat: what the request asks of tools
+    reasoning: ReasoningParser | None = None  # chat: split reasoning_content off (--reasoning-parser)
 
 
 def prepare_completion(req: CompletionRequest, tokenizer: Any, model_info: dict, model: str) -> Prepared:
@@ -138,25 +164,17 @@ def prepare_completion(req: CompletionRequest, tokenizer: Any, model_info: dict,
 
 
 def prepare_chat(
-    req: ChatCompletionRequest, tokenizer: Any, chat_template: str | None, model_info: dict, model: str
+    req: ChatCompletionRequest, tokenizer: Any, cfg: ChatConfig, model_info: dict, model: str
 ) -> Prepared:
-    if req.tools:
-        raise NotSupportedError("tools are not supported yet", param="tools")
-    messages = []
-    for i, m in enumerate(req.messages):
-        if isinstance(m.content, list):
-            parts = []
-            for part in m.content:
-                if part.type != "text" or part.text is None:
-                    raise NotSupportedError(f"messages[{i}].content: only text parts are supported", param="messages")
-                parts.append(part.text)
-            content = "".join(parts)
-        else:
-            content = m.content or ""
-        messages.append({"role": m.role, "content": content})
-    template = chat_template or getattr(tokenizer, "chat_template", None)
+    plan = plan_tools(req, cfg)
+    messages = template_messages(req.messages)
+    template = cfg.template or getattr(tokenizer, "chat_template", None)
     if not template:
         raise RequestError("this model has no chat template; start the server with --chat-template", param="messages")
+    kwargs = dict(req.chat_template_kwargs or {})
+    tools = plan.template_tools()
+    if tools is not None:
+        kwargs["tools"] = tools
     try:
         text = tokenizer.apply_chat_template(
             messages,
@@ -164,7 +182,7 @@ def prepare_chat(
             tokenize=False,
             add_generation_prompt=req.add_generation_prompt and not req.continue_final_message,
             continue_final_message=req.continue_final_message,
-            **(req.chat_template_kwargs or {}),
+            **kwargs,
         )
     except Exception as e:  # noqa: BLE001 - a template error is the request's fault (roles, kwargs)
         raise RequestError(f"messages: the chat template failed: {e}", param="messages") from None
@@ -176,16 +194,26 @@ def prepare_chat(
     want_lp = bool(req.logprobs)
     if req.top_logprobs and not want_lp:
         raise RequestError("top_logprobs requires logprobs=true", param="top_logprobs")
+    sp = _sampling_params(req, max_new)
+    grammar = plan.regex(cfg.json_whitespace)
+    if grammar is not None:
+        if "regex" in sp or "json_schema" in sp:
+            raise RequestError("tool_choice: tool calls and response_format/regex cannot constrain one output "
+                               "together; use tool_choice='none'", param="tool_choice")
+        sp["regex"] = grammar
+        if getattr(plan.parser, "keeps_special_tokens", False) and "skip_special_tokens" not in req.model_fields_set:
+            sp["skip_special_tokens"] = False  # the family's marker is a special token on real tokenizers
     obj = GenerateReqInput(
         input_ids=ids,
-        sampling_params=_sampling_params(req, max_new),
+        sampling_params=sp,
         rid=req.rid,
         return_logprob=want_lp,
         top_logprobs_num=(req.top_logprobs or 0) if want_lp else None,
         return_text_in_logprobs=want_lp,
         stream=req.stream,
     )
-    return Prepared(obj, [ids], req.n, model, int(time.time()), f"chatcmpl-{uuid.uuid4().hex}")
+    reasoning = cfg.reasoning_parser if req.separate_reasoning else None
+    return Prepared(obj, [ids], req.n, model, int(time.time()), f"chatcmpl-{uuid.uuid4().hex}", plan, reasoning)
 
 
 # --------------------------------------------------------------------------- results → OpenAI bodies
@@ -280,12 +308,13 @@ def chat_response(prep: Prepared, req: ChatCompletionRequest, results: list[dict
     choices = []
     for i, r in enumerate(results):
         meta = r["meta_info"]
+        parsed = parse_choice(r["text"], prep.plan, prep.reasoning)
         choices.append(
             {
                 "index": i,
-                "message": {"role": "assistant", "content": r["text"]},
+                "message": chat_message(parsed, prep.plan),
                 "logprobs": chat_logprobs(meta) if req.logprobs else None,
-                "finish_reason": finish_reason(meta),
+                "finish_reason": chat_finish_reason(finish_reason(meta), parsed, prep.plan),
                 "matched_stop": _matched_stop(meta),
             }
         )
@@ -343,15 +372,16 @@ async def stream_chat(prep: Prepared, req: ChatCompletionRequest, events: AsyncI
     for i in range(prep.n):  # OpenAI opens every choice with the role
         yield _sse(dict(base, choices=[{"index": i, "delta": {"role": "assistant", "content": ""},
                                         "logprobs": None, "finish_reason": None}], **extra))
+    parsers = [ChoiceStream(prep.plan, prep.reasoning, req.stream_reasoning) for _ in range(prep.n)]
     async for ev in events:
         meta = ev.data.get("meta_info") or {}
         _merge_meta(metas[ev.index], meta)
-        text = ev.data.get("text", "")
+        delta = parsers[ev.index].feed(ev.data.get("text", ""), ev.finished)
         lp = chat_logprobs(meta) if req.logprobs else None
-        if not text and not ev.finished and not (lp and lp["content"]):
+        if not delta and not ev.finished and not (lp and lp["content"]):
             continue
-        choice = {"index": ev.index, "delta": {"content": text} if text else {}, "logprobs": lp,
-                  "finish_reason": finish_reason(meta) if ev.finished else None}
+        choice = {"index": ev.index, "delta": delta, "logprobs": lp,
+                  "finish_reason": parsers[ev.index].finish_reason(finish_reason(meta)) if ev.finished else None}
         if ev.finished:
             choice["matched_stop"] = _matched_stop(meta)
         yield _sse(dict(base, choices=[choice], **extra))

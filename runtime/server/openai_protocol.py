@@ -3,14 +3,17 @@
 Only the request side is modelled: responses are plain dicts built in ``openai_api``. Unknown fields are
 ignored, as OpenAI and vLLM do, so a newer official client keeps working; a known field with a wrong
 type or value is a 400 that names it. SGLang/vLLM sampling extras (top_k, min_p, repetition_penalty,
-min_tokens, ignore_eos, stop_token_ids, skip_special_tokens, no_stop_trim, regex) ride along.
+min_tokens, ignore_eos, stop_token_ids, skip_special_tokens, no_stop_trim, regex) ride along, as do SGLang's
+reasoning switches (separate_reasoning, stream_reasoning).
 """
 
 from __future__ import annotations
 
 from typing import Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+_FUNCTION_NAME = r"^[a-zA-Z0-9_-]{1,64}$"  # OpenAI's rule for function names
 
 
 class _Body(BaseModel):
@@ -88,10 +91,60 @@ class ContentPart(_Body):
     text: Optional[str] = None
 
 
+class FunctionDefinition(_Body):
+    """``tools[i].function`` (and a legacy ``functions[i]``)."""
+
+    name: str = Field(pattern=_FUNCTION_NAME)
+    description: Optional[str] = None
+    parameters: Optional[dict[str, Any]] = None
+    strict: Optional[bool] = None  # arguments are always schema-constrained here, so strict is always honoured
+
+
+class ToolDefinition(_Body):
+    type: Literal["function"] = "function"
+    function: FunctionDefinition
+
+
+class FunctionName(_Body):
+    name: str = Field(pattern=_FUNCTION_NAME)
+
+
+class NamedToolChoice(_Body):
+    type: Literal["function"] = "function"
+    function: FunctionName
+
+
+class FunctionCall(_Body):
+    """A call as the history carries it: arguments are a JSON string (OpenAI) or an object (some clients)."""
+
+    name: str
+    arguments: Union[str, dict[str, Any]] = "{}"
+
+
+class ToolCallItem(_Body):
+    id: Optional[str] = None
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(_Body):
-    role: Literal["system", "developer", "user", "assistant", "tool"]
+    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
     content: Optional[Union[str, list[ContentPart]]] = None
     name: Optional[str] = None
+    tool_calls: Optional[list[ToolCallItem]] = None  # assistant turns
+    tool_call_id: Optional[str] = None  # tool turns
+    function_call: Optional[FunctionCall] = None  # legacy assistant turns
+    reasoning_content: Optional[str] = None  # given to the template (Qwen3's reads it)
+
+    @model_validator(mode="after")
+    def _roles(self) -> "ChatMessage":
+        if (self.tool_calls or self.function_call) and self.role != "assistant":
+            raise ValueError("tool_calls / function_call are only allowed on assistant messages")
+        if self.role == "tool" and not self.tool_call_id:
+            raise ValueError("a tool message needs tool_call_id")
+        if self.role == "function" and not self.name:
+            raise ValueError("a function message needs name")
+        return self
 
 
 class ChatCompletionRequest(_SamplingExtras):
@@ -100,9 +153,23 @@ class ChatCompletionRequest(_SamplingExtras):
     max_completion_tokens: Optional[int] = None
     logprobs: bool = False
     top_logprobs: Optional[int] = Field(default=None, ge=0, le=20)
-    tools: Optional[list[dict[str, Any]]] = None
-    tool_choice: Optional[Any] = None
+    tools: Optional[list[ToolDefinition]] = Field(default=None, max_length=128)
+    tool_choice: Optional[Union[Literal["none", "auto", "required"], NamedToolChoice]] = None
+    parallel_tool_calls: bool = True
+    functions: Optional[list[FunctionDefinition]] = Field(default=None, max_length=128)  # legacy
+    function_call: Optional[Union[Literal["none", "auto"], FunctionName]] = None  # legacy
+    # SGLang's reasoning switches (effective with --reasoning-parser)
+    separate_reasoning: bool = True
+    stream_reasoning: bool = True
     # vLLM extras for the template
     add_generation_prompt: bool = True
     continue_final_message: bool = False
     chat_template_kwargs: Optional[dict[str, Any]] = None
+
+    @model_validator(mode="after")
+    def _tools(self) -> "ChatCompletionRequest":
+        if self.functions is not None and self.tools is not None:
+            raise ValueError("functions (legacy) and tools are mutually exclusive")
+        if self.function_call is not None and self.tool_choice is not None:
+            raise ValueError("function_call (legacy) and tool_choice are mutually exclusive")
+        return self

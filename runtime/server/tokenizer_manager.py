@@ -217,7 +217,12 @@ class TokenizerManager:
     def validate(self, reqs: list[TokenizedGenerateReq]) -> None:
         """Checks that need the model's limits; everything else is GenerateReqInput's and the scheduler's."""
         ctx = self.model_info.get("context_length")
+        vocab = self.model_info.get("vocab_size")
         for r in reqs:
+            try:
+                r.sampling_params.verify(vocab)
+            except ValueError as e:
+                raise RequestError(str(e), param=str(e).split(":")[0].split(" ")[0]) from None
             if r.rid in self._tracks:
                 raise RequestError(f"rid: a request with id {r.rid!r} is already running", param="rid")
             if ctx and len(r.input_ids) >= ctx:

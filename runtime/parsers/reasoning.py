@@ -1,0 +1,89 @@
+"""Reasoning parsers: split a reasoning model's ``<think>…</think>`` block from its answer.
+
+Families (SGLang's ``--reasoning-parser`` names):
+  * ``deepseek-r1``: the chat template's generation prompt already opened ``<think>``, so a reply starts inside
+    the reasoning; an unclosed block is all reasoning.
+  * ``qwen3``: a reply is reasoning only if it opens ``<think>`` itself (``enable_thinking=False`` templates
+    write an empty block into the prompt, and the reply is all answer).
+Whitespace that only pads the block (``<think>\\n … \\n</think>\\n\\n``) belongs to neither part. As with tool
+calls, ``split(text, final=False)`` returns only what more text cannot change, so streams reassemble exactly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from radixlm.runtime.parsers.tool_calls.base import held_prefix
+
+_WS = " \t\n\r\f\v"
+
+
+@dataclass(frozen=True)
+class ReasoningSplit:
+    reasoning: str
+    content: str
+    closed: bool  # the reasoning block ended (or there is none): what follows is answer
+
+
+class ReasoningParser:
+    name = ""
+    start = "<think>"
+    end = "</think>"
+    starts_inside = False
+
+    def split(self, text: str, final: bool = True) -> ReasoningSplit:
+        body = text.lstrip(_WS)
+        if body.startswith(self.start):
+            body = body[len(self.start) :]
+        elif not self.starts_inside:
+            if not final and (not body or self.start.startswith(body)):
+                return ReasoningSplit("", "", False)  # it may still open a block
+            return ReasoningSplit("", text, True)
+        at = body.find(self.end)
+        if at < 0:
+            inner = body if final else body[: len(body) - held_prefix(body, self.end)]
+            return ReasoningSplit(inner.strip(_WS) if final else inner.lstrip(_WS).rstrip(_WS), "", final)
+        return ReasoningSplit(body[:at].strip(_WS), body[at + len(self.end) :].lstrip(_WS), True)
+
+
+class DeepSeekR1Parser(ReasoningParser):
+    name = "deepseek-r1"
+    starts_inside = True
+
+
+class Qwen3Parser(ReasoningParser):
+    name = "qwen3"
+
+
+_PARSERS: dict[str, type[ReasoningParser]] = {"deepseek-r1": DeepSeekR1Parser, "qwen3": Qwen3Parser}
+REASONING_PARSER_NAMES = tuple(_PARSERS)
+
+
+def get_reasoning_parser(name: str) -> ReasoningParser:
+    try:
+        return _PARSERS[name]()
+    except KeyError:
+        raise ValueError(f"reasoning_parser must be one of {sorted(_PARSERS)}, got {name!r}") from None
+
+
+class ReasoningStream:
+    """Streaming view of one output: feed text deltas, get (reasoning delta, content delta)."""
+
+    def __init__(self, parser: ReasoningParser) -> None:
+        self.parser = parser
+        self.text = ""
+        self.sent_reasoning = 0
+        self.sent_content = 0
+
+    def feed(self, delta: str, final: bool = False) -> tuple[str, str]:
+        self.text += delta
+        s = self.parser.split(self.text, final)
+        r = s.reasoning[self.sent_reasoning :]
+        c = s.content[self.sent_content :]
+        self.sent_reasoning = max(self.sent_reasoning, len(s.reasoning))
+        self.sent_content = max(self.sent_content, len(s.content))
+        return r, c
+
+    @property
+    def closed(self) -> bool:
+        return self.parser.split(self.text, False).closed
