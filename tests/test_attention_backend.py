@@ -1,11 +1,11 @@
-"""The torch backend's cascade path (shared prefix read once) against its plain padded path."""
+"""The torch backend: every grouping (buckets, causal path for tiny prefixes, cascade) against a per-request reference."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from radixlm.runtime.attention.torch_backend import TorchAttnBackend
+from radixlm.runtime.attention.torch_backend import TorchAttnBackend, TorchAttnConfig
 from radixlm.runtime.forward_batch import ForwardBatch, ForwardMode
 from radixlm.runtime.memory_pool import KVPool, ReqToTokenPool
 
@@ -15,7 +15,7 @@ def _setup(hq: int, hkv: int, d: int = 16):
     kv = KVPool(512, num_layers=1, num_kv_heads=hkv, head_dim=d, dtype=torch.float32, device="cpu")
     kv.k_buffers[0].normal_()
     kv.v_buffers[0].normal_()
-    table = ReqToTokenPool(8, 256, "cpu")
+    table = ReqToTokenPool(16, 256, "cpu")
     return kv, table
 
 
@@ -41,9 +41,78 @@ def test_cascade_matches_padded_attention(mode, hq, hkv):
     k, v = torch.randn(T, hkv, 16), torch.randn(T, hkv, 16)
     outs = []
     for min_shared in (32, 10**9):  # cascade, then the plain path
-        backend = TorchAttnBackend(kv, table, cascade_min_shared=min_shared)
+        backend = TorchAttnBackend(kv, table, TorchAttnConfig(cascade_min_shared=min_shared))
         fb = ForwardBatch.build(*fb_args)
         backend.init_forward_metadata(fb)
         assert (fb.attn_metadata.groups[-1].shared is not None) == (min_shared == 32)
         outs.append(backend.forward(q, k, v, 0, fb, 0.25))
     torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-5)
+
+
+def _reference(kv: KVPool, table: ReqToTokenPool, q, prefix_lens, extend, scale):
+    """One request at a time, float64: token i of request b sees its slots [0, prefix + i]."""
+    out, t = [], 0
+    for b, (p, n) in enumerate(zip(prefix_lens, extend)):
+        slots = table.req_to_token[b, : p + n]
+        k = kv.k_buffers[0][slots].double()  # [L, Hkv, D]
+        v = kv.v_buffers[0][slots].double()
+        qb = q[t : t + n].double()  # [n, Hq, D]
+        g = qb.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)  # [L, Hq, D]
+        s = torch.einsum("nhd,lhd->hnl", qb, k) * scale
+        visible = torch.arange(p + n)[None, :] <= (p + torch.arange(n))[:, None]  # [n, L]
+        s = s.masked_fill(~visible, float("-inf"))
+        out.append(torch.einsum("hnl,lhd->nhd", s.softmax(-1), v))
+        t += n
+    return torch.cat(out).float()
+
+
+CONFIGS = [
+    TorchAttnConfig(),
+    TorchAttnConfig(bucket_ratio=1.0),  # every distinct length its own bucket
+    TorchAttnConfig(bucket_ratio=0.0),  # one bucket: the whole group padded
+    TorchAttnConfig(causal_max_prefix=0),  # BOS hits through the masked path
+    TorchAttnConfig(causal_max_prefix=10**9, cascade_min_shared=10**9),  # every extend causal
+]
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: f"{c}")
+@pytest.mark.parametrize("hq,hkv", [(4, 4), (8, 2)])
+def test_every_grouping_matches_the_reference(config, hq, hkv):
+    """A mixed step: decodes of unequal contexts, fresh prompts, 1-token (BOS) hits, longer prefixes."""
+    kv, table = _setup(hq, hkv)
+    prefix_lens = [0, 1, 1, 40, 17, 9, 0, 120, 33]
+    extend = [12, 30, 5, 1, 1, 6, 1, 1, 9]
+    nxt, locs = 1, []
+    for b, (p, n) in enumerate(zip(prefix_lens, extend)):
+        table.req_to_token[b, : p + n] = torch.arange(nxt, nxt + p + n)
+        nxt += p + n
+        locs.append(table.req_to_token[b, p : p + n])
+    T = sum(extend)
+    q = torch.randn(T, hq, 16)
+    k, v = torch.randn(T, hkv, 16), torch.randn(T, hkv, 16)
+    fb = ForwardBatch.build(ForwardMode.EXTEND, [5] * T, [p + i for p, n in zip(prefix_lens, extend) for i in range(n)],
+                            torch.cat(locs), list(range(9)), prefix_lens, extend, "cpu")
+    backend = TorchAttnBackend(kv, table, config)
+    backend.init_forward_metadata(fb)
+    out = backend.forward(q, k, v, 0, fb, 0.25)
+    torch.testing.assert_close(out, _reference(kv, table, q, prefix_lens, extend, 0.25), rtol=1e-5, atol=1e-5)
+    assert not torch.isnan(out).any()
+
+
+def test_decode_buckets_bound_padding():
+    """Contexts of 10..100 tokens with ratio 0.75: no bucket pads a request to more than 1/0.75 of its length."""
+    kv, table = _setup(4, 4)
+    lens = list(range(10, 101, 10))
+    for b, n in enumerate(lens[:8]):
+        table.req_to_token[b, :n] = torch.arange(1, n + 1) + 100 * b
+    lens = lens[:8]
+    fb = ForwardBatch.build(ForwardMode.DECODE, [5] * 8, [n - 1 for n in lens], torch.tensor([table.req_to_token[b, n - 1] for b, n in enumerate(lens)]),
+                            list(range(8)), [n - 1 for n in lens], [1] * 8, "cpu")
+    TorchAttnBackend(kv, table).init_forward_metadata(fb)
+    groups = fb.attn_metadata.groups
+    assert len(groups) > 1
+    for g in groups:
+        lmax = g.kv_idx.shape[1]
+        members = [int(t) for t in g.tokens]
+        assert all(lens[m] >= 0.75 * lmax for m in members)

@@ -1,13 +1,21 @@
 """The torch attention backend: the CPU default and the reference for every other backend.
 
-Batched over requests with padding. Requests are split into up to three groups per step: one new token
-(decodes), several new tokens with nothing cached before them (fresh prefills), and several new tokens
-after a cached prefix (chunks, cache hits, jump-forward runs). So a mixed batch never pads a decode to a
-prompt's query length, and fresh prefills use SDPA's causal path (no mask: right padding never leaks
-into a valid row, because query i only sees keys j <= i < its length). Per group and step it builds one
-gather index ``[B, Lmax]`` into the KV pool and, where needed, one boolean mask ``[B, 1, Qmax, Lmax]``;
-every layer then does one gather and one SDPA call per group. No Python loop over requests runs per
-layer.
+Batched over requests with padding, in groups chosen so that the padding stays small and the cheapest
+SDPA path applies:
+  * decodes (one new token): bucketed by context length, so a batch with contexts of 64 to 576 tokens
+    does not pad every request to 576 (a bucket's shortest context is at least ``bucket_ratio`` of its
+    longest);
+  * causal extends (several new tokens after at most ``causal_max_prefix`` cached ones: fresh prompts,
+    and the prompts whose only cache hit is their BOS token): SDPA's causal path, no mask. A request
+    with P cached tokens is laid out as a causal sequence of P + n rows whose first P query rows are
+    padding, so its new token i sits at row P + i and sees keys j <= P + i, exactly the cached prefix
+    and itself. Right padding never leaks into a valid row. Bucketed like decodes;
+  * masked extends (chunks and cache hits with a longer prefix, jump-forward runs): one boolean mask
+    ``[B, 1, Qmax, Lmax]``, or the cascade path below.
+Per group and step it builds one gather index ``[B, Lmax]`` into the KV pool (and a mask where needed);
+every layer then does one gather per K and V, into reused workspace buffers (a fresh multi-megabyte
+tensor per layer costs more in page faults than the copy itself), and one SDPA call per group. No
+Python loop over requests runs per layer.
 
 Cascade attention for shared prefixes: when the requests of a group share their first P KV slots (the
 radix cache hands every request with a common prompt prefix the same slots), the shared keys are read
@@ -28,7 +36,13 @@ from radixlm.runtime.forward_batch import ForwardBatch
 from radixlm.runtime.memory_pool import KVPool, ReqToTokenPool
 
 
-CASCADE_MIN_SHARED = 32  # shared KV slots below which the plain padded path is as cheap
+@dataclass(frozen=True)
+class TorchAttnConfig:
+    """How the torch backend groups a step's requests (every choice gives the same result)."""
+
+    cascade_min_shared: int = 32  # shared KV slots below which the plain padded path is as cheap
+    causal_max_prefix: int = 16  # cached tokens up to which an extend takes the causal path
+    bucket_ratio: float = 0.75  # in a bucket, shortest context >= this x longest (1.0: equal lengths only)
 
 
 @dataclass
@@ -36,7 +50,7 @@ class _Group:
     tokens: torch.Tensor  # [Tg] indices of this group's tokens in the step's [T] token order
     kv_idx: torch.Tensor  # [Bg, Lmax] int64 KV slots (0 = padding)
     mask: torch.Tensor | None  # [Bg, 1, Qmax, Lmax] bool, True = may attend (None: see `causal`)
-    causal: bool  # no mask: plain causal attention (fresh prefills), or all keys valid (equal decodes)
+    causal: bool  # no mask: plain causal attention (causal extends), or all keys valid (equal decodes)
     shared: torch.Tensor | None  # [P] KV slots every request of the group starts with (cascade), or None
     q_flat: torch.Tensor  # [Tg] row of each token in the padded [Bg * Qmax] query layout
     batch: int
@@ -49,66 +63,77 @@ class TorchAttnMetadata:
 
 
 class TorchAttnBackend(AttentionBackend):
-    def __init__(self, kv_pool: KVPool, req_to_token_pool: ReqToTokenPool, cascade_min_shared: int = CASCADE_MIN_SHARED):
+    def __init__(self, kv_pool: KVPool, req_to_token_pool: ReqToTokenPool, config: TorchAttnConfig = TorchAttnConfig()):
         self.kv_pool = kv_pool
         self.req_to_token = req_to_token_pool.req_to_token
-        self.cascade_min_shared = cascade_min_shared
+        self.config = config
+        # Gather targets reused across layers and steps: [n, Hkv, D] each, grown on demand.
+        self._k_ws = self._v_ws = None
 
     def init_forward_metadata(self, fb: ForwardBatch) -> None:
         device = fb.input_ids.device
-        ext = fb.extend_lens_cpu
+        ext, pre, seq = fb.extend_lens_cpu, fb.prefix_lens_cpu, fb.seq_lens_cpu
         starts = [0]
         for n in ext[:-1]:
             starts.append(starts[-1] + n)
-        pre = fb.prefix_lens_cpu
+        cfg = self.config
+        decodes = [b for b, n in enumerate(ext) if n == 1]
+        causal = [b for b, n in enumerate(ext) if n > 1 and pre[b] <= cfg.causal_max_prefix]
+        masked = [b for b, n in enumerate(ext) if n > 1 and pre[b] > cfg.causal_max_prefix]
         groups = []
-        for members in (
-            [b for b, n in enumerate(ext) if n == 1],
-            [b for b, n in enumerate(ext) if n > 1 and pre[b] == 0],
-            [b for b, n in enumerate(ext) if n > 1 and pre[b] > 0],
-        ):
-            if members:
-                groups.append(self._group(fb, members, starts, device))
+        if decodes:
+            shared = self._shared_prefix(fb, decodes, [seq[b] for b in decodes])
+            if shared is not None:
+                groups.append(self._group(fb, decodes, starts, device, shared=shared))
+            else:
+                groups += [self._group(fb, m, starts, device) for m in _buckets(decodes, seq, cfg.bucket_ratio)]
+        groups += [self._group(fb, m, starts, device, causal=True) for m in _buckets(causal, seq, cfg.bucket_ratio)]
+        if masked:
+            shared = self._shared_prefix(fb, masked, [pre[b] for b in masked])
+            groups.append(self._group(fb, masked, starts, device, shared=shared))
         fb.attn_metadata = TorchAttnMetadata(groups)
 
-    def _group(self, fb: ForwardBatch, members: list[int], starts: list[int], device) -> _Group:
+    def _shared_prefix(self, fb: ForwardBatch, members: list[int], visible: list[int]) -> torch.Tensor | None:
+        """The longest run of KV slots all ``members`` start with, within ``visible`` of each, if long enough."""
+        cap = min(visible)
+        if len(members) < 2 or cap < self.config.cascade_min_shared:
+            return None
+        rows = self.req_to_token[fb.req_pool_indices[torch.tensor(members, device=fb.input_ids.device)], :cap]
+        p = int((rows == rows[:1]).all(dim=0).long().cumprod(0).sum())
+        return rows[0, :p] if p >= self.config.cascade_min_shared else None
+
+    def _group(self, fb: ForwardBatch, members: list[int], starts: list[int], device, causal: bool = False,
+               shared: torch.Tensor | None = None) -> _Group:
         ext = [fb.extend_lens_cpu[b] for b in members]
+        pre = [fb.prefix_lens_cpu[b] for b in members]
         seq = [fb.seq_lens_cpu[b] for b in members]
-        lmax, qmax, B = max(seq), max(ext), len(members)
+        lmax, B = max(seq), len(members)
         idx = torch.tensor(members, dtype=torch.int64, device=device)
         seq_lens, prefix_lens, extend_lens = fb.seq_lens[idx], fb.prefix_lens[idx], fb.extend_lens[idx]
         j = torch.arange(lmax, device=device)  # [Lmax]
         kv_idx = self.req_to_token[fb.req_pool_indices[idx], :lmax]  # [B, Lmax]
         kv_idx = torch.where(j[None, :] < seq_lens[:, None], kv_idx, torch.zeros_like(kv_idx))
-        q_b = torch.repeat_interleave(torch.arange(B, device=device), extend_lens)  # [Tg]
-        group_starts = torch.cumsum(extend_lens, 0) - extend_lens  # [B]
-        q_i = torch.arange(int(sum(ext)), device=device) - group_starts[q_b]  # [Tg]
         tokens = torch.tensor(
             [starts[b] + k for b, n in zip(members, ext) for k in range(n)], dtype=torch.int64, device=device
         )
-        fresh = qmax > 1 and all(fb.prefix_lens_cpu[b] == 0 for b in members)
-        equal_decodes = qmax == 1 and all(x == lmax for x in seq)
+        q_b = torch.repeat_interleave(torch.arange(B, device=device), extend_lens)  # [Tg]
+        q_i = torch.arange(len(tokens), device=device) - (torch.cumsum(extend_lens, 0) - extend_lens)[q_b]  # [Tg]
+        if causal:  # rows: the whole sequence; new token i of request b at row prefix_len[b] + i
+            return _Group(tokens, kv_idx, None, True, None, q_b * lmax + prefix_lens[q_b] + q_i, B, lmax)
+        qmax = max(ext)
         q_flat = q_b * qmax + q_i
-        shared = None
-        if not fresh and B >= 2:
-            # Longest run of KV slots every request starts with; all of it is visible to every query.
-            cap = min(fb.prefix_lens_cpu[b] if qmax > 1 else fb.seq_lens_cpu[b] for b in members)
-            same = (kv_idx[:, :cap] == kv_idx[:1, :cap]).all(dim=0)
-            p = int(same.long().cumprod(0).sum())
-            if p >= self.cascade_min_shared:
-                shared = kv_idx[0, :p]
-        if shared is None and (fresh or equal_decodes):
-            return _Group(tokens, kv_idx, None, fresh, None, q_flat, B, qmax)
+        if shared is None and qmax == 1 and all(x == lmax for x in seq):
+            return _Group(tokens, kv_idx, None, False, None, q_flat, B, qmax)
         i = torch.arange(qmax, device=device)  # [Qmax]
         # Query i of request b sits at absolute position prefix_len[b] + i and sees keys j <= that.
         limit = prefix_lens[:, None] + i[None, :]  # [B, Qmax]
         mask = j[None, None, :] <= limit[:, :, None]  # [B, Qmax, Lmax]
         valid_q = i[None, :] < extend_lens[:, None]  # [B, Qmax]
-        # Padded query rows attend to key 0 only, so softmax never sees an all-masked row.
         if shared is not None:  # keep only the per-request suffix; padded query rows see nothing there
             p = shared.numel()
             return _Group(tokens, kv_idx[:, p:], (mask & valid_q[:, :, None])[:, None, :, p:], False, shared,
                           q_flat, B, qmax)
+        # Padded query rows attend to key 0 only, so softmax never sees an all-masked row.
         mask = torch.where(valid_q[:, :, None], mask, j[None, None, :] == 0)
         return _Group(tokens, kv_idx, mask[:, None], False, None, q_flat, B, qmax)
 
@@ -123,17 +148,30 @@ class TorchAttnBackend(AttentionBackend):
             o.index_copy_(0, g.tokens, self._attend(q.index_select(0, g.tokens), g, layer_id, sm_scale))
         return o
 
+    def _gather(self, layer_id: int, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V of the KV slots ``flat`` [n] → two [n, Hkv, D] views of the workspace buffers.
+
+        The views are overwritten by the next gather: use them before gathering again.
+        """
+        k_buf, v_buf = self.kv_pool.k_buffers[layer_id], self.kv_pool.v_buffers[layer_id]
+        n = flat.numel()
+        if self._k_ws is None or self._k_ws.shape[0] < n or self._k_ws.dtype != k_buf.dtype:
+            self._k_ws = k_buf.new_empty((n, *k_buf.shape[1:]))
+            self._v_ws = v_buf.new_empty((n, *v_buf.shape[1:]))
+        # index_select on the flattened index is several times faster than advanced indexing on CPU.
+        ks = torch.index_select(k_buf, 0, flat, out=self._k_ws[:n])
+        vs = torch.index_select(v_buf, 0, flat, out=self._v_ws[:n])
+        return ks, vs
+
     def _attend(self, q: torch.Tensor, g: _Group, layer_id: int, sm_scale: float) -> torch.Tensor:
         """q [Tg, Hq, D] of one group → o [Tg, Hq, D]."""
         Hq, D = q.shape[1], q.shape[2]
         if g.shared is not None:
             o = self._cascade(self._pad(q, g), g, layer_id, sm_scale)  # [B, Qmax, Hq, D]
             return o[:, 0] if g.qmax == 1 else o.reshape(-1, Hq, D).index_select(0, g.q_flat)
-        # index_select on the flattened index is several times faster than advanced indexing on CPU.
-        flat = g.kv_idx.reshape(-1)
-        k_buf, v_buf = self.kv_pool.k_buffers[layer_id], self.kv_pool.v_buffers[layer_id]
-        k_all = k_buf.index_select(0, flat).view(g.batch, -1, *k_buf.shape[1:])  # [B, Lmax, Hkv, D]
-        v_all = v_buf.index_select(0, flat).view(g.batch, -1, *v_buf.shape[1:])
+        k_all, v_all = self._gather(layer_id, g.kv_idx.reshape(-1))
+        k_all = k_all.view(g.batch, -1, *k_all.shape[1:])  # [B, Lmax, Hkv, D]
+        v_all = v_all.view(g.batch, -1, *v_all.shape[1:])
         q_pad = self._pad(q, g)
         o = F.scaled_dot_product_attention(
             q_pad.transpose(1, 2),  # [B, Hq, Qmax, D]
@@ -177,8 +215,9 @@ class TorchAttnBackend(AttentionBackend):
         m_s, l_s, o_s = per_request(m_s), per_request(l_s), per_request(o_s)
         # Own suffix: gathered per request, masked (causal within the step, padding).
         lu = g.kv_idx.shape[1]
-        ku = k_buf.index_select(0, g.kv_idx.reshape(-1)).view(B, lu, Hkv, D).to(q.dtype)
-        vu = v_buf.index_select(0, g.kv_idx.reshape(-1)).view(B, lu, Hkv, D).to(q.dtype)
+        ku, vu = self._gather(layer_id, g.kv_idx.reshape(-1))
+        ku = ku.view(B, lu, Hkv, D).to(q.dtype)
+        vu = vu.view(B, lu, Hkv, D).to(q.dtype)
         qb = q.reshape(B, Q, Hkv, G, D).permute(0, 2, 1, 3, 4).reshape(B, Hkv, Q * G, D)
         s_u = torch.matmul(qb, ku.permute(0, 2, 3, 1)) * scale  # [B, Hkv, Q*G, Lu]
         mask = g.mask[:, :, :, None, :].expand(B, 1, Q, G, lu).reshape(B, 1, Q * G, lu)
@@ -192,3 +231,16 @@ class TorchAttnBackend(AttentionBackend):
         a_s, a_u = torch.exp(m_s - m), torch.exp(m_u - m)
         o = (o_s * a_s + o_u * a_u) / (l_s * a_s + l_u * a_u)  # [B, Hkv, Q*G, D]
         return o.view(B, Hkv, Q, G, D).permute(0, 2, 1, 3, 4).reshape(B, Q, Hq, D)
+
+
+def _buckets(members: list[int], lens: list[int], ratio: float) -> list[list[int]]:
+    """Split ``members`` (longest first) so each bucket's shortest ``lens`` is >= ratio x its longest."""
+    out: list[list[int]] = []
+    for b in sorted(members, key=lambda b: -lens[b]):
+        if out and lens[b] >= ratio * lens[out[-1][0]]:
+            out[-1].append(b)
+        else:
+            out.append([b])
+    for bucket in out:
+        bucket.sort()  # request order inside a group (decode outputs come back in this order)
+    return out
