@@ -93,12 +93,13 @@ class OutputProcessor:
             masks = self.grammars.masks(reqs)
             out = self.sampler(logits[rows], reqs, masks)
             for k, (r, tok) in enumerate(zip(reqs, out.next_ids)):
+                lp_row = None
                 if r.return_logprob:
                     lp_row = out.logprobs[k]
                     r.new_output_token_logprobs.append(TokenLogprob(float(lp_row[tok]), tok))
                     if r.top_logprobs_num:
                         r.new_output_top_logprobs.append(top_logprobs(lp_row, r.top_logprobs_num))
-                self.append_token(r, tok)
+                self.append_token(r, tok, lp_row)
 
     def _input_logprobs(self, r: Req, lp: torch.Tensor, row0: int, pos0: int, n: int) -> None:
         start, n_in = r.logprob_start_len, len(r.input_ids)
@@ -118,8 +119,11 @@ class OutputProcessor:
             r.input_logprobs_done = True
 
     # ------------------------------------------------------------------ token bookkeeping
-    def append_token(self, r: Req, tok: int) -> None:
-        """Append a sampled (or model-chosen) token, advance the grammar, finish or jump forward."""
+    def append_token(self, r: Req, tok: int, lp_row: torch.Tensor | None = None) -> None:
+        """Append a sampled (or model-chosen) token, advance the grammar, finish or jump forward.
+
+        ``lp_row`` is the log-softmax row ``tok`` was drawn from (when logprobs are returned): jump-forward
+        may re-encode ``tok`` with the forced text, and the new token at its place is scored by it."""
         r.output_ids.append(tok)
         self.counters.total_generated += 1
         if r.grammar is not None:
@@ -133,7 +137,7 @@ class OutputProcessor:
         if reason is not None:
             self.finish(r, reason)
         elif r.grammar is not None and self.enable_jump_forward:
-            self.grammars.jump_forward(r, self)
+            self.grammars.jump_forward(r, self, lp_row)
 
     def check_finish(self, r: Req, tok: int, upto: int | None = None) -> dict | None:
         """Finish reason if the output ``r.output_ids[:upto]`` (ending in ``tok``) is complete."""
