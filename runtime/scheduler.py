@@ -80,7 +80,7 @@ class Scheduler:
     def model_info(self) -> dict:
         return {
             "model_path": self.args.model_path,
-            "served_model_name": self.args.served_model_name or self.args.model_path,
+            "served_model_name": self.args.model_id,
             "is_generation": True,
             "context_length": self.context_len,
             "vocab_size": self.runner.vocab_size,

@@ -36,6 +36,28 @@ class NotSupportedError(RequestError):
     """A recognised OpenAI feature this server does not implement (yet): 400."""
 
 
+class ModelNotFoundError(RequestError):
+    """The request names a model this server does not serve: 404 ``model_not_found``, as OpenAI and vLLM."""
+
+    status = 404
+    code = "model_not_found"
+
+
+# SGLang's clients send "default"; SGLang-habit clients send the --model-path they launched with.
+DEFAULT_MODEL_ALIAS = "default"
+
+
+def served_model_names(model_id: str, model_path: str) -> tuple[str, ...]:
+    """Every name the OpenAI routes answer to: the served id first (the one /v1/models lists)."""
+    return tuple(dict.fromkeys((model_id, DEFAULT_MODEL_ALIAS, model_path)))
+
+
+def check_model(requested: str | None, names: tuple[str, ...]) -> None:
+    """Raise ``ModelNotFoundError`` unless ``requested`` is one of ``names`` (omitted: the served model)."""
+    if requested is not None and requested not in names:
+        raise ModelNotFoundError(f"The model `{requested}` does not exist.", param="model")
+
+
 # --------------------------------------------------------------------------- constrained decoding
 def constrained_sampling_fields(response_format: ResponseFormat | None, regex: str | None) -> dict[str, str]:
     """THE place where OpenAI's ``response_format`` and the extra ``regex`` field become SamplingParams
