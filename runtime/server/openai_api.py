@@ -310,7 +310,7 @@ def chat_response(prep: Prepared, req: ChatCompletionRequest, results: list[dict
                 "index": i,
                 "message": chat_message(parsed, prep.plan),
                 "logprobs": chat_logprobs(meta) if req.logprobs else None,
-                "finish_reason": chat_finish_reason(finish_reason(meta), parsed, prep.plan),
+                "finish_reason": chat_finish_reason(finish_reason(meta), len(parsed.calls), prep.plan),
                 "matched_stop": _matched_stop(meta),
             }
         )
