@@ -19,6 +19,7 @@ class SchedulerCounters:
     total_computed_tokens: int = 0  # every position computed: prompts, decodes, jump-forward runs
     num_forward: int = 0
     num_retracted: int = 0
+    num_failed: int = 0  # requests ended by an exception while processing them (the engine went on)
     # (monotonic time, total_generated) samples; the throughput is measured over this window
     tput_window: deque[tuple[float, int]] = field(default_factory=lambda: deque(maxlen=64))
 
