@@ -243,6 +243,11 @@ class Scheduler:
             "total_generated_tokens": c.total_generated,
             "num_forward_passes": c.num_forward,
             "num_retracted": c.num_retracted,
+            **(
+                {"hicache_loaded_tokens": c.total_loaded_tokens, "hicache_load_deferred": c.num_load_deferred}
+                if self.kv.tiers is not None
+                else {}
+            ),
             "gen_throughput": tput,
             "forward_time_s": self.runner.forward_time,
             "schedule_policy": self.args.schedule_policy,
