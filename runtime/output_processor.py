@@ -9,6 +9,7 @@ held back).
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -86,7 +87,16 @@ class OutputProcessor:
                 self._input_logprobs(r, all_lp, row0, pos0, n)
         for r, checks in plan.verify:
             self.grammars.verify_forced(r, logits, checks, self)
-        sample_rows = [(r, i) for r, i in plan.sample if not r.finished and r.pending == 0]
+        sample_rows = []
+        for r, i in plan.sample:
+            if r.finished or r.pending != 0:
+                continue
+            if r.sampling_params.max_new_tokens == 0 and not r.output_ids:
+                # Prefill only (SGLang's max_new_tokens=0): the prompt is computed, cached and scored;
+                # nothing is sampled.
+                self.finish(r, {"type": "length", "length": 0})
+                continue
+            sample_rows.append((r, i))
         if sample_rows:
             reqs = [r for r, _ in sample_rows]
             rows = torch.tensor([i for _, i in sample_rows])
@@ -158,6 +168,13 @@ class OutputProcessor:
                 for s in sp.stop:
                     if s in tail:
                         return {"type": "stop", "matched": s}
+            if sp.stop_regex:
+                # A match ends inside the newest token and spans at most its width in tokens.
+                width = sp.stop_regex_window + 1
+                tail = self.tokenizer.decode(out[-width:], skip_special_tokens=sp.skip_special_tokens)
+                for pat in sp.stop_regex:
+                    if re.search(pat, tail):
+                        return {"type": "stop", "matched": pat}
         if len(out) >= sp.max_new_tokens:
             return {"type": "length", "length": sp.max_new_tokens}
         return None
