@@ -10,6 +10,7 @@ held back).
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -95,7 +96,16 @@ class OutputProcessor:
         for r, checks in plan.verify:
             if not r.finished:
                 self.guarded(r, "constrained decoding", self.grammars.verify_forced, r, logits, checks, self)
-        sample_rows = [(r, i) for r, i in plan.sample if not r.finished and r.pending == 0]
+        sample_rows = []
+        for r, i in plan.sample:
+            if r.finished or r.pending != 0:
+                continue
+            if r.sampling_params.max_new_tokens == 0 and not r.output_ids:
+                # Prefill only (SGLang's max_new_tokens=0): the prompt is computed, cached and scored;
+                # nothing is sampled.
+                self.finish(r, {"type": "length", "length": 0})
+                continue
+            sample_rows.append((r, i))
         if not sample_rows:
             return
         try:
@@ -122,7 +132,7 @@ class OutputProcessor:
             r.new_output_token_logprobs.append(TokenLogprob(float(lp_row[tok]), tok))
             if r.top_logprobs_num:
                 r.new_output_top_logprobs.append(top_logprobs(lp_row, r.top_logprobs_num))
-        self.append_token(r, tok)
+        self.append_token(r, tok, lp_row)
 
     def guarded(self, r: Req, stage: str, fn: Any, *args: Any) -> Any:
         """``fn(*args)``; if it raises, fail ``r`` alone and return None."""
@@ -163,8 +173,11 @@ class OutputProcessor:
             r.input_logprobs_done = True
 
     # ------------------------------------------------------------------ token bookkeeping
-    def append_token(self, r: Req, tok: int) -> None:
-        """Append a sampled (or model-chosen) token, advance the grammar, finish or jump forward."""
+    def append_token(self, r: Req, tok: int, lp_row: torch.Tensor | None = None) -> None:
+        """Append a sampled (or model-chosen) token, advance the grammar, finish or jump forward.
+
+        ``lp_row`` is the log-softmax row ``tok`` was drawn from (when logprobs are returned): jump-forward
+        may re-encode ``tok`` with the forced text, and the new token at its place is scored by it."""
         r.output_ids.append(tok)
         self.counters.total_generated += 1
         if r.grammar is not None:
@@ -178,7 +191,7 @@ class OutputProcessor:
         if reason is not None:
             self.finish(r, reason)
         elif r.grammar is not None and self.enable_jump_forward:
-            self.grammars.jump_forward(r, self)
+            self.grammars.jump_forward(r, self, lp_row)
 
     def check_finish(self, r: Req, tok: int, upto: int | None = None) -> dict | None:
         """Finish reason if the output ``r.output_ids[:upto]`` (ending in ``tok``) is complete."""
@@ -199,6 +212,13 @@ class OutputProcessor:
                 for s in sp.stop:
                     if s in tail:
                         return {"type": "stop", "matched": s}
+            if sp.stop_regex:
+                # A match ends inside the newest token and spans at most its width in tokens.
+                width = sp.stop_regex_window + 1
+                tail = self.tokenizer.decode(out[-width:], skip_special_tokens=sp.skip_special_tokens)
+                for pat in sp.stop_regex:
+                    if re.search(pat, tail):
+                        return {"type": "stop", "matched": pat}
         if len(out) >= sp.max_new_tokens:
             return {"type": "length", "length": sp.max_new_tokens}
         return None

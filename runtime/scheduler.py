@@ -85,7 +85,7 @@ class Scheduler:
     def model_info(self) -> dict:
         return {
             "model_path": self.args.model_path,
-            "served_model_name": self.args.served_model_name or self.args.model_path,
+            "served_model_name": self.args.model_id,
             "is_generation": True,
             "context_length": self.context_len,
             "vocab_size": self.runner.vocab_size,
@@ -243,6 +243,11 @@ class Scheduler:
             "num_forward_passes": c.num_forward,
             "num_retracted": c.num_retracted,
             "num_failed_requests": c.num_failed,
+            **(
+                {"hicache_loaded_tokens": c.total_loaded_tokens, "hicache_load_deferred": c.num_load_deferred}
+                if self.kv.tiers is not None
+                else {}
+            ),
             "gen_throughput": tput,
             "forward_time_s": self.runner.forward_time,
             "schedule_policy": self.args.schedule_policy,

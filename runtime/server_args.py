@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -106,7 +107,10 @@ class ServerArgs:
     port: int = arg(30000, "HTTP port")
     api_key: Optional[str] = arg(None, "require 'Authorization: Bearer KEY' on every route but /health")
     chat_template: Optional[str] = arg(None, "a chat template name or Jinja file; default: the tokenizer's")
-    served_model_name: Optional[str] = arg(None, "the model id reported by /v1/models; default: --model-path")
+    served_model_name: Optional[str] = arg(
+        None, "the model id of the OpenAI routes (/v1/models, the 'model' field); default: the model "
+        "directory's name"
+    )
     tool_call_parser: str = arg(
         "auto", "tool-call format of the model's outputs; auto: detected from the chat template", TOOL_CALL_PARSERS
     )
@@ -178,6 +182,11 @@ class ServerArgs:
             raise ValueError("base_gpu_id must be >= 0")
 
     # ------------------------------------------------------------------ derived
+    @property
+    def model_id(self) -> str:
+        """The served model's id: ``served_model_name``, else the model directory's name (no path)."""
+        return self.served_model_name or os.path.basename(os.path.normpath(self.model_path)) or self.model_path
+
     @property
     def resolved_device(self) -> str:
         if self.device != "auto":

@@ -98,10 +98,10 @@ def test_fault_in_token_bookkeeping_fails_one_request(engine, solo, monkeypatch)
     outputs = engine.scheduler.outputs
     real = outputs.append_token
 
-    def faulty(r, tok):
+    def faulty(r, tok, *rest):
         if fault.hit(r):
             raise IndexError("injected append fault")
-        return real(r, tok)
+        return real(r, tok, *rest)
 
     monkeypatch.setattr(outputs, "append_token", faulty)
     _check(engine, solo, _run_together(engine, 2), fault, 2, "output")
