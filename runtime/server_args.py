@@ -120,6 +120,13 @@ class ServerArgs:
     log_level: str = arg("info", "logging level of the server processes", LOG_LEVELS)
     log_interval_s: float = arg(10.0, "seconds between the scheduler's throughput log lines")
     max_request_body_bytes: int = arg(32 * 1024 * 1024, "largest HTTP body or ZeroMQ message (413 above it)")
+    # Admission limits (runtime/validation.py): a request over one is a 400 naming the field
+    max_n: int = arg(128, "largest n (samples per prompt) one request may ask for")
+    max_prompts_per_request: int = arg(1024, "most prompts in one batch request, and most sequences (prompts x n)")
+    max_prompt_tokens: int = arg(0, "most prompt tokens per sequence; 0: the context length")
+    max_tokens_default_cap: int = arg(
+        4096, "max_tokens of an OpenAI request that gives none: the rest of the context, at most this"
+    )
 
     def __post_init__(self) -> None:
         if not self.model_path:
@@ -152,6 +159,11 @@ class ServerArgs:
             raise ValueError("hicache_storage_block_size must be >= 1")
         if self.max_request_body_bytes < 1:
             raise ValueError("max_request_body_bytes must be >= 1")
+        for name in ("max_n", "max_prompts_per_request", "max_tokens_default_cap"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1")
+        if self.max_prompt_tokens < 0:
+            raise ValueError("max_prompt_tokens must be >= 0 (0: the context length)")
         if self.tp_size < 1:
             raise ValueError("tp_size must be >= 1")
         if self.dp_size < 1:
