@@ -23,6 +23,8 @@ vs served from the disk tier a previous Engine wrote (int8 and lossless), median
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import random
 import statistics
 import tempfile
@@ -185,6 +187,47 @@ def warm_restart(path, vocab, bos, restarts: int, prefix_len: int = 2000) -> Non
         print(f"| {label} | {t:.3f} | {cached} | {base / t:.1f}x |", flush=True)
 
 
+def compression_error(path, vocab, bos, prefix_len: int = 512, cont_len: int = 64, gen_len: int = 32) -> None:
+    """Teacher-forced logprobs of a continuation, and greedy tokens, behind a prefix loaded back from
+    the host tier, per codec vs the lossless tier."""
+    rng = random.Random(11)
+    prefix = bos + _seg(rng, vocab, prefix_len - len(bos))
+    cont = _seg(rng, vocab, cont_len)
+    fillers = [bos + _seg(rng, vocab, prefix_len + 100) for _ in range(2)]
+
+    def score(codec: str) -> tuple[list[float], list[int], int]:
+        """(continuation logprobs, greedy ids, prefix tokens the host tier served)"""
+        with Engine(model_path=path, dtype="float32", device="cpu", max_total_tokens=2 * prefix_len + 300,
+                    enable_hierarchical_cache=True, hicache_compression=codec, hicache_ratio=4) as eng:
+            eng.generate(input_ids=prefix, sampling_params={"max_new_tokens": 1})
+            for f in fillers:  # push the prefix out of the device pool into the host tier
+                eng.generate(input_ids=f, sampling_params={"max_new_tokens": 1})
+            out = eng.generate(input_ids=prefix + cont, return_logprob=True, logprob_start_len=len(prefix),
+                               sampling_params={"temperature": 0, "max_new_tokens": gen_len, "ignore_eos": True})
+            host = eng.get_server_info()["scheduler_stats"]["hicache_host_hit_tokens"]
+        return [lp for lp, _, _ in out["meta_info"]["input_token_logprobs"]], out["output_ids"], host
+
+    print(f"\nCompressed tier error: a {prefix_len}-token prefix loaded back from the host tier, then "
+          f"{cont_len} teacher-forced tokens and {gen_len} greedy ones, vs the lossless tier:\n")
+    print("| codec | bytes/token vs lossless | tokens loaded from host | max abs dlogprob | mean abs dlogprob "
+          "| greedy tokens before the first difference |")
+    print("|---|---:|---:|---:|---:|---:|")
+    from radixlm.runtime.kv_tiers.codec import KVCodec
+
+    results = {codec: score(codec) for codec in ("none", "int8", "fp8")}
+    exact, exact_ids, _ = results["none"]
+    with open(os.path.join(path, "config.json")) as f:
+        cfg = json.load(f)
+    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+    full = KVCodec("none", torch.float32).bytes_per_row(head_dim)
+    for codec, (lps, ids, host) in results.items():
+        d = [abs(a - b) for a, b in zip(lps, exact)]
+        same = next((i for i, (a, b) in enumerate(zip(ids, exact_ids)) if a != b), len(ids))
+        ratio = KVCodec(codec, torch.float32).bytes_per_row(head_dim) / full
+        print(f"| {codec} | {ratio:.3f} | {host} | {max(d):.2e} | {sum(d) / len(d):.2e} | {same} of {len(ids)} |",
+              flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--preset", default="small")
@@ -209,6 +252,7 @@ def main() -> None:
               f"{args.new_tokens} new tokens/request, scale {args.scale}\n")
         tier_rows(path, args.workloads.split(","), args.scale, vocab, bos, args.new_tokens, args.repeats)
         warm_restart(path, vocab, bos, args.restarts)
+        compression_error(path, vocab, bos)
         return
     model = load_hf(path)
     print(f"llama-{args.preset}, float32, CPU, torch threads={torch.get_num_threads()}, {args.new_tokens} new tokens/request\n")
