@@ -16,6 +16,7 @@ server from its own process. Messages in and out are the Structs of ``radixlm.ru
 
 from __future__ import annotations
 
+import logging
 import os
 
 import torch
@@ -46,6 +47,8 @@ from radixlm.runtime.scheduler_stats import SchedulerCounters
 from radixlm.runtime.server_args import ServerArgs
 from radixlm.runtime.hf_tokenizer import eos_token_ids, load_tokenizer
 from radixlm.runtime.validation import RequestLimits, check_request
+
+logger = logging.getLogger("radixlm.scheduler")
 
 
 class Scheduler:
@@ -99,6 +102,9 @@ class Scheduler:
                 self.add_request(msg)
             except ValueError as e:
                 return [ErrorOut(rid=msg.rid, message=str(e))]
+            except Exception as e:  # noqa: BLE001 - a request the checks did not foresee fails alone
+                logger.exception("add_request %s failed", msg.rid)
+                return [ErrorOut(rid=msg.rid, message=f"the request could not be queued: {type(e).__name__}: {e}")]
             return []
         if isinstance(msg, AbortReq):
             self.abort_request(msg.rid)
@@ -145,14 +151,14 @@ class Scheduler:
             if r.rid == rid:
                 self.waiting.remove(r)
                 r.finish_reason = {"type": "abort"}
-                self._outputs.append(self.outputs.make_output(r))
+                self._outputs.append(self.outputs.safe_output(r))
                 return
         for r in self.running:
             if r.rid == rid:
                 r.finish_reason = {"type": "abort"}
                 self.kv.release(r, finished=True)
                 self.running.remove(r)
-                self._outputs.append(self.outputs.make_output(r))
+                self._outputs.append(self.outputs.safe_output(r))
                 return
 
     def flush_cache(self) -> tuple[bool, str]:
@@ -175,7 +181,7 @@ class Scheduler:
     def step(self) -> list[ReqOutput]:
         """Run one scheduling step; return what each touched request produced."""
         outputs, self._outputs = self._outputs, []
-        outputs.extend(self.outputs.make_output(r) for r in self.grammars.poll(self.waiting))
+        outputs.extend(self.outputs.safe_output(r) for r in self.grammars.poll(self.waiting))
         # Decoding requests first get their one slot each (retracting if memory ran out), then the
         # extend work (new prompts, prompt chunks, jump-forward tokens) fills the step's token budget.
         # Both go into one forward pass: decodes never wait for a prefill step.
@@ -237,6 +243,7 @@ class Scheduler:
             "total_generated_tokens": c.total_generated,
             "num_forward_passes": c.num_forward,
             "num_retracted": c.num_retracted,
+            "num_failed_requests": c.num_failed,
             **(
                 {"hicache_loaded_tokens": c.total_loaded_tokens, "hicache_load_deferred": c.num_load_deferred}
                 if self.kv.tiers is not None
