@@ -9,10 +9,12 @@ from __future__ import annotations
 import logging
 import os
 import time
+from dataclasses import dataclass
 
 import torch
 
 from radixlm.runtime.attention import create_attention_backend
+from radixlm.runtime.device_sampler import DeviceSampler, SampleResult, SamplingBatch
 from radixlm.runtime.forward_batch import ForwardBatch
 from radixlm.runtime.memory_pool import KVPool, ReqToTokenPool
 from radixlm.runtime.server_args import ServerArgs
@@ -44,6 +46,14 @@ def resolve_dtype(name: str, config) -> torch.dtype:
 
 def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
+
+
+@dataclass
+class ForwardOutput:
+    """What one pass hands back to the host: sampled ids, and only the logits rows the host asked for."""
+
+    sample: SampleResult | None  # next token ids (+ logprob rows of requests that asked), or None
+    host_logits: torch.Tensor | None  # [len(host_rows), V] float32 on the host, or None
 
 
 class ModelRunner:
@@ -99,6 +109,7 @@ class ModelRunner:
         self.attn_backend = create_attention_backend(
             args.resolved_attention_backend, self.kv_pool, self.req_to_token_pool
         )
+        self.sampler = DeviceSampler(self.vocab_size, self.device, args.random_seed)
         self.forward_time = 0.0  # seconds spent in forward passes (for overhead accounting)
         if self.tp and self.tp.is_leader:
             from radixlm.runtime.distributed.step_channel import StepLeader
@@ -116,8 +127,24 @@ class ModelRunner:
         return max(min(int(avail * self.args.mem_fraction_static) // bytes_per_token, _CPU_AUTO_MAX_TOKENS), 1)
 
     @torch.inference_mode()
-    def forward(self, fb: ForwardBatch) -> torch.Tensor:
-        """Logits [N, V] float32 for the rows ``fb.logits_indices``."""
+    def forward(self, fb: ForwardBatch, sampling: SamplingBatch | None = None,
+                host_rows: list[int] | None = None) -> ForwardOutput:
+        """Run the pass over ``fb``; sample ``sampling``'s rows on the device; copy ``host_rows`` to the host.
+
+        The logits rows are ``fb.logits_indices``; ``sampling.rows`` and ``host_rows`` index into them.
+        Nothing of size [rows, vocab] crosses to the host except ``host_rows`` and the logprob rows of
+        requests that asked for logprobs.
+        """
+        logits = self.forward_logits(fb)  # [N, V] on the device
+        sample = self.sampler.sample(logits, sampling) if sampling is not None and sampling.reqs else None
+        host = None
+        if host_rows:
+            host = logits.index_select(0, torch.tensor(host_rows, dtype=torch.int64, device=logits.device)).cpu()
+        return ForwardOutput(sample, host)
+
+    @torch.inference_mode()
+    def forward_logits(self, fb: ForwardBatch) -> torch.Tensor:
+        """Logits [N, V] float32, on the model's device, for the rows ``fb.logits_indices``."""
         t0 = time.perf_counter()
         if self._steps is not None:  # every rank runs the same forward pass
             self._steps.send_step(fb, self.req_to_token_pool.req_to_token)

@@ -1,10 +1,11 @@
 """OutputProcessor: what a forward pass's logits turn into.
 
 Before the pass it says which logits rows are needed (``LogitsPlan``: sampling rows, prompt-logprob
-rows, rows that verify jump-forward tokens). After it: prompt logprobs, verification of forced tokens
-(through ``GrammarManager``), sampling, token append, finish checks (EOS, stop ids and strings,
-length, a finished grammar), and the ``ReqOutput`` each request reports (unverified forced tokens are
-held back).
+rows, rows that verify jump-forward tokens) and builds the ``SamplingBatch`` the model runner samples
+on the device. After it: prompt logprobs and verification of forced tokens (through
+``GrammarManager``) from the few logits rows copied to the host, the sampled ids, token append, finish
+checks (EOS, stop ids and strings, length, a finished grammar), and the ``ReqOutput`` each request
+reports (unverified forced tokens are held back).
 """
 
 from __future__ import annotations
@@ -14,11 +15,13 @@ from typing import Any
 
 import torch
 
+from radixlm.runtime.device_sampler import SamplingBatch
 from radixlm.runtime.grammar_manager import GrammarManager
 from radixlm.runtime.kv_manager import KVManager
+from radixlm.runtime.model_runner import ForwardOutput
 from radixlm.runtime.protocol import ReqOutput, TokenLogprob
 from radixlm.runtime.req import Req
-from radixlm.runtime.sampler import Sampler, top_logprobs
+from radixlm.runtime.sampler import top_logprobs
 from radixlm.runtime.scheduler_stats import SchedulerCounters
 
 
@@ -57,6 +60,13 @@ class LogitsPlan:
             start += n
         return plan
 
+    @property
+    def host_rows(self) -> list[int]:
+        """Logits rows the host needs whole: prompt-logprob rows and jump-forward verification rows."""
+        rows = {row0 + j for _, row0, _, n in self.input_logprobs for j in range(n)}
+        rows.update(row for _, checks in self.verify for _, _, row in checks)
+        return sorted(rows)
+
 
 def _visible_len(r: Req) -> int:
     """Output tokens the client may see: all but unverified jump-forward tokens."""
@@ -66,39 +76,60 @@ def _visible_len(r: Req) -> int:
 class OutputProcessor:
     """Applies one pass's logits to its requests; removes finished ones from ``running`` (shared)."""
 
-    def __init__(self, tokenizer: Any, eos_ids: set[int], sampler: Sampler, kv: KVManager,
+    def __init__(self, tokenizer: Any, eos_ids: set[int], vocab_size: int, device: str, kv: KVManager,
                  grammars: GrammarManager, running: list[Req], counters: SchedulerCounters,
                  enable_jump_forward: bool) -> None:
         self.tokenizer = tokenizer
         self.eos_ids = eos_ids
-        self.sampler = sampler
+        self.vocab_size = vocab_size
+        self.device = device
         self.kv = kv
         self.grammars = grammars
         self.running = running
         self.counters = counters
         self.enable_jump_forward = enable_jump_forward
 
-    def process(self, plan: LogitsPlan, logits: torch.Tensor) -> None:
-        """logits: [len(plan.rows), V] on the host, after the batch's ``kv_len`` were advanced."""
+    def sampling_batch(self, plan: LogitsPlan) -> SamplingBatch | None:
+        """The device-side sampling inputs of the plan's sampling rows (built before the pass).
+
+        Grammar masks, penalties and seeds are read now; they are what sampling after the pass would
+        read, since the pass changes none of them. A row whose request verification later truncates is
+        discarded (its request has a pending token again).
+        """
+        if not plan.sample:
+            return None
+        return SamplingBatch.build([r for r, _ in plan.sample], [i for _, i in plan.sample], self.vocab_size,
+                                   sorted(self.eos_ids), self.device)
+
+    def process(self, plan: LogitsPlan, out: ForwardOutput) -> None:
+        """Apply a pass's output (after the batch's ``kv_len`` were advanced)."""
+        host_rows = plan.host_rows
+        remap = {row: k for k, row in enumerate(host_rows)}  # logits row -> row of out.host_logits
         if plan.input_logprobs:
-            all_lp = torch.log_softmax(logits, dim=-1)
+            all_lp = torch.log_softmax(out.host_logits, dim=-1)
             for r, row0, pos0, n in plan.input_logprobs:
-                self._input_logprobs(r, all_lp, row0, pos0, n)
+                self._input_logprobs(r, all_lp, remap[row0], pos0, n)  # a request's rows are contiguous
         for r, checks in plan.verify:
-            self.grammars.verify_forced(r, logits, checks, self)
-        sample_rows = [(r, i) for r, i in plan.sample if not r.finished and r.pending == 0]
-        if sample_rows:
-            reqs = [r for r, _ in sample_rows]
-            rows = torch.tensor([i for _, i in sample_rows])
-            masks = self.grammars.masks(reqs)
-            out = self.sampler(logits[rows], reqs, masks)
-            for k, (r, tok) in enumerate(zip(reqs, out.next_ids)):
-                if r.return_logprob:
-                    lp_row = out.logprobs[k]
-                    r.new_output_token_logprobs.append(TokenLogprob(float(lp_row[tok]), tok))
-                    if r.top_logprobs_num:
-                        r.new_output_top_logprobs.append(top_logprobs(lp_row, r.top_logprobs_num))
-                self.append_token(r, tok)
+            self.grammars.verify_forced(r, out.host_logits, [(i, s, remap[row]) for i, s, row in checks], self)
+        if not plan.sample:
+            return
+        res = out.sample
+        lp_pos = {k: j for j, k in enumerate(self._lp_rows(plan))}  # plan.sample index -> logprobs row
+        for k, (r, _) in enumerate(plan.sample):
+            if r.finished or r.pending != 0:
+                continue
+            tok = res.next_ids[k]
+            if r.return_logprob:
+                lp_row = res.logprobs[lp_pos[k]]
+                r.new_output_token_logprobs.append(TokenLogprob(float(lp_row[tok]), tok))
+                if r.top_logprobs_num:
+                    r.new_output_top_logprobs.append(top_logprobs(lp_row, r.top_logprobs_num))
+            self.append_token(r, tok)
+
+    @staticmethod
+    def _lp_rows(plan: LogitsPlan) -> list[int]:
+        """Indices into plan.sample of the rows whose logprobs the sampler returned (SamplingBatch order)."""
+        return [k for k, (r, _) in enumerate(plan.sample) if r.return_logprob]
 
     def _input_logprobs(self, r: Req, lp: torch.Tensor, row0: int, pos0: int, n: int) -> None:
         start, n_in = r.logprob_start_len, len(r.input_ids)

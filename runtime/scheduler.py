@@ -40,7 +40,6 @@ from radixlm.runtime.protocol import (
 )
 from radixlm.runtime.kv_tiers import create_cache
 from radixlm.runtime.req import Req
-from radixlm.runtime.sampler import Sampler
 from radixlm.runtime.schedule_policy import SchedulePolicy
 from radixlm.runtime.scheduler_stats import SchedulerCounters
 from radixlm.runtime.server_args import ServerArgs
@@ -71,9 +70,9 @@ class Scheduler:
         self.counters = SchedulerCounters()
         self.grammars = GrammarManager(args, self.tokenizer, self.runner.vocab_size, self.eos_ids)
         self.batches = BatchBuilder(args, self.kv, self.cache, self.policy, self.waiting, self.running, self.counters)
-        sampler = Sampler(self.runner.vocab_size, self.eos_ids, args.random_seed)
-        self.outputs = OutputProcessor(self.tokenizer, self.eos_ids, sampler, self.kv, self.grammars,
-                                       self.running, self.counters, args.enable_jump_forward)
+        self.outputs = OutputProcessor(self.tokenizer, self.eos_ids, self.runner.vocab_size, self.runner.device,
+                                       self.kv, self.grammars, self.running, self.counters,
+                                       args.enable_jump_forward)
 
     # ------------------------------------------------------------------ messages
     @property
@@ -211,13 +210,14 @@ class Scheduler:
             self.runner.device,
         )
         fb.logits_indices = torch.tensor(plan.rows, dtype=torch.int64, device=self.runner.device)
-        logits = self.runner.forward(fb).cpu()  # [N, V]; N may be 0 for a middle chunk
+        # Sampling runs on the model's device; only ids (and rows asked for) come back. N may be 0.
+        out = self.runner.forward(fb, self.outputs.sampling_batch(plan), plan.host_rows)
         self.counters.num_forward += 1
         self.counters.total_computed_tokens += len(input_ids)
         for r, n in batch:
             self.counters.total_computed_prompt_tokens += max(0, min(r.kv_len + n, len(r.input_ids)) - r.kv_len)
             r.kv_len += n
-        self.outputs.process(plan, logits)
+        self.outputs.process(plan, out)
         if mode is ForwardMode.EXTEND:
             for r, _ in batch:  # share computed prompts (and chunks) through the tree at once
                 if not r.finished:
