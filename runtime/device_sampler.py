@@ -1,8 +1,8 @@
 """Sampling on the model's device: logits rows → next token ids, without copying the vocabulary to the host.
 
-``SamplingBatch.build`` gathers, on the host, what the step's sampling rows need (their parameters,
+``SamplingBatch.build`` gathers, on the host, what a step's sampling rows need (their parameters,
 penalty statistics, logit biases, grammar masks packed as 32-bit bitmasks, min_new_tokens bans) into
-small tensors on the model's device; ``DeviceSampler.sample`` runs the same order of operations as the
+small tensors on the model's device; calling ``DeviceSampler`` runs the same order of operations as the
 host reference ``Sampler`` (runtime/sampler.py) on the device and returns the ids (one ``[B]`` copy to
 the host) and log-softmax rows only for the requests that asked for logprobs. Greedy rows take an
 argmax and never sort the vocabulary; only rows that sample with top-k/top-p/min-p are sorted.
@@ -66,8 +66,10 @@ class SamplingBatch:
 
     @classmethod
     def build(cls, reqs: list[Req], rows: list[int], vocab_size: int, eos_ids: list[int],
-              device: torch.device | str) -> "SamplingBatch":
-        """Everything the device needs for these requests; grammar masks come from each request's matcher."""
+              device: torch.device | str, masks: torch.Tensor | None = None) -> "SamplingBatch":
+        """Everything the device needs for these requests. ``masks``: [B, V] bool allowed tokens on the host
+        (``GrammarManager.masks``; all-true rows for free requests) or None; only constrained rows are
+        packed and sent."""
 
         def dev(x, dtype):
             return torch.tensor(x, dtype=dtype).to(device, non_blocking=True)
@@ -109,13 +111,11 @@ class SamplingBatch:
             bias = (dev([e[0] for e in entries], torch.int64), dev([int(e[1]) for e in entries], torch.int64),
                     dev([e[2] for e in entries], torch.float32))
 
-        constrained = [i for i, r in enumerate(reqs) if r.grammar is not None]
         g_rows = g_mask = None
+        constrained = [i for i, r in enumerate(reqs) if r.grammar is not None] if masks is not None else []
         if constrained:
-            allowed = torch.zeros((len(constrained), V), dtype=torch.bool)
-            for k, i in enumerate(constrained):
-                reqs[i].grammar.matcher.fill_mask(allowed[k])
-            g_rows, g_mask = dev(constrained, torch.int64), pack_bitmask(allowed).to(device)
+            g_rows = dev(constrained, torch.int64)
+            g_mask = pack_bitmask(masks[torch.tensor(constrained, dtype=torch.int64)]).to(device)
 
         ban_r, ban_t = [], []
         for i, r in enumerate(reqs):
@@ -144,7 +144,7 @@ class DeviceSampler:
         self.device = torch.device(device)
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
 
-    def sample(self, logits: torch.Tensor, sb: SamplingBatch) -> SampleResult:
+    def __call__(self, logits: torch.Tensor, sb: SamplingBatch) -> SampleResult:
         """logits [N, V] float32 on the device (the forward pass's rows); returns ids on the host."""
         x = logits.index_select(0, sb.rows)  # [B, V], a fresh tensor we may modify in place
         lp = None

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from radixlm.runtime.attention import create_attention_backend
-from radixlm.runtime.device_sampler import DeviceSampler, SampleResult, SamplingBatch
+from radixlm.runtime.device_sampler import DeviceSampler
 from radixlm.runtime.forward_batch import ForwardBatch
 from radixlm.runtime.memory_pool import KVPool, ReqToTokenPool
 from radixlm.runtime.server_args import ServerArgs
@@ -50,9 +50,9 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 @dataclass
 class ForwardOutput:
-    """What one pass hands back to the host: sampled ids, and only the logits rows the host asked for."""
+    """One pass's logits: all rows on the model's device (for ``sampler``), the few the host asked for copied."""
 
-    sample: SampleResult | None  # next token ids (+ logprob rows of requests that asked), or None
+    logits: torch.Tensor  # [N, V] float32 on the model's device
     host_logits: torch.Tensor | None  # [len(host_rows), V] float32 on the host, or None
 
 
@@ -127,20 +127,18 @@ class ModelRunner:
         return max(min(int(avail * self.args.mem_fraction_static) // bytes_per_token, _CPU_AUTO_MAX_TOKENS), 1)
 
     @torch.inference_mode()
-    def forward(self, fb: ForwardBatch, sampling: SamplingBatch | None = None,
-                host_rows: list[int] | None = None) -> ForwardOutput:
-        """Run the pass over ``fb``; sample ``sampling``'s rows on the device; copy ``host_rows`` to the host.
+    def forward(self, fb: ForwardBatch, host_rows: list[int] | None = None) -> ForwardOutput:
+        """Run the pass over ``fb`` (logits rows ``fb.logits_indices``); copy only ``host_rows`` to the host.
 
-        The logits rows are ``fb.logits_indices``; ``sampling.rows`` and ``host_rows`` index into them.
-        Nothing of size [rows, vocab] crosses to the host except ``host_rows`` and the logprob rows of
-        requests that asked for logprobs.
+        The logits stay on the device: ``self.sampler`` (a ``DeviceSampler``) turns them into token ids
+        there, so no [rows, vocab] tensor crosses to the host except ``host_rows`` (prompt logprobs,
+        jump-forward verification) and the logprob rows of requests that asked for logprobs.
         """
-        logits = self.forward_logits(fb)  # [N, V] on the device
-        sample = self.sampler.sample(logits, sampling) if sampling is not None and sampling.reqs else None
+        logits = self.forward_logits(fb)  # [N, V]
         host = None
         if host_rows:
             host = logits.index_select(0, torch.tensor(host_rows, dtype=torch.int64, device=logits.device)).cpu()
-        return ForwardOutput(sample, host)
+        return ForwardOutput(logits, host)
 
     @torch.inference_mode()
     def forward_logits(self, fb: ForwardBatch) -> torch.Tensor:

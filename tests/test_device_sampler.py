@@ -83,8 +83,8 @@ def _logits(n: int, seed: int) -> torch.Tensor:
 
 def _both(reqs: list[Req], logits: torch.Tensor, rows: list[int]):
     host = Sampler(V, {EOS}, seed=5)(logits[rows], reqs, _host_masks(reqs))
-    sb = SamplingBatch.build(reqs, rows, V, [EOS], "cpu")
-    dev = DeviceSampler(V, "cpu", seed=5).sample(logits, sb)
+    sb = SamplingBatch.build(reqs, rows, V, [EOS], "cpu", _host_masks(reqs))
+    dev = DeviceSampler(V, "cpu", seed=5)(logits, sb)
     return host, dev
 
 
@@ -129,8 +129,8 @@ def test_greedy_rows_never_sort(monkeypatch):
     monkeypatch.setattr(torch, "sort", no_sort)
     reqs = [r for r in _cases() if r.sampling_params.is_greedy]
     logits = _logits(len(reqs), 2)
-    sb = SamplingBatch.build(reqs, list(range(len(reqs))), V, [EOS], "cpu")
-    out = DeviceSampler(V, "cpu").sample(logits, sb)
+    sb = SamplingBatch.build(reqs, list(range(len(reqs))), V, [EOS], "cpu", _host_masks(reqs))
+    out = DeviceSampler(V, "cpu")(logits, sb)
     assert len(out.next_ids) == len(reqs)
 
 
