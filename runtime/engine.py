@@ -135,8 +135,13 @@ class Engine:
         return_text_in_logprobs: bool = False,
         stream: bool = False,
         rid: str | list[str] | None = None,
+        cache_salt: str | list[str] | None = None,
+        extra_key: str | list[str] | None = None,
     ) -> dict | list[dict] | Iterator[dict]:
-        """SGLang's Engine.generate: a dict for one prompt (n=1), else a list; an iterator if stream."""
+        """SGLang's Engine.generate: a dict for one prompt (n=1), else a list; an iterator if stream.
+
+        ``cache_salt`` / ``extra_key``: a KV cache namespace; the request reuses (and leaves) cached
+        prefixes only among requests with the same values (see ``generate_request.cache_namespace``)."""
         obj = GenerateReqInput(
             text=prompt,
             input_ids=input_ids,
@@ -147,6 +152,8 @@ class Engine:
             top_logprobs_num=top_logprobs_num,
             return_text_in_logprobs=return_text_in_logprobs,
             stream=stream,
+            cache_salt=cache_salt,
+            extra_key=extra_key,
         )
         check_admission(obj, self.limits)
         reqs = obj.normalize(self.tokenizer)

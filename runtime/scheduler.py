@@ -139,6 +139,7 @@ class Scheduler:
             return_logprob=tr.return_logprob,
             logprob_start_len=tr.logprob_start_len if tr.return_logprob else -1,
             top_logprobs_num=tr.top_logprobs_num if tr.return_logprob else 0,
+            cache_namespace=tr.cache_namespace,
             arrival=self.step_count,
         )
         # Front ends validated the pattern; the compile runs in the background, off this loop.

@@ -254,3 +254,61 @@ def test_a_leaked_host_slot_fails_the_invariant_checked_at_shutdown(tiny_llama):
     with pytest.raises(AssertionError, match="host tier leak"):
         eng.shutdown()
     assert not eng._thread.is_alive()  # shut down all the same
+
+
+def _disk_kw(tmp_path, **kw) -> dict:
+    return dict(enable_hierarchical_cache=True, hicache_compression="none", hicache_storage_dir=str(tmp_path),
+                hicache_storage_block_size=16, **kw)
+
+
+@pytest.mark.slow
+def test_two_engines_share_one_disk_directory(tiny_llama, vocab, tmp_path):
+    """Two replicas write the same directory at once (same prefixes, racing on the same blocks); a third
+    that starts afterwards serves every prefix from it, no block torn, outputs exact."""
+    import threading
+
+    prompts = _prompts(vocab, n_prefixes=2, per=4, prefix_len=64, seed=3)
+    with _engine(tiny_llama, disable_radix_cache=True) as eng:
+        ref = _run(eng, prompts, return_logprob=True)
+    a, b = _engine(tiny_llama, **_disk_kw(tmp_path)), _engine(tiny_llama, **_disk_kw(tmp_path))
+    try:
+        outs: dict = {}
+        threads = [threading.Thread(target=lambda e=e, i=i: outs.__setitem__(i, _run(e, prompts, return_logprob=True)))
+                   for i, e in enumerate((a, b))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=300)
+        _same(outs[0], ref)
+        _same(outs[1], ref)
+    finally:
+        a.shutdown()
+        b.shutdown()
+    with _engine(tiny_llama, **_disk_kw(tmp_path)) as c:
+        again = _run(c, prompts, return_logprob=True)
+        stats = c.get_server_info()["scheduler_stats"]
+    assert stats["hicache_storage_corrupt"] == 0 and stats["hicache_disk_hit_tokens"] >= 2 * 64
+    assert all(o["meta_info"]["cached_tokens"] >= 64 for o in again)
+    _same(again, ref)
+
+
+@pytest.mark.slow
+def test_disk_directory_is_bounded_and_keeps_the_recent_prefixes(tiny_llama, vocab, tmp_path):
+    rng = random.Random(9)
+    prompts = [[rng.randrange(3, vocab) for _ in range(36)] for _ in range(6)]  # 2 whole blocks each
+    with _engine(tiny_llama, **_disk_kw(tmp_path / "probe")) as eng:
+        eng.generate(input_ids=prompts[0], sampling_params=GREEDY)
+        eng.scheduler.cache.disk.flush()
+        block_bytes = eng.get_server_info()["scheduler_stats"]["hicache_storage_bytes"] / 2
+    bound = block_bytes * 5.5  # room for under three prompts
+    kw = _disk_kw(tmp_path / "d", hicache_storage_size_gb=bound / (1 << 30))
+    with _engine(tiny_llama, **kw) as eng:
+        _run(eng, prompts)
+        eng.scheduler.cache.disk.flush()
+        stats = eng.get_server_info()["scheduler_stats"]
+    assert stats["hicache_storage_evicted"] >= 6
+    assert sum(p.stat().st_size for p in (tmp_path / "d").rglob("*.kv")) <= bound
+    with _engine(tiny_llama, **kw) as eng:  # after a restart: the newest prefix is there, the oldest not
+        newest = eng.generate(input_ids=prompts[-1], sampling_params=GREEDY)
+        oldest = eng.generate(input_ids=prompts[0], sampling_params=GREEDY)
+    assert newest["meta_info"]["cached_tokens"] == 32 and oldest["meta_info"]["cached_tokens"] == 0

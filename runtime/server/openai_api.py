@@ -193,6 +193,8 @@ def prepare_completion(req: CompletionRequest, tokenizer: Any, model_info: dict,
         top_logprobs_num=req.logprobs if want_lp else None,
         return_text_in_logprobs=want_lp,
         stream=req.stream,
+        cache_salt=req.cache_salt,
+        extra_key=req.extra_key,
     )
     return Prepared(obj, prompts, req.n, model, int(time.time()), f"cmpl-{uuid.uuid4().hex}", echo=echo)
 
@@ -246,6 +248,8 @@ def prepare_chat(
         top_logprobs_num=(req.top_logprobs or 0) if want_lp else None,
         return_text_in_logprobs=want_lp,
         stream=req.stream,
+        cache_salt=req.cache_salt,
+        extra_key=req.extra_key,
     )
     reasoning = cfg.reasoning_parser if req.separate_reasoning else None
     return Prepared(obj, [ids], req.n, model, int(time.time()), f"chatcmpl-{uuid.uuid4().hex}", plan, reasoning)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictStr, field_validator, model_validator
 
 _FUNCTION_NAME = r"^[a-zA-Z0-9_-]{1,64}$"  # OpenAI's rule for function names
 
@@ -59,6 +59,9 @@ class _SamplingExtras(_Body):
     no_stop_trim: bool = False
     regex: Optional[str] = None
     rid: Optional[str] = None
+    # KV cache namespace (vLLM's cache_salt, SGLang's extra_key): prefixes are shared only within it
+    cache_salt: Optional[StrictStr] = None
+    extra_key: Optional[StrictStr] = None
 
     @field_validator("stop")
     @classmethod
