@@ -169,7 +169,8 @@ class Scheduler:
         return True, "cache flushed"
 
     def close(self) -> None:
-        """Finish background work that must not be lost (queued disk-tier writes)."""
+        """Finish background work that must not be lost (queued disk-tier writes); stop grammar workers."""
+        self.grammars.close()
         self.kv.close()
 
     def has_work(self) -> bool:

@@ -89,6 +89,10 @@ class ServerArgs:
     )
     enable_jump_forward: bool = arg(True, "append text a grammar forces without sampling it")
     grammar_cache_size: int = arg(64, "compiled grammars kept (LRU)")
+    grammar_compile_timeout: float = arg(
+        10.0, "seconds one grammar build may take in its worker process; longer: the request fails (400)"
+    )
+    grammar_max_memory_mb: int = arg(2048, "address-space limit of the grammar compile worker process, in MB")
     constrained_json_whitespace_pattern: Optional[str] = arg(
         None, "regex for whitespace between JSON tokens; default: outlines' (an optional space); '' = compact"
     )
@@ -162,6 +166,10 @@ class ServerArgs:
         for name in ("max_n", "max_prompts_per_request", "max_tokens_default_cap"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
+        if self.grammar_compile_timeout <= 0:
+            raise ValueError("grammar_compile_timeout must be > 0")
+        if self.grammar_max_memory_mb < 256:
+            raise ValueError("grammar_max_memory_mb must be >= 256 (the worker's interpreter needs some)")
         if self.max_prompt_tokens < 0:
             raise ValueError("max_prompt_tokens must be >= 0 (0: the context length)")
         if self.tp_size < 1:
