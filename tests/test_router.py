@@ -299,7 +299,8 @@ def test_runtime_endpoint_through_the_router_keeps_a_program_on_one_worker(worke
 
 # --------------------------------------------------------------------------- radixlm serve --dp-size
 def test_dp_size_2_serves_and_equals_dp_1(workers, tiny_llama):
-    prompts = [f"Data parallel prompt {i}: " + "tell me more " * (i % 3) for i in range(8)]
+    words = ["Apples", "Bridges", "Clouds", "Dragons", "Engines", "Forests", "Glaciers", "Harbors"]
+    prompts = [f"{w} are a topic of data parallel prompt {i}: " + "tell me more " * (i % 3) for i, w in enumerate(words)]
     body = {"sampling_params": GREEDY}
     expected = [generate(workers[0].url, {"text": p, **body})["text"] for p in prompts]
     with Runtime(model_path=tiny_llama, device="cpu", max_total_tokens=POOL, log_level="warning",
