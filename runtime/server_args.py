@@ -19,6 +19,7 @@ HICACHE_WRITE_POLICIES = ("write_through", "write_through_selective", "write_bac
 HICACHE_COMPRESSION = ("auto", "none", "int8", "fp8")
 HICACHE_STORAGE_BACKENDS = (None, "file")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+DP_POLICIES = ("cache_aware", "round_robin", "power_of_two", "random")  # = radixlm.router.policy.POLICIES
 # Kept in step with runtime/parsers (a test checks): listed here so ServerArgs imports nothing heavy.
 TOOL_CALL_PARSERS = ("auto", "hermes", "qwen25", "qwen", "llama3", "mistral")
 REASONING_PARSERS = ("none", "deepseek-r1", "qwen3")
@@ -99,6 +100,9 @@ class ServerArgs:
     # Parallelism (runtime/distributed; SGLang's flag names)
     tp_size: int = arg(1, "tensor-parallel ranks: attention heads and the MLP are sharded over them")
     dp_size: int = arg(1, "data-parallel replicas behind one front door, routed cache-aware (serve only)")
+    load_balance_method: str = arg(
+        "cache_aware", "how --dp-size routes requests to its replicas (the router's policies)", DP_POLICIES
+    )
     nnodes: int = arg(1, "machines the tensor-parallel ranks span (tp_size is split evenly over them)")
     node_rank: int = arg(0, "this machine's index among --nnodes; node 0 runs the scheduler and HTTP")
     dist_init_addr: Optional[str] = arg(
