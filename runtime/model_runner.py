@@ -107,8 +107,13 @@ class ModelRunner:
             self.max_total_tokens, self.num_layers, self.num_kv_heads, self.head_dim, self.dtype, self.device
         )
         self.attn_backend = create_attention_backend(
-            args.resolved_attention_backend, self.kv_pool, self.req_to_token_pool
+            args.resolved_attention_backend, self.kv_pool, self.req_to_token_pool, args.enable_torch_compile
         )
+        if args.enable_torch_compile:  # compile before the first request, not during it
+            from radixlm.runtime.attention.compiled_decode import warm_up
+
+            q_heads = cfg.num_attention_heads // (self.tp.world_size if self.tp else 1)
+            warm_up(q_heads, self.num_kv_heads, self.head_dim, self.dtype, self.device)
         self.sampler = DeviceSampler(self.vocab_size, self.device, args.random_seed)
         self.forward_time = 0.0  # seconds spent in forward passes (for overhead accounting)
         if self.tp and self.tp.is_leader:
