@@ -222,7 +222,7 @@ def test_admission_counts_the_tier_load_and_defers_a_load_that_cannot_fit(tiny_l
     for i, f in enumerate(fillers):  # push the prefix out of the device pool (it stays in the host tier)
         run(f"f{i}", f)
         drain()
-    assert sched.kv.match(type("R", (), {"all_ids": prefix, "max_prefix_len": 64})()).host_len == 64
+    assert sched.cache.match_prefix(prefix).host_len == 64
     run("long", long_prompt, max_new=60)
     for _ in range(3):
         sched.step()
