@@ -16,6 +16,9 @@ for prefix sharing), the prompt tokens each system computed, and each system's f
 arithmetic floor (its computed tokens times the model's linear-layer FLOPs, at the matmul GFLOP/s
 measured here at the model's shapes).
 
+radixlm runs with ``--enable-torch-compile`` (decode attention reading the pool in place) unless
+``--no-compile``; vLLM runs its own defaults (``torch.compile`` of its model included).
+
 Workloads: no-sharing (64 prompts of 64-512 tokens, 64 new), prefill-only (the same prompts, 1 new;
 the difference is the decode part), few-shot (200 questions behind one 1,000-token prefix, 16 new),
 chat (16 conversations, 4 turns, each prompt the whole history including the system's own answers),
@@ -222,6 +225,7 @@ def main() -> None:
     ap.add_argument("--vllm-block-sizes", default="0,32", help="vLLM configurations (0: its default)")
     ap.add_argument("--iters", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--no-compile", action="store_true", help="radixlm without --enable-torch-compile")
     ap.add_argument("--json", default=None, help="also write every measurement to this file")
     args = ap.parse_args()
     setup_vllm_venv()
@@ -246,12 +250,14 @@ def main() -> None:
         json.dump({"workloads": workloads}, f)
     uptimes = [_uptime()]
     report: dict = {"preset": args.preset, "threads": args.threads, "iters": args.iters, "dtypes": {}}
-    print(f"llama-{args.preset}, {args.threads} threads each, {args.iters} iterations, logs in {tmp}", flush=True)
+    print(f"llama-{args.preset}, {args.threads} threads each, {args.iters} iterations, radixlm "
+          f"{'eager' if args.no_compile else '--enable-torch-compile'}, logs in {tmp}", flush=True)
     for dt in dtypes:
         gflops = measure_gflops(cfg, dt, args.threads)
         print(f"\n[{dt}] matmul floor: {gflops:.0f} GFLOP/s at the model's shapes", flush=True)
         rx = Worker(f"radixlm {dt}", [sys.executable, os.path.join(HERE, "radixlm_worker.py"), "--spec", spec,
-                                      "--model", path, "--dtype", dt, "--threads", str(args.threads)],
+                                      "--model", path, "--dtype", dt, "--threads", str(args.threads)]
+                    + ([] if args.no_compile else ["--enable-torch-compile"]),
                     _radixlm_env(args.threads), os.path.join(tmp, f"radixlm-{dt}.log"), HERE)
         rx_runs = {w: Runs() for w in workloads}
         v_runs: dict[int, dict[str, Runs]] = {}

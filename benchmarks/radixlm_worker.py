@@ -15,6 +15,7 @@ def main() -> None:
     ap.add_argument("--model", required=True)
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--enable-torch-compile", action="store_true")
     args = ap.parse_args()
 
     import torch
@@ -24,7 +25,8 @@ def main() -> None:
 
     from radixlm.runtime.engine import Engine
 
-    eng = Engine(model_path=args.model, dtype=args.dtype, device="cpu", max_running_requests=256)
+    eng = Engine(model_path=args.model, dtype=args.dtype, device="cpu", max_running_requests=256,
+                 enable_torch_compile=args.enable_torch_compile)
     eng.generate(input_ids=[1, 2, 3, 4], sampling_params={"max_new_tokens": 2})  # warm-up
 
     def generate(prompts: list[list[int]], new_tokens: int):
