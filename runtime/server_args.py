@@ -163,6 +163,10 @@ class ServerArgs:
             raise ValueError("hicache_size must be >= 0")
         if self.hicache_storage_backend == "file" and not self.hicache_storage_dir:
             raise ValueError("hicache_storage_dir is required with hicache_storage_backend='file'")
+        if self.enable_hierarchical_cache and self.tp_size > 1:
+            # Each rank holds its own shard of the KV; the tiers move rank 0's pool only.
+            raise ValueError("enable_hierarchical_cache: the KV tiers support tp_size 1 only (got tp_size "
+                             f"{self.tp_size}); use --dp-size replicas, which may share --hicache-storage-dir")
         if self.hicache_storage_dir and not self.enable_hierarchical_cache:
             raise ValueError("hicache_storage_dir needs enable_hierarchical_cache (the disk tier sits behind the host tier)")
         if self.hicache_storage_size_gb <= 0:

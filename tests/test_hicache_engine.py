@@ -183,6 +183,8 @@ def test_hicache_settings_are_validated_by_name(tiny_llama, tmp_path):
         _engine(tiny_llama, hicache_storage_dir=str(tmp_path))
     with pytest.raises(ValueError, match="hicache_ratio"):
         _engine(tiny_llama, enable_hierarchical_cache=True, hicache_ratio=0)
+    with pytest.raises(ValueError, match="enable_hierarchical_cache.*tp_size"):
+        _engine(tiny_llama, enable_hierarchical_cache=True, tp_size=2)
 
 
 @pytest.mark.slow
