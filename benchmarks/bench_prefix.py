@@ -239,6 +239,7 @@ def main() -> None:
     ap.add_argument("--tiers", action="store_true", help="only the KV-tier rows and the warm restart")
     ap.add_argument("--restarts", type=int, default=3, help="fresh processes per warm-restart row")
     ap.add_argument("--repeats", type=int, default=2, help="--tiers: runs per row, the fastest reported")
+    ap.add_argument("--rows-only", action="store_true", help="--tiers: skip the warm restart and codec error")
     args = ap.parse_args()
     path = model_dir("llama", args.preset)
     from transformers import AutoTokenizer
@@ -251,8 +252,9 @@ def main() -> None:
         print(f"llama-{args.preset}, float32, CPU, torch threads={torch.get_num_threads()}, lpm, "
               f"{args.new_tokens} new tokens/request, scale {args.scale}\n")
         tier_rows(path, args.workloads.split(","), args.scale, vocab, bos, args.new_tokens, args.repeats)
-        warm_restart(path, vocab, bos, args.restarts)
-        compression_error(path, vocab, bos)
+        if not args.rows_only:
+            warm_restart(path, vocab, bos, args.restarts)
+            compression_error(path, vocab, bos)
         return
     model = load_hf(path)
     print(f"llama-{args.preset}, float32, CPU, torch threads={torch.get_num_threads()}, {args.new_tokens} new tokens/request\n")
