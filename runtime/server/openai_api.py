@@ -9,6 +9,7 @@ decodes: sampling fields map onto ``SamplingParams`` names, text comes from the 
 from __future__ import annotations
 
 import json
+import logging
 import time
 import uuid
 from dataclasses import dataclass
@@ -40,8 +41,15 @@ from radixlm.runtime.server.openai_tools import (
 from radixlm.runtime.server.tokenizer_manager import GenEvent, RequestError
 
 
+logger = logging.getLogger("radixlm.openai")
+
+
 class NotSupportedError(RequestError):
     """A recognised OpenAI feature this server does not implement (yet): 400."""
+
+
+# OpenAI request fields that change the output and that this server does not implement: 400, never ignored.
+NOT_SUPPORTED = ("audio", "modalities", "prediction", "web_search_options", "reasoning_effort", "verbosity")
 
 
 class ModelNotFoundError(RequestError):
@@ -169,7 +177,26 @@ class Prepared:
                                   req.spaces_between_special_tokens)
 
 
+def check_fields(req: CompletionRequest | ChatCompletionRequest) -> None:
+    """Nothing is silently ignored: an OpenAI feature this server does not implement is a 400 naming it;
+    a field nobody defines is logged and ignored, as vLLM does (so newer clients keep working)."""
+    extra = dict(req.model_extra or {})
+    if extra.get("modalities") in (["text"], ("text",)):
+        extra.pop("modalities")  # text out is what this server does
+    for name in NOT_SUPPORTED:
+        if extra.pop(name, None) is not None:
+            raise NotSupportedError(f"{name} is not supported by this server", param=name)
+    if req.stream_options is not None and not req.stream:
+        raise RequestError("stream_options: only allowed when stream is true", param="stream_options")
+    if getattr(req, "store", None):
+        raise NotSupportedError("store: stored completions are not supported", param="store")
+    unknown = sorted(extra)
+    if unknown:
+        logger.warning("ignored request fields (not OpenAI, vLLM or SGLang fields): %s", unknown)
+
+
 def prepare_completion(req: CompletionRequest, tokenizer: Any, model_info: dict, model: str) -> Prepared:
+    check_fields(req)
     if req.suffix:
         raise NotSupportedError("suffix is not supported", param="suffix")
     if req.best_of is not None and req.best_of != req.n:
@@ -257,6 +284,7 @@ def detokenize(req: DetokenizeRequest, tokenizer: Any, vocab_size: int) -> dict:
 def prepare_chat(
     req: ChatCompletionRequest, tokenizer: Any, cfg: ChatConfig, model_info: dict, model: str
 ) -> Prepared:
+    check_fields(req)
     plan = plan_tools(req, cfg)
     ids = render_chat(req, plan.template_tools(), tokenizer, cfg)
     ctx = int(model_info.get("context_length") or 1 << 30)
@@ -305,7 +333,7 @@ def _matched_stop(meta: dict) -> Any:
 
 def usage(prep: Prepared, metas: list[dict]) -> dict:
     # The prompt counts once per prompt, not once per sample (OpenAI's accounting for n > 1).
-    prompt = sum(m.get("prompt_tokens", 0) for i, m in enumerate(metas) if i % prep.n == 0)
+    prompt = sum(m.get("prompt_tokens", len(prep.prompts[i // prep.n])) for i, m in enumerate(metas) if i % prep.n == 0)
     completion = sum(m.get("completion_tokens", 0) for m in metas)
     cached = sum(m.get("cached_tokens", 0) for i, m in enumerate(metas) if i % prep.n == 0)
     return {
@@ -371,7 +399,7 @@ def _sse(obj: Any) -> str:
 async def stream_completion(
     prep: Prepared, req: CompletionRequest, events: AsyncIterator[GenEvent], tokenizer: Any
 ) -> AsyncIterator[str]:
-    include_usage = bool(req.stream_options and req.stream_options.include_usage)
+    include_usage, continuous = _usage_options(req)
     num = len(prep.prompts) * prep.n
     metas: list[dict] = [{} for _ in range(num)]
     echoed = [False] * num
@@ -393,7 +421,7 @@ async def stream_completion(
             choice["matched_stop"] = _matched_stop(meta)
         chunk = dict(base, choices=[choice])
         if include_usage:
-            chunk["usage"] = None
+            chunk["usage"] = usage(prep, metas) if continuous else None
         yield _sse(chunk)
     if include_usage:
         yield _sse(dict(base, choices=[], usage=usage(prep, metas)))
@@ -401,13 +429,16 @@ async def stream_completion(
 
 
 async def stream_chat(prep: Prepared, req: ChatCompletionRequest, events: AsyncIterator[GenEvent]) -> AsyncIterator[str]:
-    include_usage = bool(req.stream_options and req.stream_options.include_usage)
+    include_usage, continuous = _usage_options(req)
     metas: list[dict] = [{} for _ in range(prep.n)]
     base = {"id": prep.id, "object": "chat.completion.chunk", "created": prep.created, "model": prep.model}
-    extra = {"usage": None} if include_usage else {}
+
+    def extra() -> dict:
+        return {"usage": usage(prep, metas) if continuous else None} if include_usage else {}
+
     for i in range(prep.n):  # OpenAI opens every choice with the role
         yield _sse(dict(base, choices=[{"index": i, "delta": {"role": "assistant", "content": ""},
-                                        "logprobs": None, "finish_reason": None}], **extra))
+                                        "logprobs": None, "finish_reason": None}], **extra()))
     parsers = [ChoiceStream(prep.plan, prep.reasoning, req.stream_reasoning) for _ in range(prep.n)]
     async for ev in events:
         meta = ev.data.get("meta_info") or {}
@@ -420,10 +451,16 @@ async def stream_chat(prep: Prepared, req: ChatCompletionRequest, events: AsyncI
                   "finish_reason": parsers[ev.index].finish_reason(finish_reason(meta)) if ev.finished else None}
         if ev.finished:
             choice["matched_stop"] = _matched_stop(meta)
-        yield _sse(dict(base, choices=[choice], **extra))
+        yield _sse(dict(base, choices=[choice], **extra()))
     if include_usage:
         yield _sse(dict(base, choices=[], usage=usage(prep, metas)))
     yield "data: [DONE]\n\n"
+
+
+def _usage_options(req: CompletionRequest | ChatCompletionRequest) -> tuple[bool, bool]:
+    """(usage in a final chunk, usage so far in every chunk too): vLLM's stream_options."""
+    opts = req.stream_options
+    return bool(opts and opts.include_usage), bool(opts and opts.include_usage and opts.continuous_usage_stats)
 
 
 def _merge_meta(acc: dict, delta: dict) -> None:
