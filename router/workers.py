@@ -1,8 +1,9 @@
 """The router's workers: their state, health checks, and the correction of their approximate trees.
 
-Every ``health_check_interval_s`` the router reads each worker's ``/get_server_info`` (its scheduler's
-stats are the cache summary: how many tokens its radix tree holds, evictable + locked). A worker that
-fails ``health_failure_threshold`` checks in a row, or refuses a connection, is taken out: no new
+Every ``health_check_interval_s`` the router asks each worker's ``/health`` and reads its
+``/get_server_info`` (its scheduler's stats are the cache summary: how many tokens its radix tree
+holds, evictable + locked). A worker that fails ``health_failure_threshold`` liveness checks in a row,
+or refuses a connection, is taken out: no new
 requests, and the requests in flight on it fail at once with an error (``Worker.dead`` wakes them), so
 no client waits on a dead worker. A check that succeeds again puts it back.
 
@@ -166,13 +167,14 @@ class WorkerSet:
         return [w for w in self.workers.values() if w.available]
 
     async def check(self, w: Worker) -> bool:
+        """Liveness from ``/health`` (answered by the worker's front process, which itself watches its
+        scheduler), then the cache summary from ``/get_server_info``. Only liveness failures count
+        against the worker: a summary that is slow because the scheduler is busy is merely skipped."""
         try:
-            r = await self._client.get(w.url + "/get_server_info", headers=self._headers,
-                                       timeout=max(self.interval_s * 2, 5.0))
+            r = await self._client.get(w.url + "/health", timeout=max(self.interval_s, 2.0))
             if r.status_code != 200:
-                raise RuntimeError(f"/get_server_info answered {r.status_code}")
-            info = r.json()
-        except (httpx.HTTPError, RuntimeError, ValueError) as e:
+                raise RuntimeError(f"/health answered {r.status_code}")
+        except (httpx.HTTPError, RuntimeError) as e:
             w.failures_in_row += 1
             reason = f"health check failed: {type(e).__name__}: {e}"
             w.last_error = reason
@@ -181,6 +183,17 @@ class WorkerSet:
             return False
         finally:
             w.last_check = time.monotonic()
+        try:
+            r = await self._client.get(w.url + "/get_server_info", headers=self._headers, timeout=10.0)
+            info = r.json() if r.status_code == 200 else None
+        except (httpx.HTTPError, ValueError):
+            info = None
+        if info is None:
+            if not w.healthy:  # a worker is taken in only once it answers fully (a wrong key shows here)
+                w.last_error = "/get_server_info failed"
+                return False
+            w.failures_in_row = 0
+            return True
         w.apply_info(info)
         return True
 
