@@ -36,6 +36,7 @@ from radixlm.runtime.server.openai_tools import ChatConfig
 from radixlm.runtime.server.tokenizer_manager import GenEvent, RequestError, RequestHandle, StreamAccumulator, TokenizerManager
 from radixlm.runtime.prompt_format import prompt_format_info
 from radixlm.runtime.server_args import ServerArgs
+from radixlm.runtime.validation import RequestLimits, check_counts, check_json_strings
 
 logger = logging.getLogger("radixlm.http")
 
@@ -123,6 +124,10 @@ async def json_body(request: Request) -> Any:
         raise RequestError(f"malformed JSON body: {e}") from None
     if not isinstance(body, dict):
         raise RequestError(f"the request body must be a JSON object, got {type(body).__name__}")
+    try:
+        check_json_strings(body)
+    except ValueError as e:
+        raise RequestError(str(e)) from None
     return body
 
 
@@ -165,6 +170,15 @@ class _GuardMiddleware:
             return msg
 
         await self.app(scope, limited_receive, send)
+
+
+def _precheck_counts(prompt: Any, n: int | None, limits: RequestLimits) -> None:
+    """Prompt count and n of an OpenAI request, before its prompts are tokenized (400 naming the field)."""
+    num = len(prompt) if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int) else 1
+    try:
+        check_counts(num, [n or 1] * num, limits, "prompt")
+    except ValueError as e:
+        raise RequestError(str(e)) from None
 
 
 # --------------------------------------------------------------------------- client disconnects
@@ -290,7 +304,7 @@ def create_app(ctx: ServerContext) -> FastAPI:
         if not tm.is_alive:
             return error_response(503, f"unhealthy: {tm.dead_reason or 'starting'}")
         obj = GenerateReqInput(input_ids=[0], sampling_params={"max_new_tokens": 1, "temperature": 0.0})
-        handle = tm.submit(obj)
+        handle = await tm.submit(obj)
         try:
             await asyncio.wait_for(_collect(handle), timeout=30.0)
         except (RequestError, asyncio.TimeoutError) as e:
@@ -334,7 +348,7 @@ def create_app(ctx: ServerContext) -> FastAPI:
     async def generate(request: Request) -> Response:
         body = await json_body(request)
         obj = parse_generate_body(body)
-        handle = tm.submit(obj)
+        handle = await tm.submit(obj)
         single = len(handle.reqs) == 1 and not obj.is_batch
         if not obj.stream:
             try:
@@ -381,7 +395,9 @@ def create_app(ctx: ServerContext) -> FastAPI:
     async def completions(request: Request) -> Response:
         req = CompletionRequest.model_validate(await json_body(request))
         openai_api.check_model(req.model, model_names)
-        prep = openai_api.prepare_completion(req, tm.tokenizer, tm.model_info, ctx.model_name)
+        _precheck_counts(req.prompt, req.n, tm.limits)
+        prep = await tm.run_cpu(openai_api.prepare_completion, req, tm.tokenizer, tm.model_info, ctx.model_name,
+                                ctx.args.max_tokens_default_cap)
         return await _openai(request, prep, req,
                              lambda results: openai_api.completion_response(prep, req, results, tm.tokenizer),
                              lambda events: openai_api.stream_completion(prep, req, events, tm.tokenizer))
@@ -390,13 +406,15 @@ def create_app(ctx: ServerContext) -> FastAPI:
     async def chat_completions(request: Request) -> Response:
         req = ChatCompletionRequest.model_validate(await json_body(request))
         openai_api.check_model(req.model, model_names)
-        prep = openai_api.prepare_chat(req, tm.tokenizer, ctx.chat, tm.model_info, ctx.model_name)
+        _precheck_counts(None, req.n, tm.limits)
+        prep = await tm.run_cpu(openai_api.prepare_chat, req, tm.tokenizer, ctx.chat, tm.model_info, ctx.model_name,
+                                ctx.args.max_tokens_default_cap)
         return await _openai(request, prep, req,
                              lambda results: openai_api.chat_response(prep, req, results),
                              lambda events: openai_api.stream_chat(prep, req, events))
 
     async def _openai(request: Request, prep: Any, req: Any, build: Any, stream: Any) -> Response:
-        handle = tm.submit(prep.obj)
+        handle = await tm.submit(prep.obj)
         if not req.stream:
             try:
                 gone, results = await _until_disconnect(request, _collect(handle))

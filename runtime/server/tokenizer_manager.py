@@ -17,6 +17,7 @@ import logging
 import re
 import time
 from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Callable
 
@@ -109,6 +110,8 @@ class TokenizerManager:
         self.on_dead: list[Callable[[str], None]] = []
         self._tracks: dict[str, _Track] = {}
         self._limits: RequestLimits | None = None
+        # Tokenization and validation of incoming requests: off the event loop (see ``submit``).
+        self._prep_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="radixlm-prepare")
         self._groups: dict[str, list[str]] = {}  # user-given rid → the rids it expanded into
         self._stats_waiters: deque[asyncio.Future] = deque()
         self._flush_waiters: deque[asyncio.Future] = deque()
@@ -203,6 +206,7 @@ class TokenizerManager:
                 pass
         if self._recv_task is not None:
             self._recv_task.cancel()
+        self._prep_pool.shutdown(wait=False, cancel_futures=True)
         self._recv.close(0)
         self._to_scheduler.close(0)
         self._to_detokenizer.close(0)
@@ -225,37 +229,24 @@ class TokenizerManager:
             )
         return self._limits
 
-    def validate(self, reqs: list[TokenizedGenerateReq]) -> None:
-        """runtime/validation.py's checks plus what only this tracker knows (rids already running)."""
+    def _prepare(self, obj: GenerateReqInput) -> tuple[list[TokenizedGenerateReq], list[tuple[bytes, bytes]]]:
+        """Validate, tokenize, expand and encode (CPU work: runs on the preparation threads).
+
+        Everything is encoded before anything is registered: a message that cannot be encoded fails the
+        request with nothing tracked, nothing sent and no prompt of a batch running for nobody."""
         try:
+            check_admission(obj, self.limits)
+            reqs = obj.normalize(self.tokenizer)
             check_requests(reqs, self.limits)
-        except ValueError as e:
+        except (ValueError, TypeError) as e:  # TypeError: a wrong type normalize did not anticipate
             raise RequestError(str(e)) from None
         ctx = self.model_info.get("context_length")
         for r in reqs:
-            if r.rid in self._tracks:
-                raise RequestError(f"rid: a request with id {r.rid!r} is already running", param="rid")
             if ctx and r.sampling_params.max_new_tokens > ctx:
                 raise RequestError(
                     f"max_new_tokens: {r.sampling_params.max_new_tokens} is over the context length of {ctx}",
                     param="max_new_tokens",
                 )
-
-    def submit(self, obj: GenerateReqInput) -> "RequestHandle":
-        """Validate, tokenize and send every sequence of ``obj``; iterate the handle for GenEvents.
-
-        Raises RequestError at once for bad input (ValueErrors of normalize are 400s) or a dead server
-        (503). The handle must be closed (``async with`` / ``close()``): closing early aborts the rest.
-        """
-        self._check_alive()
-        try:
-            check_admission(obj, self.limits)
-            reqs = obj.normalize(self.tokenizer)
-        except (ValueError, TypeError) as e:  # TypeError: a wrong type normalize did not anticipate
-            raise RequestError(str(e)) from None
-        self.validate(reqs)
-        # Encode everything before registering anything: a message that cannot be encoded must fail the
-        # request with nothing tracked, nothing sent and no prompt of a batch running for nobody.
         try:
             frames = [
                 (encode(DetokRegister(req=r, return_text_in_logprobs=obj.return_text_in_logprobs)), encode(r))
@@ -263,6 +254,23 @@ class TokenizerManager:
             ]
         except (OverflowError, UnicodeEncodeError, TypeError, ValueError) as e:
             raise RequestError(f"the request cannot be encoded: {e}") from None
+        return reqs, frames
+
+    async def submit(self, obj: GenerateReqInput) -> "RequestHandle":
+        """Validate, tokenize and send every sequence of ``obj``; iterate the handle for GenEvents.
+
+        Tokenization and validation run on a small thread pool, so a large request never holds the event
+        loop (other clients' streams) while it is prepared. Raises RequestError for bad input (400) or a
+        dead server (503) before anything is registered. The handle must be closed (``async with`` /
+        ``close()``): closing early aborts the rest.
+        """
+        self._check_alive()
+        loop = asyncio.get_running_loop()
+        reqs, frames = await loop.run_in_executor(self._prep_pool, self._prepare, obj)
+        self._check_alive()  # the server may have died while this request was prepared
+        for r in reqs:
+            if r.rid in self._tracks:
+                raise RequestError(f"rid: a request with id {r.rid!r} is already running", param="rid")
         queue: asyncio.Queue = asyncio.Queue()
         tracks = [_Track(rid=r.rid, index=i, queue=queue) for i, r in enumerate(reqs)]
         group = obj.rid if isinstance(obj.rid, str) and (len(reqs) > 1 or obj.rid != reqs[0].rid) else None
@@ -275,9 +283,13 @@ class TokenizerManager:
             self._groups[group] = [r.rid for r in reqs]
         return RequestHandle(self, reqs, tracks, queue, group)
 
+    async def run_cpu(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run CPU-heavy request preparation (chat templates, OpenAI prompt tokenization) off the loop."""
+        return await asyncio.get_running_loop().run_in_executor(self._prep_pool, fn, *args)
+
     async def generate(self, obj: GenerateReqInput) -> AsyncIterator[GenEvent]:
         """``submit`` + iterate; for callers that need no early 400 before the first event."""
-        handle = self.submit(obj)
+        handle = await self.submit(obj)
         try:
             async for ev in handle:
                 yield ev
