@@ -93,11 +93,14 @@ class ServerContext:
 
 
 # --------------------------------------------------------------------------- errors
+_ERRORS_503 = {503: {"description": "unhealthy (the message says why)"}}
+
+
 def error_response(status: int, message: str, param: str | None = None, err_type: str | None = None,
                    code: str | int | None = None) -> JSONResponse:
     if err_type is None:
         err_type = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-                    413: "invalid_request_error", 503: "service_unavailable"}.get(status, "server_error")
+                    413: "invalid_request_error", 503: "service_unavailable", 504: "timeout"}.get(status, "server_error")
     body = {"error": {"message": message, "type": err_type, "param": param, "code": status if code is None else code}}
     return JSONResponse(body, status_code=status)
 
@@ -293,24 +296,32 @@ def create_app(ctx: ServerContext) -> FastAPI:
         return error_response(500, f"internal server error: {type(e).__name__}: {e}")
 
     # ------------------------------------------------------------------ health and info
-    @app.get("/health")
+    @app.get("/health", responses=_ERRORS_503)
     async def health() -> Response:
-        if not tm.is_alive:
-            return error_response(503, f"unhealthy: {tm.dead_reason or 'starting'}")
+        """200 while the server can serve: not dead, not starting, and the scheduler heartbeating (see
+        --health-stall-timeout). Open without --api-key, so load balancers can probe it."""
+        problem = tm.health_problem()
+        if problem is not None:
+            return error_response(503, f"unhealthy: {problem}")
         return Response(status_code=200)
 
-    @app.get("/health_generate")
+    @app.get("/health_generate", responses=_ERRORS_503)
     async def health_generate() -> Response:
-        if not tm.is_alive:
-            return error_response(503, f"unhealthy: {tm.dead_reason or 'starting'}")
+        """A real one-token generation through every process, within --health-stall-timeout seconds."""
+        problem = tm.health_problem()
+        if problem is not None:
+            return error_response(503, f"unhealthy: {problem}")
         obj = GenerateReqInput(input_ids=[0], sampling_params={"max_new_tokens": 1, "temperature": 0.0})
-        handle = await tm.submit(obj)
+        deadline = ctx.args.health_stall_timeout
+        handle: RequestHandle | None = None
         try:
-            await asyncio.wait_for(_collect(handle), timeout=30.0)
+            handle = await asyncio.wait_for(tm.submit(obj), timeout=deadline)
+            await asyncio.wait_for(_collect(handle), timeout=deadline)
         except (RequestError, asyncio.TimeoutError) as e:
-            return error_response(503, f"unhealthy: generation failed: {e}")
+            return error_response(503, f"unhealthy: a one-token generation failed: {str(e) or 'timed out after %g s' % deadline}")
         finally:
-            handle.close()
+            if handle is not None:
+                handle.close()
         return Response(status_code=200)
 
     @app.get("/get_model_info")

@@ -34,6 +34,7 @@ from radixlm.runtime.protocol import (
     FlushCacheOut,
     FlushCacheReq,
     GetStatsReq,
+    HeartbeatOut,
     ReadyOut,
     StatsOut,
     TokenizedGenerateReq,
@@ -110,6 +111,8 @@ class TokenizerManager:
         self.on_dead: list[Callable[[str], None]] = []
         self._tracks: dict[str, _Track] = {}
         self._limits: RequestLimits | None = None
+        self.last_heartbeat: float | None = None  # monotonic time of the scheduler's last HeartbeatOut
+        self.heartbeat: HeartbeatOut | None = None
         # Tokenization and validation of incoming requests: off the event loop (see ``submit``).
         self._prep_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="radixlm-prepare")
         self._groups: dict[str, list[str]] = {}  # user-given rid → the rids it expanded into
@@ -190,6 +193,21 @@ class TokenizerManager:
                     f.set_exception(err)
         if self._ready is not None and not self._ready.done():
             self._ready.set_exception(err)
+
+    def stall_seconds(self) -> float:
+        """Seconds since the scheduler's loop last reported (0 before it is ready)."""
+        return 0.0 if self.last_heartbeat is None else time.monotonic() - self.last_heartbeat
+
+    def health_problem(self) -> str | None:
+        """Why the server is not healthy now, or None: dead, starting, or a stalled scheduler (no
+        heartbeat for --health-stall-timeout seconds: hung in a step, stopped, or overloaded)."""
+        if not self.is_alive:
+            return self.dead_reason or ("shutting down" if self._closed else "starting")
+        stall = self.stall_seconds()
+        if stall > self.args.health_stall_timeout:
+            pending = f"; {self.num_active} requests waiting" if self.num_active else ""
+            return f"the scheduler made no progress for {stall:.1f} s{pending}"
+        return None
 
     @property
     def is_alive(self) -> bool:
@@ -281,7 +299,7 @@ class TokenizerManager:
             self._to_scheduler.send(request)
         if group:
             self._groups[group] = [r.rid for r in reqs]
-        return RequestHandle(self, reqs, tracks, queue, group)
+        return RequestHandle(self, reqs, tracks, queue, group, self.args.request_timeout)
 
     async def run_cpu(self, fn: Callable[..., Any], *args: Any) -> Any:
         """Run CPU-heavy request preparation (chat templates, OpenAI prompt tokenization) off the loop."""
@@ -373,7 +391,11 @@ class TokenizerManager:
             _resolve(self._stats_waiters, msg)
         elif isinstance(msg, FlushCacheOut):
             _resolve(self._flush_waiters, msg)
+        elif isinstance(msg, HeartbeatOut):
+            self.last_heartbeat = time.monotonic()
+            self.heartbeat = msg
         elif isinstance(msg, ReadyOut):
+            self.last_heartbeat = time.monotonic()
             self.model_info = dict(msg.model_info)
             self.scheduler_pid = msg.pid
             if self._ready is not None and not self._ready.done():
@@ -394,7 +416,7 @@ class RequestHandle:
     """The sequences of one submitted GenerateReqInput; async-iterate for GenEvents in arrival order."""
 
     def __init__(self, tm: TokenizerManager, reqs: list[TokenizedGenerateReq], tracks: list[_Track],
-                 queue: asyncio.Queue, group: str | None):
+                 queue: asyncio.Queue, group: str | None, timeout: float | None = None):
         self.tm = tm
         self.reqs = reqs
         self._tracks = tracks
@@ -402,6 +424,8 @@ class RequestHandle:
         self._group = group
         self._remaining = len(reqs)
         self._closed = False
+        self._timeout = timeout
+        self._deadline = None if timeout is None else time.monotonic() + timeout
 
     @property
     def rids(self) -> list[str]:
@@ -413,7 +437,16 @@ class RequestHandle:
     async def __anext__(self) -> GenEvent:
         if self._remaining == 0 or self._closed:
             raise StopAsyncIteration
-        ev = await self._queue.get()
+        if self._deadline is None:
+            ev = await self._queue.get()
+        else:
+            try:
+                ev = await asyncio.wait_for(self._queue.get(), max(self._deadline - time.monotonic(), 0.0))
+            except asyncio.TimeoutError:
+                self._remaining = 0
+                self.close()  # aborts what is still running: its KV is released at the next step
+                raise RequestError(f"the request took longer than --request-timeout ({self._timeout:g} s)",
+                                   status=504) from None
         if isinstance(ev, BaseException):
             self._remaining = 0
             raise ev
