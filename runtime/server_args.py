@@ -89,8 +89,8 @@ class ServerArgs:
         "auto", "attention implementation; auto: triton on CUDA, torch on the CPU", ("auto", "torch", "triton")
     )
     enable_torch_compile: bool = arg(
-        False, "decode attention through a kernel torch.compile generates (reads the KV pool in place; "
-        "torch backend; the first start compiles for about a minute, later ones hit inductor's cache)"
+        False, "torch.compile the decoder's elementwise ops and the torch backend's decode attention (reads "
+        "the KV pool in place); the first start compiles for about a minute, later ones hit inductor's cache"
     )
     enable_jump_forward: bool = arg(True, "append text a grammar forces without sampling it")
     grammar_cache_size: int = arg(64, "compiled grammars kept (LRU)")
