@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 import uuid
 from dataclasses import dataclass
@@ -75,28 +76,68 @@ def check_model(requested: str | None, names: tuple[str, ...]) -> None:
 
 
 # --------------------------------------------------------------------------- constrained decoding
-def constrained_sampling_fields(response_format: ResponseFormat | None, regex: str | None) -> dict[str, str]:
-    """THE place where OpenAI's ``response_format`` and the extra ``regex`` field become SamplingParams
-    fields (``regex`` / ``json_schema``); the patterns themselves are validated by the shared front end."""
+# vLLM's guided-decoding request fields (older guided_*, newer structured_outputs), read from the extras.
+VLLM_GUIDED = ("guided_json", "guided_regex", "guided_choice", "guided_grammar", "structured_outputs")
+
+
+def vllm_guided_fields(extra: dict[str, Any]) -> dict[str, str]:
+    """vLLM's ``guided_json`` / ``guided_regex`` / ``guided_choice`` (and ``structured_outputs`` with the
+    same keys) as SamplingParams fields; a grammar is refused rather than ignored."""
+    spec: dict[str, Any] = {}
+    so = extra.get("structured_outputs")
+    if so is not None:
+        if not isinstance(so, dict):
+            raise RequestError("structured_outputs: an object is required", param="structured_outputs")
+        spec.update({f"guided_{k}": v for k, v in so.items() if v is not None})
+    spec.update({k: v for k, v in extra.items() if k.startswith("guided_") and v is not None})
+    for key in ("guided_grammar", "guided_structural_tag"):
+        if key in spec:
+            raise NotSupportedError(f"{key}: not supported here (use regex, guided_json or response_format)",
+                                    param=key)
     fields: dict[str, str] = {}
+    if "guided_json" in spec:
+        g = spec["guided_json"]
+        fields["json_schema"] = g if isinstance(g, str) else json.dumps(g)
+    if "guided_regex" in spec:
+        fields["regex"] = str(spec["guided_regex"])
+    if "guided_choice" in spec:
+        choices = spec["guided_choice"]
+        if not isinstance(choices, list) or not choices or not all(isinstance(c, str) for c in choices):
+            raise RequestError("guided_choice: a non-empty list of strings is required", param="guided_choice")
+        fields["regex"] = "(" + "|".join(re.escape(c) for c in choices) + ")"
+    unknown = sorted(k for k in spec if k not in ("guided_json", "guided_regex", "guided_choice",
+                                                  "guided_decoding_backend"))
+    if unknown:
+        raise NotSupportedError(f"{unknown[0]}: not supported here", param=unknown[0])
+    if len(fields) > 1 or ("guided_regex" in spec and "guided_choice" in spec):
+        raise RequestError("guided_json, guided_regex and guided_choice are mutually exclusive", param="guided_json")
+    return fields
+
+
+def constrained_sampling_fields(response_format: ResponseFormat | None, regex: str | None,
+                                guided: dict[str, str] | None = None) -> dict[str, str]:
+    """THE place where OpenAI's ``response_format``, the extra ``regex`` field and vLLM's guided fields
+    become SamplingParams fields (``regex`` / ``json_schema``); the patterns themselves are validated by the
+    shared front end. At most one of the three may constrain a request."""
+    sources: list[dict[str, str]] = [guided] if guided else []
     if regex is not None:
-        fields["regex"] = regex
+        sources.append({"regex": regex})
     if response_format is not None and response_format.type != "text":
         if response_format.type == "json_object":
-            fields["json_schema"] = JSON_OBJECT_SCHEMA
+            sources.append({"json_schema": JSON_OBJECT_SCHEMA})
         elif response_format.type == "json_schema":
             spec = response_format.json_schema or {}
             schema = spec.get("schema", spec.get("schema_"))
             if schema is None:
                 raise RequestError("response_format.json_schema.schema is required", param="response_format")
-            fields["json_schema"] = json.dumps(schema)
+            sources.append({"json_schema": json.dumps(schema)})
         elif response_format.type == "regex":
             if not response_format.regex:
                 raise RequestError("response_format.regex is required", param="response_format")
-            fields["regex"] = response_format.regex
-    if len(fields) > 1:
-        raise RequestError("regex and response_format are mutually exclusive", param="regex")
-    return fields
+            sources.append({"regex": response_format.regex})
+    if len(sources) > 1:
+        raise RequestError("regex, vLLM's guided fields and response_format are mutually exclusive", param="regex")
+    return sources[0] if sources else {}
 
 
 # --------------------------------------------------------------------------- requests → GenerateReqInput
@@ -121,7 +162,7 @@ def _sampling_params(req: CompletionRequest | ChatCompletionRequest, max_new_tok
         "no_stop_trim": req.no_stop_trim,
         "logit_bias": _logit_bias(req.logit_bias),
     }
-    sp.update(constrained_sampling_fields(req.response_format, req.regex))
+    sp.update(constrained_sampling_fields(req.response_format, req.regex, vllm_guided_fields(req.model_extra or {})))
     return {k: v for k, v in sp.items() if v is not None}
 
 
@@ -190,7 +231,7 @@ def check_fields(req: CompletionRequest | ChatCompletionRequest) -> None:
         raise RequestError("stream_options: only allowed when stream is true", param="stream_options")
     if getattr(req, "store", None):
         raise NotSupportedError("store: stored completions are not supported", param="store")
-    unknown = sorted(extra)
+    unknown = sorted(k for k in extra if k not in VLLM_GUIDED and not k.startswith("guided_"))
     if unknown:
         logger.warning("ignored request fields (not OpenAI, vLLM or SGLang fields): %s", unknown)
 
