@@ -141,9 +141,9 @@ class GrammarManager:
                 state = matcher.grammar.next_state(state, tok)
             r.output_ids.append(tok)
             out.counters.total_generated += 1
-            if r.return_logprob:  # filled in by verification for greedy requests
+            if r.logprob.return_logprob:  # filled in by verification for greedy requests
                 r.new_output_token_logprobs.append(TokenLogprob(None, tok))
-                if r.top_logprobs_num:
+                if r.logprob.top_logprobs_num:
                     r.new_output_top_logprobs.append([])
         if not greedy:
             reason = out.check_finish(r, r.output_ids[-1])
@@ -155,7 +155,7 @@ class GrammarManager:
         """Check a greedy request's forced tokens against the logits before each: ``checks`` holds
         (index in all_ids, grammar state before it, logits row)."""
         n_in = len(r.input_ids)
-        lp = torch.log_softmax(logits[[row for _, _, row in checks]], dim=-1) if r.return_logprob else None
+        lp = torch.log_softmax(logits[[row for _, _, row in checks]], dim=-1) if r.logprob.return_logprob else None
         for k, (idx, state, row) in enumerate(checks):
             out_pos = idx - n_in
             choice = self._greedy_choice(r, logits[row], state, out_pos)
@@ -163,18 +163,18 @@ class GrammarManager:
             if choice != forced_tok:
                 out.truncate(r, idx)
                 r.grammar.matcher.reset_to(state)
-                if r.return_logprob:
+                if r.logprob.return_logprob:
                     r.new_output_token_logprobs.append(TokenLogprob(float(lp[k][choice]), choice))
-                    if r.top_logprobs_num:
-                        r.new_output_top_logprobs.append(top_logprobs(lp[k], r.top_logprobs_num))
+                    if r.logprob.top_logprobs_num:
+                        r.new_output_top_logprobs.append(top_logprobs(lp[k], r.logprob.top_logprobs_num))
                 out.append_token(r, choice)
                 return
             r.forced.pop(0)
-            if r.return_logprob:
+            if r.logprob.return_logprob:
                 off = out_pos - r.sent_len
                 r.new_output_token_logprobs[off] = TokenLogprob(float(lp[k][forced_tok]), forced_tok)
-                if r.top_logprobs_num:
-                    r.new_output_top_logprobs[off] = top_logprobs(lp[k], r.top_logprobs_num)
+                if r.logprob.top_logprobs_num:
+                    r.new_output_top_logprobs[off] = top_logprobs(lp[k], r.logprob.top_logprobs_num)
             reason = out.check_finish(r, forced_tok, upto=out_pos + 1)
             if reason is None and not r.forced and r.grammar.matcher.is_finished():
                 reason = {"type": "stop", "matched": None}

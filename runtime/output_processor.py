@@ -93,18 +93,18 @@ class OutputProcessor:
             masks = self.grammars.masks(reqs)
             out = self.sampler(logits[rows], reqs, masks)
             for k, (r, tok) in enumerate(zip(reqs, out.next_ids)):
-                if r.return_logprob:
+                if r.logprob.return_logprob:
                     lp_row = out.logprobs[k]
                     r.new_output_token_logprobs.append(TokenLogprob(float(lp_row[tok]), tok))
-                    if r.top_logprobs_num:
-                        r.new_output_top_logprobs.append(top_logprobs(lp_row, r.top_logprobs_num))
+                    if r.logprob.top_logprobs_num:
+                        r.new_output_top_logprobs.append(top_logprobs(lp_row, r.logprob.top_logprobs_num))
                 self.append_token(r, tok)
 
     def _input_logprobs(self, r: Req, lp: torch.Tensor, row0: int, pos0: int, n: int) -> None:
-        start, n_in = r.logprob_start_len, len(r.input_ids)
+        start, n_in = r.logprob.logprob_start_len, len(r.input_ids)
         if pos0 == 0 and start == 0:
             r.new_input_token_logprobs.append(TokenLogprob(None, r.input_ids[0]))
-            if r.top_logprobs_num:
+            if r.logprob.top_logprobs_num:
                 r.new_input_top_logprobs.append(None)
         for j in range(n):
             nxt = pos0 + j + 1  # the logits at position p score the token at p + 1
@@ -112,8 +112,8 @@ class OutputProcessor:
                 row = lp[row0 + j]
                 tok = r.input_ids[nxt]
                 r.new_input_token_logprobs.append(TokenLogprob(float(row[tok]), tok))
-                if r.top_logprobs_num:
-                    r.new_input_top_logprobs.append(top_logprobs(row, r.top_logprobs_num))
+                if r.logprob.top_logprobs_num:
+                    r.new_input_top_logprobs.append(top_logprobs(row, r.logprob.top_logprobs_num))
         if pos0 + n >= n_in:
             r.input_logprobs_done = True
 
@@ -165,10 +165,10 @@ class OutputProcessor:
         self.counters.total_generated -= len(r.output_ids) - out_pos
         del r.output_ids[out_pos:]
         r.forced = [f for f in r.forced if f[0] < idx]
-        if r.return_logprob:
+        if r.logprob.return_logprob:
             off = max(out_pos - r.sent_len, 0)
             del r.new_output_token_logprobs[off:]
-            if r.top_logprobs_num:
+            if r.logprob.top_logprobs_num:
                 del r.new_output_top_logprobs[off:]
 
     def finish(self, r: Req, reason: dict) -> None:
@@ -197,11 +197,11 @@ class OutputProcessor:
             error=r.error,
         )
         r.sent_len = visible
-        if r.return_logprob:
+        if r.logprob.return_logprob:
             out.input_token_logprobs, r.new_input_token_logprobs = r.new_input_token_logprobs, []
             out.output_token_logprobs = r.new_output_token_logprobs[:k]
             del r.new_output_token_logprobs[:k]
-            if r.top_logprobs_num:
+            if r.logprob.top_logprobs_num:
                 out.input_top_logprobs, r.new_input_top_logprobs = r.new_input_top_logprobs, []
                 out.output_top_logprobs = r.new_output_top_logprobs[:k]
                 del r.new_output_top_logprobs[:k]

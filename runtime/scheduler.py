@@ -124,9 +124,10 @@ class Scheduler:
                 f"input_ids: the prompt has {n_in} tokens; with min_new_tokens it exceeds the limit of {limit} "
                 f"tokens (context_length={self.context_len}, max_total_tokens={self.max_total_tokens})"
             )
-        if tr.logprob_start_len >= n_in:
-            raise ValueError(f"logprob_start_len ({tr.logprob_start_len}) must be < the prompt length ({n_in})")
-        if tr.top_logprobs_num < 0 or tr.top_logprobs_num > vocab:
+        lp = tr.logprob
+        if lp.logprob_start_len >= n_in:
+            raise ValueError(f"logprob_start_len ({lp.logprob_start_len}) must be < the prompt length ({n_in})")
+        if lp.top_logprobs_num < 0 or lp.top_logprobs_num > vocab:
             raise ValueError("top_logprobs_num must be in [0, vocab_size]")
         if any(r.rid == tr.rid for r in self.waiting) or any(r.rid == tr.rid for r in self.running):
             raise ValueError(f"rid: a request with id {tr.rid!r} is already running")
@@ -137,9 +138,7 @@ class Scheduler:
             rid=tr.rid,
             input_ids=list(tr.input_ids),
             sampling_params=sp,
-            return_logprob=tr.return_logprob,
-            logprob_start_len=tr.logprob_start_len if tr.return_logprob else -1,
-            top_logprobs_num=tr.top_logprobs_num if tr.return_logprob else 0,
+            logprob=lp.for_scheduler(),
             arrival=self.step_count,
         )
         # Front ends validated the pattern; the compile runs in the background, off this loop.

@@ -29,11 +29,17 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 import radixlm
 from radixlm.runtime.generate_request import GenerateReqInput
 from radixlm.runtime.server import openai_api, openai_tools
-from radixlm.runtime.server.native_protocol import parse_generate_body
 from radixlm.runtime.server.metrics import CONTENT_TYPE_LATEST, ServerMetrics
 from radixlm.runtime.server.openai_protocol import ChatCompletionRequest, CompletionRequest
 from radixlm.runtime.server.openai_tools import ChatConfig
-from radixlm.runtime.server.tokenizer_manager import GenEvent, RequestError, RequestHandle, StreamAccumulator, TokenizerManager
+from radixlm.runtime.server.tokenizer_manager import (
+    GenEvent,
+    RequestError,
+    RequestHandle,
+    StreamAccumulator,
+    TokenizerManager,
+    parse_generate_body,
+)
 from radixlm.runtime.prompt_format import prompt_format_info
 from radixlm.runtime.server_args import ServerArgs
 

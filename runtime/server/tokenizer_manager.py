@@ -67,8 +67,18 @@ def _param_named_in(message: str) -> str | None:
     if m is None:
         return None
     word = m.group(1)
-    known = set(SamplingParams.__struct_fields__) | set(GenerateReqInput.__dataclass_fields__)
+    known = set(SamplingParams.__struct_fields__) | set(GenerateReqInput.__struct_fields__)
     return word if word in known else None
+
+
+def parse_generate_body(body: Any) -> GenerateReqInput:
+    """A ``/generate`` body (JSON from HTTP or a ZeroMQ client) → GenerateReqInput; RequestError (400,
+    naming the field) for a wrong shape, type or field name."""
+    try:
+        return GenerateReqInput.from_dict(body)
+    except ValueError as e:
+        m = re.match(r"([A-Za-z_][A-Za-z0-9_]*): ", str(e))  # from_dict names the field first
+        raise RequestError(str(e), param=m.group(1) if m else None) from None
 
 
 class ServerDeadError(RequestError):
@@ -254,7 +264,7 @@ class TokenizerManager:
         for t, r in zip(tracks, reqs):
             self._tracks[r.rid] = t
             # Registration first: the detokenizer must know the rid before its first output.
-            self._to_detokenizer.send(encode(DetokRegister(req=r, return_text_in_logprobs=obj.return_text_in_logprobs)))
+            self._to_detokenizer.send(encode(DetokRegister(req=r)))
             self._to_scheduler.send(encode(r))
         if group:
             self._groups[group] = [r.rid for r in reqs]
