@@ -21,6 +21,7 @@ from radixlm.runtime.protocol import AbortReq, ErrorOut, ReqOutput, TokenizedGen
 from radixlm.runtime.sampling_params import SamplingParams
 from radixlm.runtime.scheduler import Scheduler
 from radixlm.runtime.server_args import ServerArgs
+from radixlm.runtime.validation import check_admission, check_requests
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +57,7 @@ class Engine:
             self._stop_tp(wait_s=0.0)  # the followers may be waiting for a rank 0 that never comes
             raise
         self.tokenizer = self.scheduler.tokenizer
+        self.limits = self.scheduler.limits
         self._inbox: queue.Queue = queue.Queue()
         self._lock = threading.Lock()
         self._states: dict[str, tuple[RequestState, queue.Queue]] = {}
@@ -152,7 +154,9 @@ class Engine:
             return_text_in_logprobs=return_text_in_logprobs,
             stream=stream,
         ))
+        check_admission(obj, self.limits)
         reqs = obj.normalize(self.tokenizer)
+        check_requests(reqs, self.limits)
         single = not obj.is_batch and len(reqs) == 1
         states = self._submit(reqs)
         if stream:

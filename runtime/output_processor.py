@@ -9,6 +9,7 @@ held back).
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -86,19 +87,29 @@ class OutputProcessor:
                 self._input_logprobs(r, all_lp, row0, pos0, n)
         for r, checks in plan.verify:
             self.grammars.verify_forced(r, logits, checks, self)
-        sample_rows = [(r, i) for r, i in plan.sample if not r.finished and r.pending == 0]
+        sample_rows = []
+        for r, i in plan.sample:
+            if r.finished or r.pending != 0:
+                continue
+            if r.sampling_params.max_new_tokens == 0 and not r.output_ids:
+                # Prefill only (SGLang's max_new_tokens=0): the prompt is computed, cached and scored;
+                # nothing is sampled.
+                self.finish(r, {"type": "length", "length": 0})
+                continue
+            sample_rows.append((r, i))
         if sample_rows:
             reqs = [r for r, _ in sample_rows]
             rows = torch.tensor([i for _, i in sample_rows])
             masks = self.grammars.masks(reqs)
             out = self.sampler(logits[rows], reqs, masks)
             for k, (r, tok) in enumerate(zip(reqs, out.next_ids)):
+                lp_row = None
                 if r.logprob.return_logprob:
                     lp_row = out.logprobs[k]
                     r.new_output_token_logprobs.append(TokenLogprob(float(lp_row[tok]), tok))
                     if r.logprob.top_logprobs_num:
                         r.new_output_top_logprobs.append(top_logprobs(lp_row, r.logprob.top_logprobs_num))
-                self.append_token(r, tok)
+                self.append_token(r, tok, lp_row)
 
     def _input_logprobs(self, r: Req, lp: torch.Tensor, row0: int, pos0: int, n: int) -> None:
         start, n_in = r.logprob.logprob_start_len, len(r.input_ids)
@@ -118,8 +129,11 @@ class OutputProcessor:
             r.input_logprobs_done = True
 
     # ------------------------------------------------------------------ token bookkeeping
-    def append_token(self, r: Req, tok: int) -> None:
-        """Append a sampled (or model-chosen) token, advance the grammar, finish or jump forward."""
+    def append_token(self, r: Req, tok: int, lp_row: torch.Tensor | None = None) -> None:
+        """Append a sampled (or model-chosen) token, advance the grammar, finish or jump forward.
+
+        ``lp_row`` is the log-softmax row ``tok`` was drawn from (when logprobs are returned): jump-forward
+        may re-encode ``tok`` with the forced text, and the new token at its place is scored by it."""
         r.output_ids.append(tok)
         self.counters.total_generated += 1
         if r.grammar is not None:
@@ -133,7 +147,7 @@ class OutputProcessor:
         if reason is not None:
             self.finish(r, reason)
         elif r.grammar is not None and self.enable_jump_forward:
-            self.grammars.jump_forward(r, self)
+            self.grammars.jump_forward(r, self, lp_row)
 
     def check_finish(self, r: Req, tok: int, upto: int | None = None) -> dict | None:
         """Finish reason if the output ``r.output_ids[:upto]`` (ending in ``tok``) is complete."""
@@ -154,6 +168,13 @@ class OutputProcessor:
                 for s in sp.stop:
                     if s in tail:
                         return {"type": "stop", "matched": s}
+            if sp.stop_regex:
+                # A match ends inside the newest token and spans at most its width in tokens.
+                width = sp.stop_regex_window + 1
+                tail = self.tokenizer.decode(out[-width:], skip_special_tokens=sp.skip_special_tokens)
+                for pat in sp.stop_regex:
+                    if re.search(pat, tail):
+                        return {"type": "stop", "matched": pat}
         if len(out) >= sp.max_new_tokens:
             return {"type": "length", "length": sp.max_new_tokens}
         return None

@@ -43,7 +43,7 @@ class TreeNode:
     lock_ref: int = 0
     last_access_time: int = 0
     host_value: torch.Tensor | None = None  # [len(key)] int64 host-tier slots (HiRadixCache only)
-    hit_count: int = 0  # matches that reached this node (HiRadixCache's write_through_selective)
+    hit_count: int = 0  # inserts that created or reused this node (HiRadixCache's write_through policies)
 
     def __lt__(self, other: "TreeNode") -> bool:  # for the LRU heap
         return self.last_access_time < other.last_access_time

@@ -10,12 +10,13 @@ kinds of answer: ``result()`` (everything so far: final results and the Engine's
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
 from radixlm.runtime.incremental_detokenizer import IncrementalDetokenizer
 from radixlm.runtime.protocol import ReqOutput, TokenizedGenerateReq, TokenLogprob
-from radixlm.runtime.sampling_params import SamplingParams
+from radixlm.runtime.sampling_params import UNBOUNDED, SamplingParams
 
 
 @dataclass
@@ -70,8 +71,13 @@ class RequestState:
         text = self.detok.text
         sp = self.req.sampling_params
         fr = self.finish_reason or {}
-        if self.finished and isinstance(fr.get("matched"), str) and not sp.no_stop_trim:
-            idx = text.find(fr["matched"])
+        matched = fr.get("matched")
+        if self.finished and isinstance(matched, str) and not sp.no_stop_trim:
+            if sp.stop and matched in sp.stop:
+                idx = text.find(matched)
+            else:  # a stop_regex pattern: trimmed at its first match, like a stop string
+                m = re.search(matched, text) if sp.stop_regex and matched in sp.stop_regex else None
+                idx = m.start() if m else -1
             if idx >= 0:
                 text = text[:idx]
         return text
@@ -79,10 +85,15 @@ class RequestState:
     def stream_text(self) -> str:
         """Text safe to show now: holds back a tail that may still grow into a stop string."""
         text = self.text()
-        if self.finished or not self.req.sampling_params.stop:
+        sp = self.req.sampling_params
+        if self.finished or not (sp.stop or sp.stop_regex):
             return text
         hold = 0
-        for s in self.req.sampling_params.stop:
+        if sp.stop_regex:
+            # Any of the last (width - 1) characters may still start a match: hold them back (all of
+            # the text for a pattern of unbounded width), so streamed text is never retracted.
+            hold = min(sp.stop_regex_window - 1, len(text)) if sp.stop_regex_window < UNBOUNDED else len(text)
+        for s in sp.stop or ():
             for k in range(min(len(s) - 1, len(text)), 0, -1):
                 if text.endswith(s[:k]):
                     hold = max(hold, k)

@@ -9,9 +9,15 @@ the ``ValueError`` (which always names the field) into its own error shape.
 from __future__ import annotations
 
 import json
+import re
+from functools import lru_cache
 from typing import Any
 
 import msgspec
+
+MAX_STOP_REGEX_COUNT = 16
+MAX_STOP_REGEX_BYTES = 4096
+UNBOUNDED = 1 << 30  # the width of a pattern with an unbounded repeat
 
 # A top_k of -1 (or 0, as OpenAI-ish clients send) means "no top-k".
 _NO_TOP_K = -1
@@ -38,6 +44,14 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
     regex: str | None = None
     json_schema: str | None = None
     logit_bias: dict[int, float] | None = None  # token id → added to its logit before sampling (OpenAI's)
+    # SGLang 0.5's fields. stop_regex: stop once the output text matches one of these (re.search).
+    stop_regex: list[str] | None = None
+    ebnf: str | None = None  # a GBNF-style EBNF grammar (root rule ``root``), for a CFG grammar backend
+    structural_tag: str | None = None  # SGLang/xgrammar structural tag, as a JSON string
+    stream_interval: int | None = None  # streaming: send a chunk every N tokens (None: the server's)
+    # Free-form values for a custom logit processor. radixlm has none (a request naming one is
+    # rejected), so nothing reads these: accepted only because SGLang clients send them.
+    custom_params: dict[str, Any] | None = None
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -55,13 +69,21 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
             return sp
         if not isinstance(d, dict):
             raise ValueError(f"sampling_params must be a dict, got {type(d).__name__}")
-        known = set(cls.__struct_fields__)
+        known = set(cls.__struct_fields__) | {"sampling_seed"}
         unknown = [k for k in d if k not in known]
         if unknown:
             raise ValueError(f"sampling_params: unknown field(s) {sorted(unknown)}")
         values = {k: v for k, v in d.items() if v is not None}
-        if isinstance(values.get("stop"), str):
-            values["stop"] = [values["stop"]]
+        if "sampling_seed" in values:  # SGLang's name for seed; one field here
+            alias = values.pop("sampling_seed")
+            if "seed" in values and values["seed"] != alias:
+                raise ValueError("sampling_seed and seed are the same field; give one (they differ here)")
+            values["seed"] = alias
+        for name in ("stop", "stop_regex"):
+            if isinstance(values.get(name), str):
+                values[name] = [values[name]]
+        if "structural_tag" in values and not isinstance(values["structural_tag"], str):
+            values["structural_tag"] = json.dumps(values["structural_tag"])
         if "json_schema" in values and not isinstance(values["json_schema"], str):
             values["json_schema"] = schema_to_json(values["json_schema"])
         try:
@@ -78,6 +100,10 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
             self.stop = [self.stop]
         if self.stop is not None:
             self.stop = [s for s in self.stop if s] or None
+        if isinstance(self.stop_regex, str):
+            self.stop_regex = [self.stop_regex]
+        if self.stop_regex is not None:
+            self.stop_regex = [s for s in self.stop_regex if s] or None
         if self.top_k == 0:
             self.top_k = _NO_TOP_K
         if self.json_schema is not None and not isinstance(self.json_schema, str):
@@ -121,8 +147,26 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
                     raise ValueError(f"logit_bias: keys must be non-negative token ids, got {tok!r}")
                 if not (-100.0 <= bias <= 100.0):
                     raise ValueError(f"logit_bias: the bias of token {tok} must be in [-100, 100], got {bias}")
-        if self.regex is not None and self.json_schema is not None:
-            raise ValueError("regex and json_schema are mutually exclusive")
+        grammars = [k for k in ("regex", "json_schema", "ebnf", "structural_tag") if getattr(self, k) is not None]
+        if len(grammars) > 1:
+            raise ValueError(f"{' and '.join(grammars)} are mutually exclusive (one grammar per request)")
+        if self.stop_regex is not None:
+            if len(self.stop_regex) > MAX_STOP_REGEX_COUNT:
+                raise ValueError(f"stop_regex: at most {MAX_STOP_REGEX_COUNT} patterns, got {len(self.stop_regex)}")
+            for pat in self.stop_regex:
+                if len(pat.encode()) > MAX_STOP_REGEX_BYTES:
+                    raise ValueError(f"stop_regex: a pattern is over the {MAX_STOP_REGEX_BYTES}-byte limit")
+                try:
+                    re.compile(pat)
+                except re.error as e:
+                    raise ValueError(f"stop_regex: {pat!r} is not a valid regex: {e}") from None
+        if self.stream_interval is not None and self.stream_interval < 1:
+            raise ValueError(f"stream_interval must be >= 1, got {self.stream_interval}")
+        if self.structural_tag is not None:
+            try:
+                json.loads(self.structural_tag)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"structural_tag is not valid JSON: {e}") from None
         if self.json_schema is not None:
             try:
                 json.loads(self.json_schema)
@@ -130,6 +174,14 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
                 raise ValueError(f"json_schema is not valid JSON: {e}") from None
 
     # ------------------------------------------------------------------ helpers
+    @property
+    def stop_regex_window(self) -> int:
+        """Output tokens a stop_regex match can span (each token is at least one character), as SGLang
+        bounds it; 0 without stop_regex, ``UNBOUNDED`` for a pattern with no finite width."""
+        if not self.stop_regex:
+            return 0
+        return max(_regex_max_width(p) for p in self.stop_regex)
+
     @property
     def is_greedy(self) -> bool:
         return self.temperature == 0.0 or self.top_k == 1
@@ -151,3 +203,14 @@ def schema_to_json(schema: Any) -> str:
     if callable(model_json_schema):  # a pydantic v2 model class
         return json.dumps(model_json_schema())
     raise ValueError(f"json_schema must be a dict, a JSON string or a pydantic model, got {type(schema).__name__}")
+
+
+@lru_cache(maxsize=1024)
+def _regex_max_width(pattern: str) -> int:
+    """Longest string (characters) ``pattern`` can match; ``UNBOUNDED`` if there is no bound."""
+    try:
+        import re._parser as sre_parse  # Python >= 3.11
+    except ImportError:  # pragma: no cover
+        import sre_parse  # type: ignore[no-redef]
+    hi = sre_parse.parse(pattern).getwidth()[1]
+    return min(int(hi), UNBOUNDED)

@@ -45,6 +45,7 @@ from radixlm.runtime.schedule_policy import SchedulePolicy
 from radixlm.runtime.scheduler_stats import SchedulerCounters
 from radixlm.runtime.server_args import ServerArgs
 from radixlm.runtime.hf_tokenizer import eos_token_ids, load_tokenizer
+from radixlm.runtime.validation import RequestLimits, check_request
 
 
 class Scheduler:
@@ -62,6 +63,7 @@ class Scheduler:
         self.eos_ids = eos_token_ids(self.tokenizer, args.model_path)
         self.context_len = self.runner.context_len
         self.max_total_tokens = self.runner.max_total_tokens
+        self.limits = RequestLimits.from_args(args, self.runner.vocab_size, self.context_len)
 
         # The two queues are shared with the parts below, which mutate them in place (never rebind).
         self.waiting: list[Req] = []
@@ -80,7 +82,7 @@ class Scheduler:
     def model_info(self) -> dict:
         return {
             "model_path": self.args.model_path,
-            "served_model_name": self.args.served_model_name or self.args.model_path,
+            "served_model_name": self.args.model_id,
             "is_generation": True,
             "context_length": self.context_len,
             "vocab_size": self.runner.vocab_size,
@@ -110,25 +112,15 @@ class Scheduler:
 
     def add_request(self, tr: TokenizedGenerateReq) -> None:
         """Validate and queue. Raises ValueError (naming the field) for a request that can never run."""
+        check_request(tr, self.limits)  # again: the front doors did, but this is the last line of defence
         sp = tr.sampling_params
-        vocab = self.runner.vocab_size
-        sp.verify(vocab)
         n_in = len(tr.input_ids)
-        if n_in == 0:
-            raise ValueError("input_ids: the prompt is empty")
-        if min(tr.input_ids) < 0 or max(tr.input_ids) >= vocab:
-            raise ValueError(f"input_ids: token ids must be in [0, {vocab})")
         limit = min(self.context_len, self.max_total_tokens)
         if n_in + max(sp.min_new_tokens, 1) > limit:
             raise ValueError(
                 f"input_ids: the prompt has {n_in} tokens; with min_new_tokens it exceeds the limit of {limit} "
                 f"tokens (context_length={self.context_len}, max_total_tokens={self.max_total_tokens})"
             )
-        lp = tr.logprob
-        if lp.logprob_start_len >= n_in:
-            raise ValueError(f"logprob_start_len ({lp.logprob_start_len}) must be < the prompt length ({n_in})")
-        if lp.top_logprobs_num < 0 or lp.top_logprobs_num > vocab:
-            raise ValueError("top_logprobs_num must be in [0, vocab_size]")
         if any(r.rid == tr.rid for r in self.waiting) or any(r.rid == tr.rid for r in self.running):
             raise ValueError(f"rid: a request with id {tr.rid!r} is already running")
         # A request may never outgrow the pool or the context: clip its budget (finish_reason "length").
@@ -138,7 +130,7 @@ class Scheduler:
             rid=tr.rid,
             input_ids=list(tr.input_ids),
             sampling_params=sp,
-            logprob=lp.for_scheduler(),
+            logprob=tr.logprob.for_scheduler(),
             arrival=self.step_count,
         )
         # Front ends validated the pattern; the compile runs in the background, off this loop.
@@ -242,6 +234,11 @@ class Scheduler:
             "total_generated_tokens": c.total_generated,
             "num_forward_passes": c.num_forward,
             "num_retracted": c.num_retracted,
+            **(
+                {"hicache_loaded_tokens": c.total_loaded_tokens, "hicache_load_deferred": c.num_load_deferred}
+                if self.kv.tiers is not None
+                else {}
+            ),
             "gen_throughput": tput,
             "forward_time_s": self.runner.forward_time,
             "schedule_policy": self.args.schedule_policy,

@@ -183,3 +183,74 @@ def test_hicache_settings_are_validated_by_name(tiny_llama, tmp_path):
         _engine(tiny_llama, hicache_storage_dir=str(tmp_path))
     with pytest.raises(ValueError, match="hicache_ratio"):
         _engine(tiny_llama, enable_hierarchical_cache=True, hicache_ratio=0)
+
+
+@pytest.mark.slow
+def test_admission_counts_the_tier_load_and_defers_a_load_that_cannot_fit(tiny_llama, vocab):
+    """A host-tier hit needs device slots for the whole load: while a long request holds the pool, a
+    request whose 64-token load does not fit waits untouched (nothing is loaded or evicted for it), then
+    is admitted with the hit once the pool frees, and its output is exact."""
+    from radixlm.runtime.protocol import TokenizedGenerateReq
+    from radixlm.runtime.sampling_params import SamplingParams
+    from radixlm.runtime.scheduler import Scheduler
+    from radixlm.runtime.server_args import ServerArgs
+
+    rng = random.Random(11)
+    prefix = [rng.randrange(3, vocab) for _ in range(64)]
+    tail = [rng.randrange(3, vocab) for _ in range(8)]
+    long_prompt = [rng.randrange(3, vocab) for _ in range(70)]
+    fillers = [[rng.randrange(3, vocab) for _ in range(80)] for _ in range(2)]
+    with _engine(tiny_llama, disable_radix_cache=True) as eng:
+        ref = eng.generate(input_ids=prefix + tail, sampling_params=GREEDY)
+    args = ServerArgs(model_path=tiny_llama, dtype="float32", device="cpu", max_total_tokens=160,
+                      enable_hierarchical_cache=True, hicache_compression="none", hicache_ratio=4)
+    sched = Scheduler(args)
+
+    def run(rid: str, ids: list[int], max_new: int = 1) -> None:
+        sp = SamplingParams(temperature=0, max_new_tokens=max_new, ignore_eos=True)
+        sched.add_request(TokenizedGenerateReq(rid=rid, input_ids=ids, sampling_params=sp))
+
+    def drain() -> dict:
+        outs: dict = {}
+        while sched.has_work():
+            for o in sched.step():
+                outs.setdefault(o.rid, []).extend(o.new_token_ids)
+        return outs
+
+    run("p", prefix)
+    drain()
+    for i, f in enumerate(fillers):  # push the prefix out of the device pool (it stays in the host tier)
+        run(f"f{i}", f)
+        drain()
+    assert sched.kv.match(type("R", (), {"all_ids": prefix, "max_prefix_len": 64})()).host_len == 64
+    run("long", long_prompt, max_new=60)
+    for _ in range(3):
+        sched.step()
+    run("hit", prefix + tail, max_new=8)
+    outs: dict = {}
+    while any(r.rid == "long" for r in sched.running):
+        for o in sched.step():
+            outs.setdefault(o.rid, []).extend(o.new_token_ids)
+        stats = sched.get_stats()
+        assert any(r.rid == "hit" for r in sched.waiting), "admitted although its load could not fit"
+        assert stats["hicache_host_hit_tokens"] == 0  # nothing was loaded for a request that waits
+    assert sched.get_stats()["hicache_load_deferred"] > 0
+    hit_req = next(r for r in sched.waiting if r.rid == "hit")
+    for rid, toks in drain().items():
+        outs.setdefault(rid, []).extend(toks)
+    stats = sched.get_stats()
+    assert hit_req.cached_tokens == 64 and stats["hicache_host_hit_tokens"] == 64
+    assert stats["hicache_loaded_tokens"] == 64
+    assert outs["hit"] == ref["output_ids"]
+    sched.check_memory()
+    sched.close()
+
+
+def test_a_leaked_host_slot_fails_the_invariant_checked_at_shutdown(tiny_llama):
+    """conftest checks every Engine at shutdown; the check covers the host tier, not just the pool."""
+    eng = _engine(tiny_llama, enable_hierarchical_cache=True, max_total_tokens=96)
+    eng.generate(input_ids=list(range(3, 40)), sampling_params=GREEDY)
+    eng._call(lambda: eng.scheduler.cache.host.alloc(2))  # two host slots nobody owns
+    with pytest.raises(AssertionError, match="host tier leak"):
+        eng.shutdown()
+    assert not eng._thread.is_alive()  # shut down all the same

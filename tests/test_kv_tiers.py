@@ -170,6 +170,45 @@ def test_load_back_respects_the_budget_and_splits():
     _check(pool, cache)
 
 
+def test_write_through_copies_to_the_host_when_a_node_enters_the_tree():
+    pool, cache = _hicache("write_through", host_tokens=64)
+    key = list(range(1, 11))
+    _admit(pool, cache, key)
+    assert cache.host_held() == 10 and cache.host.num_backed_up == 10  # at insert, before any eviction
+    assert cache.evict(TOTAL) == 10
+    assert cache.host.num_backed_up == 10  # eviction copies nothing: the copy already exists
+    assert cache.match_prefix(key).host_len == 10 and _assert_kv(pool, cache, key) == 10
+    _check(pool, cache)
+
+
+def test_write_through_selective_copies_only_nodes_hit_twice():
+    pool, cache = _hicache("write_through_selective", host_tokens=64)
+    hot, cold = [5, 6, 7, 8, 9, 10], [20, 21, 22, 23]
+    _admit(pool, cache, hot)
+    _admit(pool, cache, cold)
+    assert cache.host_held() == 0  # one hit each (their creation): nothing copied yet
+    _admit(pool, cache, hot + [11, 12])  # the second hit of the hot prefix backs it up
+    assert cache.host_held() == 6
+    cache.evict(TOTAL)
+    # The cold node had no copy: eviction drops it (SGLang: only write_back copies on eviction).
+    assert cache.match_prefix(cold).total_len == 0
+    assert cache.match_prefix(hot + [11, 12]).host_len == 6
+    assert _assert_kv(pool, cache, hot) == 6
+    _check(pool, cache)
+
+
+def test_write_back_copies_to_the_host_only_on_eviction():
+    pool, cache = _hicache("write_back", host_tokens=64)
+    key = list(range(40, 52))
+    for _ in range(3):  # hits do not copy under write_back
+        _admit(pool, cache, key)
+    assert cache.host_held() == 0 and cache.host.num_backed_up == 0
+    assert cache.evict(5) >= 5
+    assert cache.host.num_backed_up == cache.host_held() == 12
+    assert cache.match_prefix(key).host_len == 12 and _assert_kv(pool, cache, key) == 12
+    _check(pool, cache)
+
+
 def test_reset_frees_every_tier():
     pool, cache = _hicache("write_through")
     _admit(pool, cache, list(range(30, 50)))

@@ -257,6 +257,20 @@ class DiskTier:
             return None
         return torch.cat(blocks, dim=2)[:, :, start - first * bs :]
 
+    def probe(self, key: list[int], start: int, end: int, namespace: str = "") -> int:
+        """How many tokens of ``key[start:end]`` ``read_run`` would return if every block is intact:
+        the consecutive blocks whose files exist (a stat each, nothing read). Admission budgets with it."""
+        bs = self.block_size
+        first, last = start // bs, end // bs
+        if last <= first:
+            return 0
+        found = first
+        for name in self.chain(key, last, namespace)[first:]:
+            if not self.path(name).exists():
+                break
+            found += 1
+        return max(found * bs - start, 0)
+
     def _read_block(self, name: str, tokens: list[int]) -> torch.Tensor | None:
         path = self.path(name)
         with self._lock:

@@ -15,10 +15,12 @@ Rules that keep it simple and checkable (``check``):
   * Every host slot in use belongs to exactly one node's ``host_value``: host free + host held == host
     total. Device slots keep the single-owner rule of the base class.
 
-Write policies (SGLang's names): ``write_through`` backs a node up to the host tier when it enters the
-tree, ``write_through_selective`` once it has been reused ``SELECTIVE_THRESHOLD`` times, ``write_back``
-only when it is evicted from the device. A node evicted without a host copy and without host room is
-dropped (with its host-only subtree), as the plain tree would drop it. The host tier has its own LRU:
+Write policies (SGLang's names and semantics): ``write_through`` backs a node up to the host tier when
+it enters the tree, ``write_through_selective`` once inserts have hit it ``SELECTIVE_THRESHOLD`` times
+(its creation counts as the first), ``write_back`` only when it is evicted from the device. Under the
+write_through policies eviction never copies: a node evicted without a host copy (not hot enough, or
+the host was full when it was due) is dropped with its host-only subtree, as the plain tree drops it;
+under write_back a node evicted without host room is dropped the same way. The host tier has its own LRU:
 it frees host-only leaves first, then host copies of nodes still on the device.
 """
 
@@ -98,8 +100,7 @@ class HiRadixCache(RadixCache):
                 new = TreeNode(key=list(key[pos:]), value=value[pos:].clone(), parent=node, last_access_time=now)
                 node.children[key[pos]] = new
                 self._evictable += len(new.key)
-                if self.write_policy == "write_through":
-                    self._backup(new)
+                self._note_hit(new)
                 break
             n = _common_len(child.key, key, pos)
             if n < len(child.key):
@@ -110,7 +111,7 @@ class HiRadixCache(RadixCache):
                 self._evictable += n
             else:
                 on_device = pos + n
-                self._note_reuse(child)
+                self._note_hit(child)
             node, pos = child, pos + n
         if self.disk is not None:
             self._persist(key, value)
@@ -130,16 +131,24 @@ class HiRadixCache(RadixCache):
                 continue
             size = len(node.key)
             parent = node.parent
-            if node.host_value is not None or self._backup(node):
+            if node.host_value is not None or (self.write_policy == "write_back" and self._backup(node)):
                 self.kv_pool.free(node.value)
                 node.value = None
-            else:  # no host room: drop it as the plain tree would (with its host-only subtree)
-                self._drop_subtree(node)
+            else:  # no host copy (write_through*: not hot enough or no host room; write_back: no room)
+                self._drop_subtree(node)  # dropped as the plain tree would (with its host-only subtree)
             self._evictable -= size
             freed += size
             if self._device_evictable(parent):
                 heapq.heappush(heap, parent)
         return freed
+
+    def loadable(self, key: list[int], m: MatchResult) -> int:
+        """Tokens after the device match ``m`` of ``key`` that ``load_back`` then ``load_from_disk`` would
+        bring in (given the room): the host run, then the disk blocks that follow it."""
+        n = m.host_len
+        if self.disk is not None:
+            n += self.disk.probe(key, m.total_len, len(key))
+        return n
 
     def load_back(self, m: MatchResult, max_tokens: int) -> MatchResult:
         """Load (up to ``max_tokens`` of) the host-tier part of match ``m`` into the device pool.
@@ -295,9 +304,13 @@ class HiRadixCache(RadixCache):
             and all(c.value is None for c in node.children.values())
         )
 
-    def _note_reuse(self, node: TreeNode) -> None:
+    def _note_hit(self, node: TreeNode) -> None:
+        """An insert created or reused ``node``: the write_through policies back it up once it has been
+        hit ``1`` (write_through) or ``SELECTIVE_THRESHOLD`` (write_through_selective) times."""
+        if self.write_policy == "write_back" or node.host_value is not None:
+            return
         node.hit_count += 1
-        if self.write_policy == "write_through_selective" and node.hit_count >= SELECTIVE_THRESHOLD:
+        if node.hit_count >= (1 if self.write_policy == "write_through" else SELECTIVE_THRESHOLD):
             self._backup(node)
 
     def _backup(self, node: TreeNode) -> bool:

@@ -73,6 +73,7 @@ class CompletionRequest(_SamplingExtras):
     max_tokens: Optional[int] = 16
     logprobs: Optional[int] = Field(default=None, ge=0, le=20)
     echo: bool = False
+    add_special_tokens: bool = True  # vLLM's: the tokenizer's BOS before a string prompt
     best_of: Optional[int] = None
     suffix: Optional[str] = None
 
@@ -163,6 +164,7 @@ class ChatCompletionRequest(_SamplingExtras):
     stream_reasoning: bool = True
     # vLLM extras for the template
     add_generation_prompt: bool = True
+    add_special_tokens: bool = False  # vLLM's default for chat: the template already writes BOS
     continue_final_message: bool = False
     chat_template_kwargs: Optional[dict[str, Any]] = None
 

@@ -37,7 +37,7 @@ from radixlm.runtime.protocol import (
     decode_front_door_request,
     encode,
 )
-from radixlm.runtime.server.tokenizer_manager import RequestError, StreamAccumulator, parse_generate_body, TokenizerManager
+from radixlm.runtime.server.tokenizer_manager import RequestError, StreamAccumulator, TokenizerManager, parse_generate_body
 
 logger = logging.getLogger("radixlm.frontdoor")
 
