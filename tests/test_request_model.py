@@ -13,7 +13,7 @@ from radixlm.runtime.generate_request import GenerateReqInput
 from radixlm.runtime.protocol import LogprobOptions, ReqOutput, TokenizedGenerateReq, TokenLogprob, encode
 from radixlm.runtime.request_state import RequestState
 from radixlm.runtime.sampling_params import SamplingParams
-from radixlm.runtime.server.tokenizer_manager import StreamAccumulator
+from radixlm.runtime.server.native_api import StreamAccumulator
 
 
 @pytest.fixture(scope="module")

@@ -26,7 +26,8 @@ from radixlm.runtime.server.detokenizer_process import DetokenizerManager
 from radixlm.runtime.server.openai_api import constrained_sampling_fields
 from radixlm.runtime.server.openai_protocol import ResponseFormat
 from radixlm.runtime.server.runtime_handle import server_args_to_argv
-from radixlm.runtime.server.tokenizer_manager import RequestError, StreamAccumulator, parse_generate_body
+from radixlm.runtime.server.native_api import StreamAccumulator, parse_generate_body
+from radixlm.runtime.server.request_errors import RequestError
 from radixlm.runtime.server_args import ServerArgs
 
 

@@ -18,7 +18,7 @@ from typing import Any
 from radixlm.runtime.parsers.reasoning import ReasoningParser, ReasoningStream, get_reasoning_parser
 from radixlm.runtime.parsers.tool_calls import FunctionSpec, ToolCall, ToolCallParser, ToolCallStream, detect_parser, get_parser
 from radixlm.runtime.server.openai_protocol import ChatCompletionRequest, ChatMessage, ContentPart, ToolCallItem
-from radixlm.runtime.server.tokenizer_manager import RequestError
+from radixlm.runtime.server.request_errors import RequestError
 
 
 @dataclass(frozen=True)
