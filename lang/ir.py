@@ -223,6 +223,30 @@ class SglSelect(SglExpr):
         return f"Select({self.name!r}, choices={self.choices}, choices_method={self.choices_method})"
 
 
+class SglSeparateReasoning(SglExpr):
+    """After ``expr`` ran: split the reasoning off each variable it generated (SGLang's names): ``name``
+    keeps the answer, ``name + "_reasoning_content"`` gets the reasoning, and the program text keeps
+    only the answer."""
+
+    def __init__(self, model_type: str, expr: Optional[SglExpr]):
+        self.model_type = model_type
+        self.expr = expr
+
+    @property
+    def targets(self) -> list[str]:
+        """The variables ``expr`` generates (gen and select with a name)."""
+        if self.expr is None:
+            return []
+        return [e.name for e in flatten(self.expr) if isinstance(e, (SglGen, SglSelect)) and e.name is not None]
+
+    @staticmethod
+    def reasoning_name(name: str) -> str:
+        return f"{name}_reasoning_content"
+
+    def __repr__(self) -> str:
+        return f"SeparateReasoning({self.model_type!r}, {self.targets})"
+
+
 class SglRoleBegin(SglExpr):
     def __init__(self, role: str):
         self.role = role

@@ -136,7 +136,9 @@ class BatchBuilder:
             return False
         cached = self.kv.cached_prefix_len(req)
         return any(
-            common_prefix_len(req.all_ids[: req.max_prefix_len], a.all_ids) - cached >= threshold for a in admitted
+            common_prefix_len(req.all_ids[: req.max_prefix_len], a.all_ids) - cached >= threshold
+            for a in admitted
+            if a.cache_namespace == req.cache_namespace  # other namespaces never share its prefix
         )
 
     def retract(self, req: Req) -> None:

@@ -136,11 +136,15 @@ class Engine:
         return_text_in_logprobs: bool = False,
         stream: bool = False,
         rid: str | list[str] | None = None,
+        cache_salt: str | list[str] | None = None,
+        extra_key: str | list[str] | None = None,
     ) -> dict | list[dict] | Iterator[dict]:
         """SGLang's Engine.generate: a dict for one prompt (n=1), else a list; an iterator if stream.
 
         The arguments are a ``/generate`` body (``prompt`` is its ``text``): they become the same
-        ``GenerateReqInput`` the server builds, with the same checks (ValueError naming the field)."""
+        ``GenerateReqInput`` the server builds, with the same checks (ValueError naming the field).
+        ``cache_salt`` / ``extra_key``: a KV cache namespace; the request reuses (and leaves) cached
+        prefixes only among requests with the same values (see ``generate_request.cache_namespace``)."""
         if isinstance(sampling_params, SamplingParams):
             sampling_params = sampling_params.to_dict()
         obj = GenerateReqInput.from_dict(dict(
@@ -153,6 +157,8 @@ class Engine:
             top_logprobs_num=top_logprobs_num,
             return_text_in_logprobs=return_text_in_logprobs,
             stream=stream,
+            cache_salt=cache_salt,
+            extra_key=extra_key,
         ))
         check_admission(obj, self.limits)
         reqs = obj.normalize(self.tokenizer)

@@ -70,6 +70,7 @@ class GrammarManager:
     def backend(self) -> "GrammarBackend":
         if self._backend is None:
             from radixlm.runtime.constrained import GrammarBackend
+            from radixlm.runtime.constrained.compile_worker import CompileLimits
 
             self._backend = GrammarBackend(
                 self.tokenizer,
@@ -77,8 +78,14 @@ class GrammarManager:
                 cache_size=self.args.grammar_cache_size,
                 eos_token_ids=sorted(self.eos_ids),
                 json_whitespace_pattern=self.args.constrained_json_whitespace_pattern,
+                compile_limits=CompileLimits(self.args.grammar_compile_timeout, self.args.grammar_max_memory_mb),
             )
         return self._backend
+
+    def close(self) -> None:
+        """Stop the compile threads and their worker processes."""
+        if self._backend is not None:
+            self._backend.shutdown(wait=False)
 
     def submit(self, sp: SamplingParams) -> GrammarSlot | None:
         """Start the compile for a constrained request (None when it is free); never blocks."""

@@ -39,7 +39,7 @@ class KVManager:
 
     def match(self, req: Req) -> MatchResult:
         """The request's cached prefix: on the device (``indices``) and in the host tier (``host_len``)."""
-        return self.cache.match_prefix(req.all_ids[: req.max_prefix_len])
+        return self.cache.match_prefix(req.all_ids[: req.max_prefix_len], req.cache_namespace)
 
     def cached_prefix_len(self, req: Req) -> int:
         """Prefix tokens the request need not compute (device or host tier)."""
@@ -57,15 +57,15 @@ class KVManager:
         request fits, or ``unadmit`` when it does not. Nothing has been loaded or evicted yet.
         """
         assert self.table.available(), "admit() needs a free req_to_token row"
-        key = req.all_ids[: req.max_prefix_len]
-        m = self.cache.match_prefix(key)
+        key, ns = req.all_ids[: req.max_prefix_len], req.cache_namespace
+        m = self.cache.match_prefix(key, ns)
         row = self.table.alloc()
         n = len(m.indices)
         if n:
             self.req_to_token[row, :n] = m.indices
         self.cache.inc_lock_ref(m.last_node)
         req.req_pool_idx, req.last_node, req.locked_len, req.kv_len = row, m.last_node, n, n
-        return 0 if self.tiers is None else self.tiers.loadable(key, m)
+        return 0 if self.tiers is None else self.tiers.loadable(key, m, ns)
 
     def load_tiers(self, req: Req, max_load: int) -> int:
         """Load up to ``max_load`` tokens of an admitted request's prefix from the host tier, then from
@@ -73,13 +73,13 @@ class KVManager:
         the tree and the request's lock moves to the new deepest node. Returns how many were loaded."""
         if self.tiers is None or max_load <= 0:
             return 0
-        key = req.all_ids[: req.max_prefix_len]
-        m = self.cache.match_prefix(key)
+        key, ns = req.all_ids[: req.max_prefix_len], req.cache_namespace
+        m = self.cache.match_prefix(key, ns)
         before = len(m.indices)
         assert before == req.locked_len == req.kv_len, "load_tiers() runs right after admit()"
         m = self.tiers.load_back(m, max_load)
         if m.host_len == 0:
-            m = self.tiers.load_from_disk(key, m, max_load - (len(m.indices) - before))
+            m = self.tiers.load_from_disk(key, m, max_load - (len(m.indices) - before), ns)
         loaded = len(m.indices) - before
         if loaded:
             n = len(m.indices)
@@ -121,11 +121,11 @@ class KVManager:
                 self.kv_pool.free(slots)
         else:
             key = req.all_ids[: req.kv_len]
-            n_dup = self.cache.insert(key, slots)
+            n_dup = self.cache.insert(key, slots, req.cache_namespace)
             self.kv_pool.free(slots[req.locked_len : n_dup])  # ours, but the tree already had them
             self.cache.dec_lock_ref(req.last_node)
             if not finished:
-                m = self.cache.match_prefix(key)
+                m = self.cache.match_prefix(key, req.cache_namespace)
                 assert len(m.indices) == req.kv_len
                 self.req_to_token[row, : req.kv_len] = m.indices
                 self.cache.inc_lock_ref(m.last_node)

@@ -9,10 +9,12 @@ from __future__ import annotations
 import logging
 import os
 import time
+from dataclasses import dataclass
 
 import torch
 
 from radixlm.runtime.attention import create_attention_backend
+from radixlm.runtime.device_sampler import DeviceSampler
 from radixlm.runtime.dtypes import dtype_name, resolve_dtype
 from radixlm.runtime.forward_batch import ForwardBatch
 from radixlm.runtime.memory_pool import KVPool, ReqToTokenPool
@@ -22,6 +24,14 @@ logger = logging.getLogger(__name__)
 
 # A CPU pool sized from 24 GiB of RAM for a tiny model would be absurd; cap what "auto" picks.
 _CPU_AUTO_MAX_TOKENS = 1 << 18
+
+
+@dataclass
+class ForwardOutput:
+    """One pass's logits: all rows on the model's device (for ``sampler``), the few the host asked for copied."""
+
+    logits: torch.Tensor  # [N, V] float32 on the model's device
+    host_logits: torch.Tensor | None  # [len(host_rows), V] float32 on the host, or None
 
 
 class ModelRunner:
@@ -75,8 +85,14 @@ class ModelRunner:
             self.max_total_tokens, self.num_layers, self.num_kv_heads, self.head_dim, self.dtype, self.device
         )
         self.attn_backend = create_attention_backend(
-            args.resolved_attention_backend, self.kv_pool, self.req_to_token_pool
+            args.resolved_attention_backend, self.kv_pool, self.req_to_token_pool, args.enable_torch_compile
         )
+        if args.enable_torch_compile:  # compile before the first request, not during it
+            from radixlm.runtime.attention.compiled_decode import warm_up
+
+            q_heads = cfg.num_attention_heads // (self.tp.world_size if self.tp else 1)
+            warm_up(q_heads, self.num_kv_heads, self.head_dim, self.dtype, self.device)
+        self.sampler = DeviceSampler(self.vocab_size, self.device, args.random_seed)
         self.forward_time = 0.0  # seconds spent in forward passes (for overhead accounting)
         if self.tp and self.tp.is_leader:
             from radixlm.runtime.distributed.step_channel import StepLeader
@@ -94,8 +110,22 @@ class ModelRunner:
         return max(min(int(avail * self.args.mem_fraction_static) // bytes_per_token, _CPU_AUTO_MAX_TOKENS), 1)
 
     @torch.inference_mode()
-    def forward(self, fb: ForwardBatch) -> torch.Tensor:
-        """Logits [N, V] float32 for the rows ``fb.logits_indices``."""
+    def forward(self, fb: ForwardBatch, host_rows: list[int] | None = None) -> ForwardOutput:
+        """Run the pass over ``fb`` (logits rows ``fb.logits_indices``); copy only ``host_rows`` to the host.
+
+        The logits stay on the device: ``self.sampler`` (a ``DeviceSampler``) turns them into token ids
+        there, so no [rows, vocab] tensor crosses to the host except ``host_rows`` (prompt logprobs,
+        jump-forward verification) and the logprob rows of requests that asked for logprobs.
+        """
+        logits = self.forward_logits(fb)  # [N, V]
+        host = None
+        if host_rows:
+            host = logits.index_select(0, torch.tensor(host_rows, dtype=torch.int64, device=logits.device)).cpu()
+        return ForwardOutput(logits, host)
+
+    @torch.inference_mode()
+    def forward_logits(self, fb: ForwardBatch) -> torch.Tensor:
+        """Logits [N, V] float32, on the model's device, for the rows ``fb.logits_indices``."""
         t0 = time.perf_counter()
         if self._steps is not None:  # every rank runs the same forward pass
             self._steps.send_step(fb, self.req_to_token_pool.req_to_token)

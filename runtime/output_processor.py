@@ -1,26 +1,32 @@
 """OutputProcessor: what a forward pass's logits turn into.
 
 Before the pass it says which logits rows are needed (``LogitsPlan``: sampling rows, prompt-logprob
-rows, rows that verify jump-forward tokens). After it: prompt logprobs, verification of forced tokens
-(through ``GrammarManager``), sampling, token append, finish checks (EOS, stop ids and strings,
-length, a finished grammar), and the ``ReqOutput`` each request reports (unverified forced tokens are
-held back).
+rows, rows that verify jump-forward tokens). After it: prompt logprobs and verification of forced
+tokens (through ``GrammarManager``) from the few logits rows copied to the host, sampling on the
+model's device (``DeviceSampler``: only ids and requested logprob rows come back), token append, finish
+checks (EOS, stop ids and strings, length, a finished grammar), and the ``ReqOutput`` each request
+reports (unverified forced tokens are held back).
 """
 
 from __future__ import annotations
 
+import logging
 import re
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+from radixlm.runtime.device_sampler import DeviceSampler, SamplingBatch
 from radixlm.runtime.grammar_manager import GrammarManager
 from radixlm.runtime.kv_manager import KVManager
+from radixlm.runtime.model_runner import ForwardOutput
 from radixlm.runtime.protocol import ReqOutput, TokenLogprob
 from radixlm.runtime.req import Req
-from radixlm.runtime.sampler import Sampler, top_logprobs
+from radixlm.runtime.sampler import top_logprobs
 from radixlm.runtime.scheduler_stats import SchedulerCounters
+
+logger = logging.getLogger("radixlm.scheduler")
 
 
 @dataclass
@@ -58,6 +64,13 @@ class LogitsPlan:
             start += n
         return plan
 
+    @property
+    def host_rows(self) -> list[int]:
+        """Logits rows the host needs whole: prompt-logprob rows and jump-forward verification rows."""
+        rows = {row0 + j for _, row0, _, n in self.input_logprobs for j in range(n)}
+        rows.update(row for _, checks in self.verify for _, _, row in checks)
+        return sorted(rows)
+
 
 def _visible_len(r: Req) -> int:
     """Output tokens the client may see: all but unverified jump-forward tokens."""
@@ -67,26 +80,39 @@ def _visible_len(r: Req) -> int:
 class OutputProcessor:
     """Applies one pass's logits to its requests; removes finished ones from ``running`` (shared)."""
 
-    def __init__(self, tokenizer: Any, eos_ids: set[int], sampler: Sampler, kv: KVManager,
+    def __init__(self, tokenizer: Any, eos_ids: set[int], sampler: DeviceSampler, kv: KVManager,
                  grammars: GrammarManager, running: list[Req], counters: SchedulerCounters,
                  enable_jump_forward: bool) -> None:
         self.tokenizer = tokenizer
         self.eos_ids = eos_ids
+        self.eos_list = sorted(eos_ids)
         self.sampler = sampler
+        self.vocab_size = sampler.vocab_size
         self.kv = kv
         self.grammars = grammars
         self.running = running
         self.counters = counters
         self.enable_jump_forward = enable_jump_forward
 
-    def process(self, plan: LogitsPlan, logits: torch.Tensor) -> None:
-        """logits: [len(plan.rows), V] on the host, after the batch's ``kv_len`` were advanced."""
+    def process(self, plan: LogitsPlan, out: ForwardOutput) -> None:
+        """Apply a pass's output (after the batch's ``kv_len`` were advanced): ``out.logits`` stay on the
+        model's device and are sampled there; ``out.host_logits`` holds the ``plan.host_rows``.
+
+        Per-request isolation: an exception while handling one request (its prompt logprobs, grammar,
+        sampling, token bookkeeping) fails that request alone (``fail``: finish reason abort with the
+        message, KV released); every other request of the batch goes on unchanged.
+        """
+        remap = {row: k for k, row in enumerate(plan.host_rows)}  # logits row -> row of out.host_logits
         if plan.input_logprobs:
-            all_lp = torch.log_softmax(logits, dim=-1)
+            all_lp = torch.log_softmax(out.host_logits, dim=-1)
             for r, row0, pos0, n in plan.input_logprobs:
-                self._input_logprobs(r, all_lp, row0, pos0, n)
+                # a request's rows are contiguous in host_rows too
+                self.guarded(r, "prompt logprobs", self._input_logprobs, r, all_lp, remap[row0], pos0, n)
         for r, checks in plan.verify:
-            self.grammars.verify_forced(r, logits, checks, self)
+            if not r.finished:
+                checks = [(i, state, remap[row]) for i, state, row in checks]
+                self.guarded(r, "constrained decoding", self.grammars.verify_forced, r, out.host_logits, checks,
+                             self)
         sample_rows = []
         for r, i in plan.sample:
             if r.finished or r.pending != 0:
@@ -97,19 +123,56 @@ class OutputProcessor:
                 self.finish(r, {"type": "length", "length": 0})
                 continue
             sample_rows.append((r, i))
-        if sample_rows:
-            reqs = [r for r, _ in sample_rows]
-            rows = torch.tensor([i for _, i in sample_rows])
-            masks = self.grammars.masks(reqs)
-            out = self.sampler(logits[rows], reqs, masks)
-            for k, (r, tok) in enumerate(zip(reqs, out.next_ids)):
-                lp_row = None
-                if r.logprob.return_logprob:
-                    lp_row = out.logprobs[k]
-                    r.new_output_token_logprobs.append(TokenLogprob(float(lp_row[tok]), tok))
-                    if r.logprob.top_logprobs_num:
-                        r.new_output_top_logprobs.append(top_logprobs(lp_row, r.logprob.top_logprobs_num))
-                self.append_token(r, tok, lp_row)
+        if not sample_rows:
+            return
+        try:
+            drawn = self._draw(sample_rows, out.logits)
+        except Exception:  # noqa: BLE001 - find the request(s) at fault by drawing each row alone
+            drawn = []
+            for r, i in sample_rows:
+                one = self.guarded(r, "sampling", self._draw, [(r, i)], out.logits)
+                if one is not None:
+                    drawn.extend(one)
+        for r, tok, lp_row in drawn:
+            self.guarded(r, "output", self._accept, r, tok, lp_row)
+
+    def _draw(self, rows: list[tuple[Req, int]], logits: torch.Tensor) -> list[tuple[Req, int, torch.Tensor | None]]:
+        """Sample the rows on the logits' device (grammar bitmasks, penalties, ...): (req, token, its raw
+        log-softmax row on the host, or None). Only ids and the rows of requests that asked come back."""
+        reqs = [r for r, _ in rows]
+        sb = SamplingBatch.build(reqs, [i for _, i in rows], self.vocab_size, self.eos_list, logits.device,
+                                 self.grammars.masks(reqs))
+        res = self.sampler(logits, sb)
+        lp = iter(res.logprobs) if res.logprobs is not None else iter(())
+        return [(r, tok, next(lp) if r.logprob.return_logprob else None) for r, tok in zip(reqs, res.next_ids)]
+
+    def _accept(self, r: Req, tok: int, lp_row: torch.Tensor | None) -> None:
+        if lp_row is not None:
+            r.new_output_token_logprobs.append(TokenLogprob(float(lp_row[tok]), tok))
+            if r.logprob.top_logprobs_num:
+                r.new_output_top_logprobs.append(top_logprobs(lp_row, r.logprob.top_logprobs_num))
+        self.append_token(r, tok, lp_row)
+
+    def guarded(self, r: Req, stage: str, fn: Any, *args: Any) -> Any:
+        """``fn(*args)``; if it raises, fail ``r`` alone and return None."""
+        try:
+            return fn(*args)
+        except Exception as e:  # noqa: BLE001 - one request's fault must not stop the engine
+            self.fail(r, stage, e)
+            return None
+
+    def fail(self, r: Req, stage: str, e: BaseException) -> None:
+        """End ``r`` with an error (finish reason abort, the message in meta_info) and release its KV."""
+        logger.exception("request %s failed during %s", r.rid, stage)
+        self.counters.num_failed += 1
+        r.error = f"{stage} failed: {type(e).__name__}: {e}"
+        if r.finished and r.req_pool_idx is None:
+            return  # already finished and released (it failed while its output was being built)
+        r.forced = []
+        r.finish_reason = {"type": "abort", "message": r.error}
+        self.kv.release(r, finished=True)  # a failure here is memory corruption: it stops the engine
+        if r in self.running:
+            self.running.remove(r)
 
     def _input_logprobs(self, r: Req, lp: torch.Tensor, row0: int, pos0: int, n: int) -> None:
         start, n_in = r.logprob.logprob_start_len, len(r.input_ids)
@@ -201,7 +264,17 @@ class OutputProcessor:
     # ------------------------------------------------------------------ outputs
     def collect(self, reqs: list[Req]) -> list[ReqOutput]:
         """Outputs of the requests that finished or have new visible tokens."""
-        return [self.make_output(r) for r in reqs if r.finished or _visible_len(r) > r.sent_len]
+        return [self.safe_output(r) for r in reqs if r.finished or _visible_len(r) > r.sent_len]
+
+    def safe_output(self, r: Req) -> ReqOutput:
+        """``make_output``, or, if building it fails, fail the request and send a bare final error."""
+        try:
+            return self.make_output(r)
+        except Exception as e:  # noqa: BLE001 - isolate the request, as in ``process``
+            self.fail(r, "output", e)
+            return ReqOutput(rid=r.rid, new_token_ids=[], finished=True, finish_reason=r.finish_reason,
+                             prompt_tokens=len(r.input_ids), completion_tokens=r.sent_len,
+                             cached_tokens=r.cached_tokens, error=r.error)
 
     def make_output(self, r: Req) -> ReqOutput:
         """What ``r`` produced since its last output (and mark it sent)."""

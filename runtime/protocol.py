@@ -94,6 +94,9 @@ class TokenizedGenerateReq(_Msg):
     sampling_params: SamplingParams
     logprob: LogprobOptions = LogprobOptions()
     stream: bool = False
+    # The KV cache namespace (from cache_salt / extra_key, see generate_request.cache_namespace): the
+    # request shares radix-tree nodes and disk blocks only with requests of the same namespace.
+    cache_namespace: str = ""
 
 
 class AbortReq(_Msg):

@@ -25,6 +25,7 @@ class Req:
     input_ids: list[int]
     sampling_params: SamplingParams
     logprob: LogprobOptions = LogprobOptions()  # with return_logprob False, the others are defaults
+    cache_namespace: str = ""  # radix-tree and disk-tier namespace (cache_salt / extra_key); "" is shared
     arrival: int = 0  # scheduler step at which it arrived (FCFS order and aging)
     output_ids: list[int] = field(default_factory=list)
 

@@ -16,6 +16,7 @@ server from its own process. Messages in and out are the Structs of ``radixlm.ru
 
 from __future__ import annotations
 
+import logging
 import os
 
 import torch
@@ -40,12 +41,13 @@ from radixlm.runtime.protocol import (
 )
 from radixlm.runtime.kv_tiers import create_cache
 from radixlm.runtime.req import Req
-from radixlm.runtime.sampler import Sampler
 from radixlm.runtime.schedule_policy import SchedulePolicy
 from radixlm.runtime.scheduler_stats import SchedulerCounters
 from radixlm.runtime.server_args import ServerArgs
 from radixlm.runtime.hf_tokenizer import eos_token_ids, load_tokenizer
 from radixlm.runtime.validation import RequestLimits, check_request
+
+logger = logging.getLogger("radixlm.scheduler")
 
 
 class Scheduler:
@@ -73,8 +75,7 @@ class Scheduler:
         self.counters = SchedulerCounters()
         self.grammars = GrammarManager(args, self.tokenizer, self.runner.vocab_size, self.eos_ids)
         self.batches = BatchBuilder(args, self.kv, self.cache, self.policy, self.waiting, self.running, self.counters)
-        sampler = Sampler(self.runner.vocab_size, self.eos_ids, args.random_seed)
-        self.outputs = OutputProcessor(self.tokenizer, self.eos_ids, sampler, self.kv, self.grammars,
+        self.outputs = OutputProcessor(self.tokenizer, self.eos_ids, self.runner.sampler, self.kv, self.grammars,
                                        self.running, self.counters, args.enable_jump_forward)
 
     # ------------------------------------------------------------------ messages
@@ -99,6 +100,9 @@ class Scheduler:
                 self.add_request(msg)
             except ValueError as e:
                 return [ErrorOut(rid=msg.rid, message=str(e))]
+            except Exception as e:  # noqa: BLE001 - a request the checks did not foresee fails alone
+                logger.exception("add_request %s failed", msg.rid)
+                return [ErrorOut(rid=msg.rid, message=f"the request could not be queued: {type(e).__name__}: {e}")]
             return []
         if isinstance(msg, AbortReq):
             self.abort_request(msg.rid)
@@ -131,6 +135,7 @@ class Scheduler:
             input_ids=list(tr.input_ids),
             sampling_params=sp,
             logprob=tr.logprob.for_scheduler(),
+            cache_namespace=tr.cache_namespace,
             arrival=self.step_count,
         )
         # Front ends validated the pattern; the compile runs in the background, off this loop.
@@ -142,14 +147,14 @@ class Scheduler:
             if r.rid == rid:
                 self.waiting.remove(r)
                 r.finish_reason = {"type": "abort"}
-                self._outputs.append(self.outputs.make_output(r))
+                self._outputs.append(self.outputs.safe_output(r))
                 return
         for r in self.running:
             if r.rid == rid:
                 r.finish_reason = {"type": "abort"}
                 self.kv.release(r, finished=True)
                 self.running.remove(r)
-                self._outputs.append(self.outputs.make_output(r))
+                self._outputs.append(self.outputs.safe_output(r))
                 return
 
     def flush_cache(self) -> tuple[bool, str]:
@@ -162,7 +167,8 @@ class Scheduler:
         return True, "cache flushed"
 
     def close(self) -> None:
-        """Finish background work that must not be lost (queued disk-tier writes)."""
+        """Finish background work that must not be lost (queued disk-tier writes); stop grammar workers."""
+        self.grammars.close()
         self.kv.close()
 
     def has_work(self) -> bool:
@@ -172,7 +178,7 @@ class Scheduler:
     def step(self) -> list[ReqOutput]:
         """Run one scheduling step; return what each touched request produced."""
         outputs, self._outputs = self._outputs, []
-        outputs.extend(self.outputs.make_output(r) for r in self.grammars.poll(self.waiting))
+        outputs.extend(self.outputs.safe_output(r) for r in self.grammars.poll(self.waiting))
         # Decoding requests first get their one slot each (retracting if memory ran out), then the
         # extend work (new prompts, prompt chunks, jump-forward tokens) fills the step's token budget.
         # Both go into one forward pass: decodes never wait for a prefill step.
@@ -202,13 +208,14 @@ class Scheduler:
             self.runner.device,
         )
         fb.logits_indices = torch.tensor(plan.rows, dtype=torch.int64, device=self.runner.device)
-        logits = self.runner.forward(fb).cpu()  # [N, V]; N may be 0 for a middle chunk
+        # The logits stay on the model's device (sampled there); only host_rows are copied. N may be 0.
+        out = self.runner.forward(fb, plan.host_rows)
         self.counters.num_forward += 1
         self.counters.total_computed_tokens += len(input_ids)
         for r, n in batch:
             self.counters.total_computed_prompt_tokens += max(0, min(r.kv_len + n, len(r.input_ids)) - r.kv_len)
             r.kv_len += n
-        self.outputs.process(plan, logits)
+        self.outputs.process(plan, out)
         if mode is ForwardMode.EXTEND:
             for r, _ in batch:  # share computed prompts (and chunks) through the tree at once
                 if not r.finished:
@@ -234,6 +241,7 @@ class Scheduler:
             "total_generated_tokens": c.total_generated,
             "num_forward_passes": c.num_forward,
             "num_retracted": c.num_retracted,
+            "num_failed_requests": c.num_failed,
             **(
                 {"hicache_loaded_tokens": c.total_loaded_tokens, "hicache_load_deferred": c.num_load_deferred}
                 if self.kv.tiers is not None

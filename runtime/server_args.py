@@ -20,6 +20,7 @@ HICACHE_WRITE_POLICIES = ("write_through", "write_through_selective", "write_bac
 HICACHE_COMPRESSION = ("auto", "none", "int8", "fp8")
 HICACHE_STORAGE_BACKENDS = (None, "file")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+DP_POLICIES = ("cache_aware", "round_robin", "power_of_two", "random")  # = radixlm.router.policy.POLICIES
 # Kept in step with runtime/parsers (a test checks): listed here so ServerArgs imports nothing heavy.
 TOOL_CALL_PARSERS = ("auto", "hermes", "qwen25", "qwen", "llama3", "mistral")
 REASONING_PARSERS = ("none", "deepseek-r1", "qwen3")
@@ -88,14 +89,25 @@ class ServerArgs:
     attention_backend: str = arg(
         "auto", "attention implementation; auto: triton on CUDA, torch on the CPU", ("auto", "torch", "triton")
     )
+    enable_torch_compile: bool = arg(
+        False, "decode attention through a kernel torch.compile generates (reads the KV pool in place; "
+        "torch backend; the first start compiles for about a minute, later ones hit inductor's cache)"
+    )
     enable_jump_forward: bool = arg(True, "append text a grammar forces without sampling it")
     grammar_cache_size: int = arg(64, "compiled grammars kept (LRU)")
+    grammar_compile_timeout: float = arg(
+        10.0, "seconds one grammar build may take in its worker process; longer: the request fails (400)"
+    )
+    grammar_max_memory_mb: int = arg(2048, "address-space limit of the grammar compile worker process, in MB")
     constrained_json_whitespace_pattern: Optional[str] = arg(
         None, "regex for whitespace between JSON tokens; default: outlines' (an optional space); '' = compact"
     )
     # Parallelism (runtime/distributed; SGLang's flag names)
     tp_size: int = arg(1, "tensor-parallel ranks: attention heads and the MLP are sharded over them")
     dp_size: int = arg(1, "data-parallel replicas behind one front door, routed cache-aware (serve only)")
+    load_balance_method: str = arg(
+        "cache_aware", "how --dp-size routes requests to its replicas (the router's policies)", DP_POLICIES
+    )
     nnodes: int = arg(1, "machines the tensor-parallel ranks span (tp_size is split evenly over them)")
     node_rank: int = arg(0, "this machine's index among --nnodes; node 0 runs the scheduler and HTTP")
     dist_init_addr: Optional[str] = arg(
@@ -152,6 +164,10 @@ class ServerArgs:
             raise ValueError("hicache_size must be >= 0")
         if self.hicache_storage_backend == "file" and not self.hicache_storage_dir:
             raise ValueError("hicache_storage_dir is required with hicache_storage_backend='file'")
+        if self.enable_hierarchical_cache and self.tp_size > 1:
+            # Each rank holds its own shard of the KV; the tiers move rank 0's pool only.
+            raise ValueError("enable_hierarchical_cache: the KV tiers support tp_size 1 only (got tp_size "
+                             f"{self.tp_size}); use --dp-size replicas, which may share --hicache-storage-dir")
         if self.hicache_storage_dir and not self.enable_hierarchical_cache:
             raise ValueError("hicache_storage_dir needs enable_hierarchical_cache (the disk tier sits behind the host tier)")
         if self.hicache_storage_size_gb <= 0:
@@ -163,6 +179,10 @@ class ServerArgs:
         for name in ("max_n", "max_prompts_per_request", "max_tokens_default_cap"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
+        if self.grammar_compile_timeout <= 0:
+            raise ValueError("grammar_compile_timeout must be > 0")
+        if self.grammar_max_memory_mb < 256:
+            raise ValueError("grammar_max_memory_mb must be >= 256 (the worker's interpreter needs some)")
         if self.max_prompt_tokens < 0:
             raise ValueError("max_prompt_tokens must be >= 0 (0: the context length)")
         if self.tp_size < 1:

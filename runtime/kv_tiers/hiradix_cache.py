@@ -62,13 +62,14 @@ class HiRadixCache(RadixCache):
         super().reset(free_slots)
         self._host_held = 0
 
-    def match_prefix(self, key: list[int]) -> MatchResult:
-        if not key:
+    def match_prefix(self, key: list[int], namespace: str = "") -> MatchResult:
+        start = self._ns_root(namespace, create=False)
+        if not key or start is None:
             return MatchResult(_EMPTY, self.root)
         now = next(self._clock)
-        node, pos, pieces = self.root, 0, []
+        node, pos, pieces = start, 0, []
         node.last_access_time = now
-        device_node, host_len, last_host = self.root, 0, None
+        device_node, host_len, last_host = start, 0, None
         while pos < len(key):
             child = node.children.get(key[pos])
             if child is None:
@@ -87,12 +88,12 @@ class HiRadixCache(RadixCache):
         indices = torch.cat(pieces) if pieces else _EMPTY
         return MatchResult(indices, device_node, host_len, last_host)
 
-    def insert(self, key: list[int], value: torch.Tensor) -> int:
+    def insert(self, key: list[int], value: torch.Tensor, namespace: str = "") -> int:
         """As ``RadixCache.insert``; host-only nodes on the path adopt the caller's slots (revived).
 
         Returns the device-resident prefix length: only ``value`` up to it duplicates tree slots.
         """
-        node, pos, now = self.root, 0, next(self._clock)
+        node, pos, now = self._ns_root(namespace, create=bool(key)), 0, next(self._clock)
         on_device = 0
         while pos < len(key):
             child = node.children.get(key[pos])
@@ -114,7 +115,7 @@ class HiRadixCache(RadixCache):
                 self._note_hit(child)
             node, pos = child, pos + n
         if self.disk is not None:
-            self._persist(key, value)
+            self._persist(key, value, namespace)
         return on_device
 
     def evict(self, num_tokens: int) -> int:
@@ -142,12 +143,12 @@ class HiRadixCache(RadixCache):
                 heapq.heappush(heap, parent)
         return freed
 
-    def loadable(self, key: list[int], m: MatchResult) -> int:
+    def loadable(self, key: list[int], m: MatchResult, namespace: str = "") -> int:
         """Tokens after the device match ``m`` of ``key`` that ``load_back`` then ``load_from_disk`` would
         bring in (given the room): the host run, then the disk blocks that follow it."""
         n = m.host_len
         if self.disk is not None:
-            n += self.disk.probe(key, m.total_len, len(key))
+            n += self.disk.probe(key, m.total_len, len(key), namespace)
         return n
 
     def load_back(self, m: MatchResult, max_tokens: int) -> MatchResult:
@@ -198,8 +199,9 @@ class HiRadixCache(RadixCache):
             self.dec_lock_ref(m.last_node)
         return MatchResult(torch.cat([m.indices, slots]), take[-1], m.host_len - total, None)
 
-    def load_from_disk(self, key: list[int], m: MatchResult, max_tokens: int) -> MatchResult:
-        """Extend match ``m`` (with no host part left) by K/V blocks read from disk, into the tree.
+    def load_from_disk(self, key: list[int], m: MatchResult, max_tokens: int, namespace: str = "") -> MatchResult:
+        """Extend match ``m`` of ``key`` in ``namespace`` (with no host part left) by K/V blocks read from
+        disk (stored under the same namespace), into the tree.
 
         Reads consecutive blocks after the device match until the first miss (a torn or foreign block
         is a miss); loads at most ``max_tokens`` tokens and only what the device pool can hold.
@@ -208,7 +210,7 @@ class HiRadixCache(RadixCache):
             return m
         start = int(m.indices.numel())
         end = min(len(key), start + max_tokens)
-        rows = self.disk.read_run(key, start, end)  # [L, 2, T, Hkv, D] covering key[start:start+T]
+        rows = self.disk.read_run(key, start, end, namespace)  # [L, 2, T, Hkv, D] covering key[start:start+T]
         if rows is None:
             return m
         n = rows.shape[2]
@@ -227,10 +229,10 @@ class HiRadixCache(RadixCache):
             return m
         scatter_kv(self.kv_pool, slots, rows[:, :, :n])
         full = torch.cat([m.indices, slots])
-        on_device = self.insert(key[: start + n], full)
+        on_device = self.insert(key[: start + n], full, namespace)
         assert on_device == start, "disk load raced with the tree"
         self.disk_hit_tokens += n
-        return self.match_prefix(key[: start + n])
+        return self.match_prefix(key[: start + n], namespace)
 
     # ------------------------------------------------------------------ sizes and checks
     def total_size(self) -> int:
@@ -340,7 +342,7 @@ class HiRadixCache(RadixCache):
             node = heapq.heappop(heap)
             parent = node.parent
             freed += self._free_host(node)
-            del parent.children[node.key[0]]
+            self._remove_child(parent, node)
             if leaf(parent):
                 heapq.heappush(heap, parent)
         if freed >= num_tokens:
@@ -368,9 +370,9 @@ class HiRadixCache(RadixCache):
                 self._free_host(n)
         self.kv_pool.free(node.value)
         node.value = None
-        del node.parent.children[node.key[0]]
+        self._remove_child(node.parent, node)
 
-    def _persist(self, key: list[int], value: torch.Tensor) -> None:
+    def _persist(self, key: list[int], value: torch.Tensor, namespace: str) -> None:
         """Queue the whole blocks of ``key`` that the disk tier lacks (written in the background)."""
-        for start, end, block_key in self.disk.missing_blocks(key):
+        for start, end, block_key in self.disk.missing_blocks(key, namespace):
             self.disk.write_async(block_key, key[start:end], gather_kv(self.kv_pool, value[start:end]).cpu())

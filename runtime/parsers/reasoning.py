@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from radixlm.runtime.parsers.tool_calls.base import held_prefix
+from radixlm.runtime.parsers.text_regex import held_prefix  # text_regex is pure: the DSL imports this module
 
 _WS = " \t\n\r\f\v"
 

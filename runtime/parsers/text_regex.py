@@ -43,3 +43,11 @@ def text_without(marker: str, then: str | None = None) -> str:
         return f"{loop}*(?:{tail}|)"
     # Prose may end inside a partial marker ("[[" before "[TOOL_CALLS]"), so ``then`` may follow the tail too.
     return f"{loop}*(?:{then}|{tail}(?:{then}|)|)"
+
+
+def held_prefix(text: str, marker: str) -> int:
+    """Length of the longest suffix of ``text`` that is a proper prefix of ``marker`` (it may still become it)."""
+    for n in range(min(len(marker) - 1, len(text)), 0, -1):
+        if marker.startswith(text[-n:]):
+            return n
+    return 0

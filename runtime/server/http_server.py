@@ -1,7 +1,8 @@
 """The HTTP front door: a FastAPI app with SGLang's native routes and the OpenAI-compatible ones.
 
 Native: /generate, /get_model_info, /get_server_info (= /server_info), /health, /health_generate,
-/flush_cache, /abort_request, /metrics, /parse_function_call, /separate_reasoning. OpenAI: /v1/models, /v1/completions, /v1/chat/completions.
+/flush_cache, /abort_request, /metrics, /parse_function_call, /separate_reasoning. OpenAI: /v1/models,
+/v1/models/{id}, /v1/completions, /v1/chat/completions; vLLM's /tokenize and /detokenize.
 
 Errors always have OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``: 400 for bad input
 (malformed JSON, wrong types, invalid UTF-8, values out of range — the message names the field), 401
@@ -41,7 +42,13 @@ from radixlm.runtime.server.http_streaming import (
     until_disconnect,
 )
 from radixlm.runtime.server.metrics import CONTENT_TYPE_LATEST, ServerMetrics
-from radixlm.runtime.server.openai_protocol import ChatCompletionRequest, CompletionRequest
+from radixlm.runtime.server.openai_protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    TokenizeChatRequest,
+    TokenizeRequest,
+)
 from radixlm.runtime.server.openai_tools import ChatConfig
 from radixlm.runtime.server.native_api import parse_generate_body
 from radixlm.runtime.server.request_errors import RequestError
@@ -236,6 +243,19 @@ def create_app(ctx: ServerContext) -> FastAPI:
     async def retrieve_model(model_id: str) -> dict:
         openai_api.check_model(model_id, model_names)
         return model_card()
+
+    @app.post("/tokenize")
+    async def tokenize(request: Request) -> dict:
+        body = await json_body(request)
+        req = (TokenizeChatRequest if isinstance(body, dict) and "messages" in body else TokenizeRequest).model_validate(body)
+        openai_api.check_model(req.model, model_names)
+        return openai_api.tokenize(req, tm.tokenizer, ctx.chat, tm.model_info)
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request) -> dict:
+        req = DetokenizeRequest.model_validate(await json_body(request))
+        openai_api.check_model(req.model, model_names)
+        return openai_api.detokenize(req, tm.tokenizer, int(tm.model_info.get("vocab_size") or len(tm.tokenizer)))
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:

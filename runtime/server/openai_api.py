@@ -18,13 +18,21 @@ from radixlm.runtime.constrained import JSON_OBJECT_SCHEMA
 from radixlm.runtime.generate_request import GenerateReqInput
 from radixlm.runtime.parsers.reasoning import ReasoningParser
 from radixlm.runtime.server.openai_logprobs import CompletionLogprobs, EchoPrompt, added_special_span, chat_logprobs
-from radixlm.runtime.server.openai_protocol import ChatCompletionRequest, CompletionRequest, ResponseFormat
+from radixlm.runtime.server.openai_protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    ResponseFormat,
+    TokenizeChatRequest,
+    TokenizeRequest,
+)
 from radixlm.runtime.server.openai_tools import (
     ChatConfig,
     ChoiceStream,
     ToolPlan,
     chat_finish_reason,
     chat_message,
+    function_specs,
     parse_choice,
     plan_tools,
     template_messages,
@@ -194,20 +202,21 @@ def prepare_completion(req: CompletionRequest, tokenizer: Any, model_info: dict,
         top_logprobs_num=req.logprobs if want_lp else None,
         return_text_in_logprobs=want_lp,
         stream=req.stream,
+        cache_salt=req.cache_salt,
+        extra_key=req.extra_key,
     )
     return Prepared(obj, prompts, req.n, model, int(time.time()), f"cmpl-{uuid.uuid4().hex}", echo=echo)
 
 
-def prepare_chat(
-    req: ChatCompletionRequest, tokenizer: Any, cfg: ChatConfig, model_info: dict, model: str
-) -> Prepared:
-    plan = plan_tools(req, cfg)
+def render_chat(req: ChatCompletionRequest | TokenizeChatRequest, tools: list[dict] | None, tokenizer: Any,
+                cfg: ChatConfig) -> list[int]:
+    """The prompt ids of a chat request: its messages (tool calls and results included) and ``tools``
+    through the model's chat template, as /v1/chat/completions and /tokenize both see it."""
     messages = template_messages(req.messages)
     template = cfg.template or getattr(tokenizer, "chat_template", None)
     if not template:
         raise RequestError("this model has no chat template; start the server with --chat-template", param="messages")
     kwargs = dict(req.chat_template_kwargs or {})
-    tools = plan.template_tools()
     if tools is not None:
         kwargs["tools"] = tools
     try:
@@ -222,7 +231,35 @@ def prepare_chat(
     except Exception as e:  # noqa: BLE001 - a template error is the request's fault (roles, kwargs)
         raise RequestError(f"messages: the chat template failed: {e}", param="messages") from None
     # The template writes BOS itself; add_special_tokens (vLLM's, default false for chat) adds another.
-    ids = tokenizer(text, add_special_tokens=req.add_special_tokens).input_ids
+    return tokenizer(text, add_special_tokens=req.add_special_tokens).input_ids
+
+
+def tokenize(req: TokenizeRequest | TokenizeChatRequest, tokenizer: Any, cfg: ChatConfig, model_info: dict) -> dict:
+    """vLLM's ``/tokenize``: a prompt, or chat messages rendered as /v1/chat/completions renders them."""
+    if isinstance(req, TokenizeChatRequest):
+        tools = ToolPlan("none", function_specs([t.function for t in req.tools])).template_tools() if req.tools else None
+        ids = render_chat(req, tools, tokenizer, cfg)
+    else:
+        ids = tokenizer(req.prompt, add_special_tokens=req.add_special_tokens).input_ids
+    out: dict[str, Any] = {"count": len(ids), "max_model_len": model_info.get("context_length"), "tokens": ids}
+    if req.return_token_strs:
+        out["token_strs"] = tokenizer.convert_ids_to_tokens(ids)
+    return out
+
+
+def detokenize(req: DetokenizeRequest, tokenizer: Any, vocab_size: int) -> dict:
+    """vLLM's ``/detokenize``: token ids → text (special tokens kept)."""
+    bad = [t for t in req.tokens if not 0 <= t < vocab_size]
+    if bad:
+        raise RequestError(f"tokens: ids out of the vocabulary (size {vocab_size}): {bad[:5]}", param="tokens")
+    return {"prompt": tokenizer.decode(req.tokens)}
+
+
+def prepare_chat(
+    req: ChatCompletionRequest, tokenizer: Any, cfg: ChatConfig, model_info: dict, model: str
+) -> Prepared:
+    plan = plan_tools(req, cfg)
+    ids = render_chat(req, plan.template_tools(), tokenizer, cfg)
     ctx = int(model_info.get("context_length") or 1 << 30)
     requested = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
@@ -247,6 +284,8 @@ def prepare_chat(
         top_logprobs_num=(req.top_logprobs or 0) if want_lp else None,
         return_text_in_logprobs=want_lp,
         stream=req.stream,
+        cache_salt=req.cache_salt,
+        extra_key=req.extra_key,
     )
     reasoning = cfg.reasoning_parser if req.separate_reasoning else None
     return Prepared(obj, [ids], req.n, model, int(time.time()), f"chatcmpl-{uuid.uuid4().hex}", plan, reasoning)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictStr, field_validator, model_validator
 
 _FUNCTION_NAME = r"^[a-zA-Z0-9_-]{1,64}$"  # OpenAI's rule for function names
 
@@ -59,6 +59,9 @@ class _SamplingExtras(_Body):
     no_stop_trim: bool = False
     regex: Optional[str] = None
     rid: Optional[str] = None
+    # KV cache namespace (vLLM's cache_salt, SGLang's extra_key): prefixes are shared only within it
+    cache_salt: Optional[StrictStr] = None
+    extra_key: Optional[StrictStr] = None
 
     @field_validator("stop")
     @classmethod
@@ -175,3 +178,30 @@ class ChatCompletionRequest(_SamplingExtras):
         if self.function_call is not None and self.tool_choice is not None:
             raise ValueError("function_call (legacy) and tool_choice are mutually exclusive")
         return self
+
+
+class TokenizeRequest(_Body):
+    """vLLM's ``/tokenize`` with a prompt."""
+
+    model: Optional[str] = None
+    prompt: str
+    add_special_tokens: bool = True
+    return_token_strs: bool = False
+
+
+class TokenizeChatRequest(_Body):
+    """vLLM's ``/tokenize`` with chat messages: the prompt /v1/chat/completions would run."""
+
+    model: Optional[str] = None
+    messages: list[ChatMessage] = Field(min_length=1)
+    tools: Optional[list[ToolDefinition]] = Field(default=None, max_length=128)
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    add_special_tokens: bool = False
+    chat_template_kwargs: Optional[dict[str, Any]] = None
+    return_token_strs: bool = False
+
+
+class DetokenizeRequest(_Body):
+    model: Optional[str] = None
+    tokens: list[int]
