@@ -13,8 +13,9 @@ import os
 from dataclasses import dataclass
 from typing import Any, Optional
 
+from radixlm.runtime.dtypes import DTYPE_CHOICES
+
 SCHEDULE_POLICIES = ("lpm", "dfs-weight", "fcfs", "lof", "random")
-DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16", "half", "float", "bf16", "fp16", "fp32")
 HICACHE_WRITE_POLICIES = ("write_through", "write_through_selective", "write_back")
 HICACHE_COMPRESSION = ("auto", "none", "int8", "fp8")
 HICACHE_STORAGE_BACKENDS = (None, "file")

@@ -221,9 +221,9 @@ def check_request(r: "TokenizedGenerateReq", limits: RequestLimits) -> None:
         raise ValueError(f"input_ids: the prompt has {n_in} tokens, over the limit of {limits.max_prompt_tokens} "
                          "(--max-prompt-tokens / the context length)")
     check_token_ids(r.input_ids, "input_ids", vocab)
-    check_int(r.logprob_start_len, "logprob_start_len", -1, n_in - 1)
+    check_int(r.logprob.logprob_start_len, "logprob_start_len", -1, n_in - 1)
     top_hi = MAX_TOP_LOGPROBS if vocab is None else min(MAX_TOP_LOGPROBS, vocab)
-    check_int(r.top_logprobs_num, "top_logprobs_num", 0, top_hi)
+    check_int(r.logprob.top_logprobs_num, "top_logprobs_num", 0, top_hi)
     check_sampling_params(r.sampling_params, limits)
 
 

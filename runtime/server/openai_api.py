@@ -39,7 +39,8 @@ from radixlm.runtime.server.openai_tools import (
     plan_tools,
     template_messages,
 )
-from radixlm.runtime.server.tokenizer_manager import GenEvent, RequestError
+from radixlm.runtime.server.request_errors import RequestError
+from radixlm.runtime.server.tokenizer_manager import GenEvent
 
 
 logger = logging.getLogger("radixlm.openai")
