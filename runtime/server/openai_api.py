@@ -338,6 +338,8 @@ def prepare_chat(
         raise RequestError("top_logprobs requires logprobs=true", param="top_logprobs")
     sp = _sampling_params(req, max_new)
     grammar = plan.regex(cfg.json_whitespace)
+    if grammar is not None and cfg.reasoning_parser is not None:  # reason first, then call (calls are constrained)
+        grammar = cfg.reasoning_parser.wrap_grammar(grammar, prose_first=plan.mode == "auto")
     if grammar is not None:
         if "regex" in sp or "json_schema" in sp:
             raise RequestError("tool_choice: tool calls and response_format/regex cannot constrain one output "
