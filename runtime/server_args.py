@@ -13,12 +13,14 @@ import os
 from dataclasses import dataclass
 from typing import Any, Optional
 
+from radixlm.runtime.dtypes import DTYPE_CHOICES
+
 SCHEDULE_POLICIES = ("lpm", "dfs-weight", "fcfs", "lof", "random")
-DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16", "half", "float", "bf16", "fp16", "fp32")
 HICACHE_WRITE_POLICIES = ("write_through", "write_through_selective", "write_back")
 HICACHE_COMPRESSION = ("auto", "none", "int8", "fp8")
 HICACHE_STORAGE_BACKENDS = (None, "file")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+DP_POLICIES = ("cache_aware", "round_robin", "power_of_two", "random")  # = radixlm.router.policy.POLICIES
 # Kept in step with runtime/parsers (a test checks): listed here so ServerArgs imports nothing heavy.
 TOOL_CALL_PARSERS = ("auto", "hermes", "qwen25", "qwen", "llama3", "mistral")
 REASONING_PARSERS = ("none", "deepseek-r1", "qwen3")
@@ -87,6 +89,10 @@ class ServerArgs:
     attention_backend: str = arg(
         "auto", "attention implementation; auto: triton on CUDA, torch on the CPU", ("auto", "torch", "triton")
     )
+    enable_torch_compile: bool = arg(
+        False, "torch.compile the decoder's elementwise ops and the torch backend's decode attention (reads "
+        "the KV pool in place); the first start compiles for about a minute, later ones hit inductor's cache"
+    )
     enable_jump_forward: bool = arg(True, "append text a grammar forces without sampling it")
     grammar_cache_size: int = arg(64, "compiled grammars kept (LRU)")
     grammar_compile_timeout: float = arg(
@@ -99,6 +105,9 @@ class ServerArgs:
     # Parallelism (runtime/distributed; SGLang's flag names)
     tp_size: int = arg(1, "tensor-parallel ranks: attention heads and the MLP are sharded over them")
     dp_size: int = arg(1, "data-parallel replicas behind one front door, routed cache-aware (serve only)")
+    load_balance_method: str = arg(
+        "cache_aware", "how --dp-size routes requests to its replicas (the router's policies)", DP_POLICIES
+    )
     nnodes: int = arg(1, "machines the tensor-parallel ranks span (tp_size is split evenly over them)")
     node_rank: int = arg(0, "this machine's index among --nnodes; node 0 runs the scheduler and HTTP")
     dist_init_addr: Optional[str] = arg(
@@ -162,6 +171,10 @@ class ServerArgs:
             raise ValueError("hicache_size must be >= 0")
         if self.hicache_storage_backend == "file" and not self.hicache_storage_dir:
             raise ValueError("hicache_storage_dir is required with hicache_storage_backend='file'")
+        if self.enable_hierarchical_cache and self.tp_size > 1:
+            # Each rank holds its own shard of the KV; the tiers move rank 0's pool only.
+            raise ValueError("enable_hierarchical_cache: the KV tiers support tp_size 1 only (got tp_size "
+                             f"{self.tp_size}); use --dp-size replicas, which may share --hicache-storage-dir")
         if self.hicache_storage_dir and not self.enable_hierarchical_cache:
             raise ValueError("hicache_storage_dir needs enable_hierarchical_cache (the disk tier sits behind the host tier)")
         if self.hicache_storage_size_gb <= 0:

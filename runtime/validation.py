@@ -219,10 +219,11 @@ def check_admission(obj: "GenerateReqInput", limits: RequestLimits) -> None:
         ns.append(n)
     ns += [1] * (num - len(ns))  # a shorter list is normalize's error; count the rest as n=1
     check_counts(num, ns, limits, field)
-    rids = obj.rid if isinstance(obj.rid, list) else [obj.rid]
-    for r in rids:
-        if isinstance(r, str):
-            check_str(r, "rid", MAX_RID_CHARS)
+    for name in ("rid", "cache_salt", "extra_key"):
+        value = getattr(obj, name, None)
+        for r in value if isinstance(value, list) else [value]:
+            if isinstance(r, str):
+                check_str(r, name, MAX_RID_CHARS)
 
 
 # --------------------------------------------------------------------------- after normalize
@@ -246,9 +247,9 @@ def check_request(r: "TokenizedGenerateReq", limits: RequestLimits) -> None:
         raise ValueError(f"input_ids: the prompt has {n_in} tokens, over the limit of {limits.max_prompt_tokens} "
                          "(--max-prompt-tokens / the context length)")
     check_token_ids(r.input_ids, "input_ids", vocab)
-    check_int(r.logprob_start_len, "logprob_start_len", -1, n_in - 1)
+    check_int(r.logprob.logprob_start_len, "logprob_start_len", -1, n_in - 1)
     top_hi = MAX_TOP_LOGPROBS if vocab is None else min(MAX_TOP_LOGPROBS, vocab)
-    check_int(r.top_logprobs_num, "top_logprobs_num", 0, top_hi)
+    check_int(r.logprob.top_logprobs_num, "top_logprobs_num", 0, top_hi)
     check_sampling_params(r.sampling_params, limits)
 
 

@@ -7,14 +7,14 @@ outputs arrive. Closing the iterator early (a client went away) aborts every unf
 which releases its KV at the scheduler's next step.
 
 If the scheduler or detokenizer process dies, every waiting caller gets a ``ServerDeadError`` at
-once and the ``on_dead`` callbacks run (the launcher stops the server).
+once and the ``on_dead`` callbacks run (the launcher stops the server). The errors themselves are in
+``request_errors``; the native body parsing and stream chunks both front doors share, in ``native_api``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -42,40 +42,12 @@ from radixlm.runtime.protocol import (
     encode,
 )
 from radixlm.runtime.server.ipc import IpcNames
-from radixlm.runtime.validation import RequestLimits, check_admission, check_requests
 from radixlm.runtime.server.metrics import ServerMetrics
+from radixlm.runtime.server.request_errors import RequestError, ServerDeadError
 from radixlm.runtime.server_args import ServerArgs
+from radixlm.runtime.validation import RequestLimits, check_admission, check_requests
 
 logger = logging.getLogger("radixlm.tokenizer_manager")
-
-
-class RequestError(Exception):
-    """A request failed; ``status`` is the HTTP status it maps to."""
-
-    status = 400
-
-    def __init__(self, message: str, status: int | None = None, param: str | None = None):
-        super().__init__(message)
-        if status is not None:
-            self.status = status
-        self.param = param if param is not None else _param_named_in(message)
-
-
-def _param_named_in(message: str) -> str | None:
-    """The field a ValueError names first ("regex: ...", "top_p must be ..."), for OpenAI's ``param``."""
-    from radixlm.runtime.generate_request import GenerateReqInput
-    from radixlm.runtime.sampling_params import SamplingParams
-
-    m = re.match(r"([a-z_]+)\b", message)
-    if m is None:
-        return None
-    word = m.group(1)
-    known = set(SamplingParams.__struct_fields__) | set(GenerateReqInput.__dataclass_fields__)
-    return word if word in known else None
-
-
-class ServerDeadError(RequestError):
-    status = 503
 
 
 @dataclass
@@ -267,7 +239,7 @@ class TokenizerManager:
                 )
         try:
             frames = [
-                (encode(DetokRegister(req=r, return_text_in_logprobs=obj.return_text_in_logprobs)), encode(r))
+                (encode(DetokRegister(req=r)), encode(r))
                 for r in reqs
             ]
         except (OverflowError, UnicodeEncodeError, TypeError, ValueError) as e:
@@ -482,22 +454,3 @@ def _resolve(waiters: deque, value: Any) -> None:
         if not f.done():
             f.set_result(value)
             return
-
-
-class StreamAccumulator:
-    """Folds streaming deltas of one sequence into SGLang's cumulative /generate stream chunks."""
-
-    def __init__(self) -> None:
-        self.text = ""
-        self.output_ids: list[int] = []
-        self.meta: dict[str, Any] = {}
-
-    def add(self, delta: dict) -> dict:
-        self.text += delta.get("text", "")
-        self.output_ids.extend(delta.get("output_ids", ()))
-        for k, v in (delta.get("meta_info") or {}).items():
-            if k.endswith("_logprobs"):
-                self.meta.setdefault(k, []).extend(v)
-            else:
-                self.meta[k] = v
-        return {"text": self.text, "output_ids": list(self.output_ids), "meta_info": dict(self.meta)}
