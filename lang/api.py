@@ -21,6 +21,7 @@ from radixlm.ir import (
     normalize_dtype,
     validate_overrides,
 )
+from radixlm.runtime.protocol import LogprobOptions
 
 
 def function(func: Optional[Callable] = None, num_api_spec_tokens: Optional[int] = None):
@@ -111,6 +112,7 @@ def gen(
     overrides = validate_overrides({k: v for k, v in sampling.items() if v is not None})
     logprob = {k: v for k, v in zip(LOGPROB_FIELDS, (return_logprob, logprob_start_len, top_logprobs_num,
                                                       return_text_in_logprobs)) if v is not None}
+    LogprobOptions.from_dict(logprob)  # checked at the call, like the sampling fields
     if name is not None and not isinstance(name, str):
         raise ValueError(f"gen: name must be a string, got {type(name).__name__}")
     return SglGen(name, overrides, dtype_name, logprob)

@@ -271,10 +271,8 @@ class StreamExecutor:
         if self.chat_template.stop_token_ids:
             ids = list(merged.get("stop_token_ids") or [])
             merged["stop_token_ids"] = ids + [t for t in self.chat_template.stop_token_ids if t not in ids]
-        logprob = {k: expr.logprob.get(k, getattr(base, k)) for k in
-                   ("return_logprob", "logprob_start_len", "top_logprobs_num", "return_text_in_logprobs")}
-        logprob = {k: (v if v is not None else getattr(base, k)) for k, v in logprob.items()}
-        return SglSamplingParams(SamplingParams.from_dict(merged), dtype=expr.dtype, **logprob)
+        return SglSamplingParams(SamplingParams.from_dict(merged), base.logprob.replace(**expr.logprob),
+                                 dtype=expr.dtype)
 
     def _execute_gen(self, expr: SglGen) -> None:
         sp = self.resolve_sampling_params(expr)

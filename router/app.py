@@ -132,7 +132,7 @@ class Router:
         key = args.effective_worker_api_key
         self.worker_headers = {"Authorization": f"Bearer {key}"} if key else {}
         self.workers = WorkerSet(args.worker_urls, self.client, self.worker_headers,
-                                 args.health_check_interval_s, args.health_failure_threshold)
+                                 args.health_check_interval_s, args.health_failure_threshold, args.max_tree_chars)
         self.policy = make_policy(args.policy, args.cache_aware, args.seed)
         self.metrics = RouterMetrics()
         self.rids: dict[str, Worker] = {}

@@ -131,12 +131,13 @@ class WorkerSet:
     """The workers, in the order they were added, and the loop that checks them."""
 
     def __init__(self, urls: tuple[str, ...], client: httpx.AsyncClient, headers: dict[str, str],
-                 interval_s: float, failure_threshold: int):
+                 interval_s: float, failure_threshold: int, max_tree_chars: int = 1 << 24):
         self.workers: dict[str, Worker] = {}
         self._client = client
         self._headers = headers
         self.interval_s = interval_s
         self.failure_threshold = failure_threshold
+        self.max_tree_chars = max_tree_chars
         self._task: Optional[asyncio.Task] = None
         for u in urls:
             self.add(u)
@@ -197,6 +198,12 @@ class WorkerSet:
         w.apply_info(info)
         return True
 
+    def bound_trees(self) -> None:
+        """Keep every tree under ``max_tree_chars`` (to 90% of it), summaries or not."""
+        for w in self.workers.values():
+            if w.tree.size > self.max_tree_chars:
+                w.tree.evict(w.tree.size - int(self.max_tree_chars * 0.9))
+
     async def check_all(self) -> None:
         await asyncio.gather(*(self.check(w) for w in list(self.workers.values())))
 
@@ -216,6 +223,7 @@ class WorkerSet:
             await asyncio.sleep(self.interval_s)
             try:
                 await self.check_all()
+                self.bound_trees()
             except Exception:  # noqa: BLE001 - the loop must survive anything one check does
                 logger.exception("health check loop")
 

@@ -15,37 +15,15 @@ import torch
 
 from radixlm.runtime.attention import create_attention_backend
 from radixlm.runtime.device_sampler import DeviceSampler
+from radixlm.runtime.dtypes import dtype_name, resolve_dtype
 from radixlm.runtime.forward_batch import ForwardBatch
 from radixlm.runtime.memory_pool import KVPool, ReqToTokenPool
 from radixlm.runtime.server_args import ServerArgs
 
 logger = logging.getLogger(__name__)
 
-_DTYPES = {
-    "float32": torch.float32,
-    "float": torch.float32,
-    "fp32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-    "float16": torch.float16,
-    "half": torch.float16,
-    "fp16": torch.float16,
-}
 # A CPU pool sized from 24 GiB of RAM for a tiny model would be absurd; cap what "auto" picks.
 _CPU_AUTO_MAX_TOKENS = 1 << 18
-
-
-def resolve_dtype(name: str, config) -> torch.dtype:
-    if name != "auto":
-        return _DTYPES[name]
-    cfg = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
-    if isinstance(cfg, torch.dtype):
-        return cfg
-    return _DTYPES.get(str(cfg), torch.float32)
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).replace("torch.", "")
 
 
 @dataclass
@@ -75,14 +53,14 @@ class ModelRunner:
         hf_config = AutoConfig.from_pretrained(args.model_path)
         self.dtype = resolve_dtype(args.dtype, hf_config)
         t0 = time.perf_counter()
-        logger.info("loading %s (%s, %s) ...", args.model_path, _dtype_name(self.dtype), self.device)
+        logger.info("loading %s (%s, %s) ...", args.model_path, dtype_name(self.dtype), self.device)
         self.model = load_model(args.model_path, self.dtype, "cpu" if self.tp else self.device)
         self.config = self.model.config
         n_params = sum(p.numel() for p in self.model.parameters())
         n_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
         logger.info(
             "loaded %s: %.1fM parameters, %.1f MB of %s weights, in %.1f s",
-            args.model_path, n_params / 1e6, n_bytes / 1e6, _dtype_name(self.dtype), time.perf_counter() - t0,
+            args.model_path, n_params / 1e6, n_bytes / 1e6, dtype_name(self.dtype), time.perf_counter() - t0,
         )
         if self.tp:
             from radixlm.runtime.distributed.sharding import shard_model
@@ -109,11 +87,18 @@ class ModelRunner:
         self.attn_backend = create_attention_backend(
             args.resolved_attention_backend, self.kv_pool, self.req_to_token_pool, args.enable_torch_compile
         )
-        if args.enable_torch_compile:  # compile before the first request, not during it
+        if args.enable_torch_compile:  # fused elementwise ops and decode attention, compiled now
             from radixlm.runtime.attention.compiled_decode import warm_up
+            from radixlm.runtime.models import decoder_ops
 
+            t0 = time.perf_counter()
             q_heads = cfg.num_attention_heads // (self.tp.world_size if self.tp else 1)
+            ops = decoder_ops.compiled_ops()
+            decoder_ops.install(self.model, ops)
+            decoder_ops.warm_up(ops, cfg, q_heads, self.dtype, self.device)
+            decoder_ops.warm_up(ops, cfg, self.num_kv_heads, self.dtype, self.device)  # rope on k
             warm_up(q_heads, self.num_kv_heads, self.head_dim, self.dtype, self.device)
+            logger.info("torch.compile: elementwise ops and decode attention ready in %.1f s", time.perf_counter() - t0)
         self.sampler = DeviceSampler(self.vocab_size, self.device, args.random_seed)
         self.forward_time = 0.0  # seconds spent in forward passes (for overhead accounting)
         if self.tp and self.tp.is_leader:

@@ -134,9 +134,7 @@ class Scheduler:
             rid=tr.rid,
             input_ids=list(tr.input_ids),
             sampling_params=sp,
-            return_logprob=tr.return_logprob,
-            logprob_start_len=tr.logprob_start_len if tr.return_logprob else -1,
-            top_logprobs_num=tr.top_logprobs_num if tr.return_logprob else 0,
+            logprob=tr.logprob.for_scheduler(),
             cache_namespace=tr.cache_namespace,
             arrival=self.step_count,
         )

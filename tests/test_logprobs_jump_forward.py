@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from radixlm.runtime.engine import Engine
-from constrained_cases import REGEX_CASES, schema_json
+from tests.constrained_cases import REGEX_CASES, schema_json
 
 PROMPT = "Answer: "
 

@@ -42,7 +42,8 @@ from radixlm.runtime.server.openai_tools import (
     plan_tools,
     template_messages,
 )
-from radixlm.runtime.server.tokenizer_manager import GenEvent, RequestError
+from radixlm.runtime.server.request_errors import RequestError
+from radixlm.runtime.server.tokenizer_manager import GenEvent
 
 
 class ModelNotFoundError(RequestError):
@@ -93,10 +94,14 @@ def _sampling_params(req: CompletionRequest | ChatCompletionRequest, max_new_tok
     return {k: v for k, v in sp.items() if v is not None}
 
 
-def _max_tokens(requested: int | None, prompt_lens: list[int], context_len: int, param: str) -> int:
-    """OpenAI semantics: an explicit budget must fit the context (400 otherwise); none means 'the rest'."""
+def _max_tokens(requested: int | None, prompt_lens: list[int], context_len: int, param: str,
+                cap: int | None = None) -> int:
+    """OpenAI semantics: an explicit budget must fit the context (400 otherwise); none means 'the rest',
+    bounded by ``cap`` (--max-tokens-default-cap) so an omitted max_tokens cannot ask for the whole context
+    for every prompt × n."""
     if requested is None:
-        return max(context_len - max(prompt_lens), 1)
+        rest = context_len - max(prompt_lens)
+        return max(min(rest, cap) if cap is not None else rest, 1)
     if requested < 0:
         raise RequestError(f"{param} must be >= 0, got {requested}", param=param)
     longest = max(prompt_lens)
@@ -131,7 +136,8 @@ class Prepared:
                                   req.spaces_between_special_tokens)
 
 
-def prepare_completion(req: CompletionRequest, tokenizer: Any, model_info: dict, model: str) -> Prepared:
+def prepare_completion(req: CompletionRequest, tokenizer: Any, model_info: dict, model: str,
+                       max_tokens_cap: int | None = None) -> Prepared:
     check_fields(req)
     if req.suffix:
         raise NotSupportedError("suffix is not supported", param="suffix")
@@ -153,7 +159,7 @@ def prepare_completion(req: CompletionRequest, tokenizer: Any, model_info: dict,
         echo = [EchoPrompt(ids, added_special_span(tokenizer, texts[i], ids) if texts else (0, len(ids)))
                 for i, ids in enumerate(prompts)]
     ctx = int(model_info.get("context_length") or 1 << 30)
-    max_new = _max_tokens(req.max_tokens, [len(x) for x in prompts], ctx, "max_tokens")
+    max_new = _max_tokens(req.max_tokens, [len(x) for x in prompts], ctx, "max_tokens", max_tokens_cap)
     want_lp = req.logprobs is not None
     obj = GenerateReqInput(
         input_ids=prompts if len(prompts) > 1 else prompts[0],
@@ -218,7 +224,8 @@ def detokenize(req: DetokenizeRequest, tokenizer: Any, vocab_size: int) -> dict:
 
 
 def prepare_chat(
-    req: ChatCompletionRequest, tokenizer: Any, cfg: ChatConfig, model_info: dict, model: str
+    req: ChatCompletionRequest, tokenizer: Any, cfg: ChatConfig, model_info: dict, model: str,
+    max_tokens_cap: int | None = None,
 ) -> Prepared:
     check_fields(req)
     plan = plan_tools(req, cfg)
@@ -226,7 +233,7 @@ def prepare_chat(
     ctx = int(model_info.get("context_length") or 1 << 30)
     requested = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
-    max_new = _max_tokens(requested, [len(ids)], ctx, param)
+    max_new = _max_tokens(requested, [len(ids)], ctx, param, max_tokens_cap)
     want_lp = bool(req.logprobs)
     if req.top_logprobs and not want_lp:
         raise RequestError("top_logprobs requires logprobs=true", param="top_logprobs")

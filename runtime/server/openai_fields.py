@@ -12,7 +12,7 @@ from typing import Any
 
 from radixlm.runtime.constrained import JSON_OBJECT_SCHEMA
 from radixlm.runtime.server.openai_protocol import ChatCompletionRequest, CompletionRequest, ResponseFormat
-from radixlm.runtime.server.tokenizer_manager import RequestError
+from radixlm.runtime.server.request_errors import RequestError
 
 logger = logging.getLogger("radixlm.openai")
 

@@ -24,7 +24,7 @@ from radixlm.runtime.server.openai_protocol import (
     FunctionDefinition,
     ToolCallItem,
 )
-from radixlm.runtime.server.tokenizer_manager import RequestError
+from radixlm.runtime.server.request_errors import RequestError
 
 
 @dataclass(frozen=True)

@@ -7,16 +7,17 @@ outputs arrive. Closing the iterator early (a client went away) aborts every unf
 which releases its KV at the scheduler's next step.
 
 If the scheduler or detokenizer process dies, every waiting caller gets a ``ServerDeadError`` at
-once and the ``on_dead`` callbacks run (the launcher stops the server).
+once and the ``on_dead`` callbacks run (the launcher stops the server). The errors themselves are in
+``request_errors``; the native body parsing and stream chunks both front doors share, in ``native_api``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import time
 from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Callable
 
@@ -33,6 +34,7 @@ from radixlm.runtime.protocol import (
     FlushCacheOut,
     FlushCacheReq,
     GetStatsReq,
+    HeartbeatOut,
     ReadyOut,
     StatsOut,
     TokenizedGenerateReq,
@@ -40,40 +42,12 @@ from radixlm.runtime.protocol import (
     encode,
 )
 from radixlm.runtime.server.ipc import IpcNames
-from radixlm.runtime.validation import RequestLimits, check_admission, check_requests
 from radixlm.runtime.server.metrics import ServerMetrics
+from radixlm.runtime.server.request_errors import RequestError, ServerDeadError
 from radixlm.runtime.server_args import ServerArgs
+from radixlm.runtime.validation import RequestLimits, check_admission, check_requests
 
 logger = logging.getLogger("radixlm.tokenizer_manager")
-
-
-class RequestError(Exception):
-    """A request failed; ``status`` is the HTTP status it maps to."""
-
-    status = 400
-
-    def __init__(self, message: str, status: int | None = None, param: str | None = None):
-        super().__init__(message)
-        if status is not None:
-            self.status = status
-        self.param = param if param is not None else _param_named_in(message)
-
-
-def _param_named_in(message: str) -> str | None:
-    """The field a ValueError names first ("regex: ...", "top_p must be ..."), for OpenAI's ``param``."""
-    from radixlm.runtime.generate_request import GenerateReqInput
-    from radixlm.runtime.sampling_params import SamplingParams
-
-    m = re.match(r"([a-z_]+)\b", message)
-    if m is None:
-        return None
-    word = m.group(1)
-    known = set(SamplingParams.__struct_fields__) | set(GenerateReqInput.__dataclass_fields__)
-    return word if word in known else None
-
-
-class ServerDeadError(RequestError):
-    status = 503
 
 
 @dataclass
@@ -109,6 +83,10 @@ class TokenizerManager:
         self.on_dead: list[Callable[[str], None]] = []
         self._tracks: dict[str, _Track] = {}
         self._limits: RequestLimits | None = None
+        self.last_heartbeat: float | None = None  # monotonic time of the scheduler's last HeartbeatOut
+        self.heartbeat: HeartbeatOut | None = None
+        # Tokenization and validation of incoming requests: off the event loop (see ``submit``).
+        self._prep_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="radixlm-prepare")
         self._groups: dict[str, list[str]] = {}  # user-given rid → the rids it expanded into
         self._stats_waiters: deque[asyncio.Future] = deque()
         self._flush_waiters: deque[asyncio.Future] = deque()
@@ -188,6 +166,21 @@ class TokenizerManager:
         if self._ready is not None and not self._ready.done():
             self._ready.set_exception(err)
 
+    def stall_seconds(self) -> float:
+        """Seconds since the scheduler's loop last reported (0 before it is ready)."""
+        return 0.0 if self.last_heartbeat is None else time.monotonic() - self.last_heartbeat
+
+    def health_problem(self) -> str | None:
+        """Why the server is not healthy now, or None: dead, starting, or a stalled scheduler (no
+        heartbeat for --health-stall-timeout seconds: hung in a step, stopped, or overloaded)."""
+        if not self.is_alive:
+            return self.dead_reason or ("shutting down" if self._closed else "starting")
+        stall = self.stall_seconds()
+        if stall > self.args.health_stall_timeout:
+            pending = f"; {self.num_active} requests waiting" if self.num_active else ""
+            return f"the scheduler made no progress for {stall:.1f} s{pending}"
+        return None
+
     @property
     def is_alive(self) -> bool:
         return self.dead_reason is None and not self._closed and self._ready is not None and self._ready.done()
@@ -203,6 +196,7 @@ class TokenizerManager:
                 pass
         if self._recv_task is not None:
             self._recv_task.cancel()
+        self._prep_pool.shutdown(wait=False, cancel_futures=True)
         self._recv.close(0)
         self._to_scheduler.close(0)
         self._to_detokenizer.close(0)
@@ -225,44 +219,48 @@ class TokenizerManager:
             )
         return self._limits
 
-    def validate(self, reqs: list[TokenizedGenerateReq]) -> None:
-        """runtime/validation.py's checks plus what only this tracker knows (rids already running)."""
+    def _prepare(self, obj: GenerateReqInput) -> tuple[list[TokenizedGenerateReq], list[tuple[bytes, bytes]]]:
+        """Validate, tokenize, expand and encode (CPU work: runs on the preparation threads).
+
+        Everything is encoded before anything is registered: a message that cannot be encoded fails the
+        request with nothing tracked, nothing sent and no prompt of a batch running for nobody."""
         try:
+            check_admission(obj, self.limits)
+            reqs = obj.normalize(self.tokenizer)
             check_requests(reqs, self.limits)
-        except ValueError as e:
+        except (ValueError, TypeError) as e:  # TypeError: a wrong type normalize did not anticipate
             raise RequestError(str(e)) from None
         ctx = self.model_info.get("context_length")
         for r in reqs:
-            if r.rid in self._tracks:
-                raise RequestError(f"rid: a request with id {r.rid!r} is already running", param="rid")
             if ctx and r.sampling_params.max_new_tokens > ctx:
                 raise RequestError(
                     f"max_new_tokens: {r.sampling_params.max_new_tokens} is over the context length of {ctx}",
                     param="max_new_tokens",
                 )
-
-    def submit(self, obj: GenerateReqInput) -> "RequestHandle":
-        """Validate, tokenize and send every sequence of ``obj``; iterate the handle for GenEvents.
-
-        Raises RequestError at once for bad input (ValueErrors of normalize are 400s) or a dead server
-        (503). The handle must be closed (``async with`` / ``close()``): closing early aborts the rest.
-        """
-        self._check_alive()
-        try:
-            check_admission(obj, self.limits)
-            reqs = obj.normalize(self.tokenizer)
-        except (ValueError, TypeError) as e:  # TypeError: a wrong type normalize did not anticipate
-            raise RequestError(str(e)) from None
-        self.validate(reqs)
-        # Encode everything before registering anything: a message that cannot be encoded must fail the
-        # request with nothing tracked, nothing sent and no prompt of a batch running for nobody.
         try:
             frames = [
-                (encode(DetokRegister(req=r, return_text_in_logprobs=obj.return_text_in_logprobs)), encode(r))
+                (encode(DetokRegister(req=r)), encode(r))
                 for r in reqs
             ]
         except (OverflowError, UnicodeEncodeError, TypeError, ValueError) as e:
             raise RequestError(f"the request cannot be encoded: {e}") from None
+        return reqs, frames
+
+    async def submit(self, obj: GenerateReqInput) -> "RequestHandle":
+        """Validate, tokenize and send every sequence of ``obj``; iterate the handle for GenEvents.
+
+        Tokenization and validation run on a small thread pool, so a large request never holds the event
+        loop (other clients' streams) while it is prepared. Raises RequestError for bad input (400) or a
+        dead server (503) before anything is registered. The handle must be closed (``async with`` /
+        ``close()``): closing early aborts the rest.
+        """
+        self._check_alive()
+        loop = asyncio.get_running_loop()
+        reqs, frames = await loop.run_in_executor(self._prep_pool, self._prepare, obj)
+        self._check_alive()  # the server may have died while this request was prepared
+        for r in reqs:
+            if r.rid in self._tracks:
+                raise RequestError(f"rid: a request with id {r.rid!r} is already running", param="rid")
         queue: asyncio.Queue = asyncio.Queue()
         tracks = [_Track(rid=r.rid, index=i, queue=queue) for i, r in enumerate(reqs)]
         group = obj.rid if isinstance(obj.rid, str) and (len(reqs) > 1 or obj.rid != reqs[0].rid) else None
@@ -273,11 +271,15 @@ class TokenizerManager:
             self._to_scheduler.send(request)
         if group:
             self._groups[group] = [r.rid for r in reqs]
-        return RequestHandle(self, reqs, tracks, queue, group)
+        return RequestHandle(self, reqs, tracks, queue, group, self.args.request_timeout)
+
+    async def run_cpu(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run CPU-heavy request preparation (chat templates, OpenAI prompt tokenization) off the loop."""
+        return await asyncio.get_running_loop().run_in_executor(self._prep_pool, fn, *args)
 
     async def generate(self, obj: GenerateReqInput) -> AsyncIterator[GenEvent]:
         """``submit`` + iterate; for callers that need no early 400 before the first event."""
-        handle = self.submit(obj)
+        handle = await self.submit(obj)
         try:
             async for ev in handle:
                 yield ev
@@ -361,7 +363,11 @@ class TokenizerManager:
             _resolve(self._stats_waiters, msg)
         elif isinstance(msg, FlushCacheOut):
             _resolve(self._flush_waiters, msg)
+        elif isinstance(msg, HeartbeatOut):
+            self.last_heartbeat = time.monotonic()
+            self.heartbeat = msg
         elif isinstance(msg, ReadyOut):
+            self.last_heartbeat = time.monotonic()
             self.model_info = dict(msg.model_info)
             self.scheduler_pid = msg.pid
             if self._ready is not None and not self._ready.done():
@@ -382,7 +388,7 @@ class RequestHandle:
     """The sequences of one submitted GenerateReqInput; async-iterate for GenEvents in arrival order."""
 
     def __init__(self, tm: TokenizerManager, reqs: list[TokenizedGenerateReq], tracks: list[_Track],
-                 queue: asyncio.Queue, group: str | None):
+                 queue: asyncio.Queue, group: str | None, timeout: float | None = None):
         self.tm = tm
         self.reqs = reqs
         self._tracks = tracks
@@ -390,6 +396,8 @@ class RequestHandle:
         self._group = group
         self._remaining = len(reqs)
         self._closed = False
+        self._timeout = timeout
+        self._deadline = None if timeout is None else time.monotonic() + timeout
 
     @property
     def rids(self) -> list[str]:
@@ -401,7 +409,16 @@ class RequestHandle:
     async def __anext__(self) -> GenEvent:
         if self._remaining == 0 or self._closed:
             raise StopAsyncIteration
-        ev = await self._queue.get()
+        if self._deadline is None:
+            ev = await self._queue.get()
+        else:
+            try:
+                ev = await asyncio.wait_for(self._queue.get(), max(self._deadline - time.monotonic(), 0.0))
+            except asyncio.TimeoutError:
+                self._remaining = 0
+                self.close()  # aborts what is still running: its KV is released at the next step
+                raise RequestError(f"the request took longer than --request-timeout ({self._timeout:g} s)",
+                                   status=504) from None
         if isinstance(ev, BaseException):
             self._remaining = 0
             raise ev
@@ -437,22 +454,3 @@ def _resolve(waiters: deque, value: Any) -> None:
         if not f.done():
             f.set_result(value)
             return
-
-
-class StreamAccumulator:
-    """Folds streaming deltas of one sequence into SGLang's cumulative /generate stream chunks."""
-
-    def __init__(self) -> None:
-        self.text = ""
-        self.output_ids: list[int] = []
-        self.meta: dict[str, Any] = {}
-
-    def add(self, delta: dict) -> dict:
-        self.text += delta.get("text", "")
-        self.output_ids.extend(delta.get("output_ids", ()))
-        for k, v in (delta.get("meta_info") or {}).items():
-            if k.endswith("_logprobs"):
-                self.meta.setdefault(k, []).extend(v)
-            else:
-                self.meta[k] = v
-        return {"text": self.text, "output_ids": list(self.output_ids), "meta_info": dict(self.meta)}
