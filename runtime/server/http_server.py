@@ -270,13 +270,14 @@ def create_app(ctx: ServerContext) -> FastAPI:
         body = await json_body(request)
         req = (TokenizeChatRequest if isinstance(body, dict) and "messages" in body else TokenizeRequest).model_validate(body)
         openai_api.check_model(req.model, model_names)
-        return openai_api.tokenize(req, tm.tokenizer, ctx.chat, tm.model_info)
+        return await tm.run_cpu(openai_api.tokenize, req, tm.tokenizer, ctx.chat, tm.model_info)
 
     @app.post("/detokenize")
     async def detokenize(request: Request) -> dict:
         req = DetokenizeRequest.model_validate(await json_body(request))
         openai_api.check_model(req.model, model_names)
-        return openai_api.detokenize(req, tm.tokenizer, int(tm.model_info.get("vocab_size") or len(tm.tokenizer)))
+        return await tm.run_cpu(openai_api.detokenize, req, tm.tokenizer,
+                                int(tm.model_info.get("vocab_size") or len(tm.tokenizer)))
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
