@@ -9,6 +9,9 @@ which releases its KV at the scheduler's next step.
 If the scheduler or detokenizer process dies, every waiting caller gets a ``ServerDeadError`` at
 once and the ``on_dead`` callbacks run (the launcher stops the server). The errors themselves are in
 ``request_errors``; the native body parsing and stream chunks both front doors share, in ``native_api``.
+
+Length: about 400 lines, one job: the tracker and ``RequestHandle`` share the track table and the
+abort path, so splitting them would only expose that table.
 """
 
 from __future__ import annotations
