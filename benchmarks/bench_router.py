@@ -16,9 +16,9 @@ Rows, one after the other on the same workload:
   without a router: the hit-rate ceiling;
 
 then the scaling of throughput on a workload without sharing (distinct prompts): one worker vs the
-router (round_robin) over two.
+router (round_robin) over two. ``--workers W`` puts W workers behind the router instead of two.
 
-Every worker has ``--pool-tokens`` KV slots (default: room for about half the groups' prompts, so the
+Every worker has ``--pool-tokens`` KV slots (default: room for G/W groups' prompts plus one, so the
 fleet's working set exceeds one worker's cache, the case a router exists for). The workers are
 processes on the same machine: on a machine with few cores they share them (each runs torch with
 ``--threads`` threads), so absolute numbers and the 1 → 2 worker scaling are bounded by the cores,
@@ -225,6 +225,7 @@ def main() -> None:
                     help="KV slots per worker (default: about half the groups' system prompts, plus working room)")
     ap.add_argument("--distinct-requests", type=int, default=32, help="requests of the no-sharing scaling run")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per worker")
+    ap.add_argument("--workers", type=int, default=2, help="workers behind the router")
     ap.add_argument("--policies", default="cache_aware,round_robin,power_of_two")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
@@ -235,12 +236,13 @@ def main() -> None:
     sys_words = words_for_tokens(model, args.system_len)
     q_words = words_for_tokens(model, args.question_len)
     prompts = shared_prefix_workload(args.groups, args.requests_per_group, sys_words, q_words, args.seed)
-    pool = args.pool_tokens or int((args.groups / 2 + 1) * (args.system_len + args.question_len + args.output_len))
+    per_worker = args.groups / args.workers  # the groups cache_aware gives each worker
+    pool = args.pool_tokens or int((per_worker + 1) * (args.system_len + args.question_len + args.output_len))
     print(f"model {model}; {len(prompts)} requests ({args.groups} groups x {args.requests_per_group}); "
           f"pool {pool} tokens per worker; {os.cpu_count()} CPU cores shared by every process", flush=True)
 
     rows = []
-    workers = start_workers(model, 2, pool, args.threads)
+    workers = start_workers(model, args.workers, pool, args.threads)
     urls = [w.url for w in workers]
     try:
         for w in urls:
@@ -248,24 +250,25 @@ def main() -> None:
         for policy in args.policies.split(","):
             flush(urls)
             with router(urls, policy) as url:
-                rows.append(summarize(f"router {policy}, 2 workers", _go(url, prompts, args)))
+                rows.append(summarize(f"router {policy}, {args.workers} workers", _go(url, prompts, args)))
             print(table(rows[-1:]), flush=True)
-        # no sharing: 1 worker vs 2 behind the router
+        # no sharing: 1 worker vs all of them behind the router
         distinct = distinct_workload(args.distinct_requests, sys_words // 2, args.seed)
         flush(urls)
         scale1 = summarize("no sharing, 1 worker", _go(urls[0], distinct, args))
         print(table([scale1]), flush=True)
         flush(urls)
         with router(urls, "round_robin") as url:
-            scale2 = summarize("no sharing, router round_robin, 2 workers", _go(url, distinct, args))
+            scale2 = summarize(f"no sharing, router round_robin, {args.workers} workers", _go(url, distinct, args))
         print(table([scale2]), flush=True)
     finally:
         for w in workers:
             w.shutdown()
-    big = start_workers(model, 1, 2 * pool, args.threads)[0]
+    big = start_workers(model, 1, args.workers * pool, args.threads)[0]
     try:
         warm(big.url)
-        rows.append(summarize("one worker holding everything (2x pool, no router)", _go(big.url, prompts, args)))
+        rows.append(summarize(f"one worker holding everything ({args.workers}x pool, no router)",
+                              _go(big.url, prompts, args)))
     finally:
         big.shutdown()
 
@@ -279,9 +282,9 @@ def main() -> None:
               f"throughput {ca['out_tok_per_s'] / rr['out_tok_per_s']:.2f}x, TTFT p50 "
               f"{ca['ttft_p50_ms'] / rr['ttft_p50_ms']:.2f}x; cache_aware hit rate / one worker holding everything: "
               f"{ca['hit_rate'] / single['hit_rate']:.3f}")
-    print("\n### no sharing: 1 vs 2 workers\n")
+    print(f"\n### no sharing: 1 vs {args.workers} workers\n")
     print(table([scale1, scale2]))
-    print(f"\nthroughput 2 workers / 1 worker: {scale2['out_tok_per_s'] / scale1['out_tok_per_s']:.2f}x")
+    print(f"\nthroughput {args.workers} workers / 1 worker: {scale2['out_tok_per_s'] / scale1['out_tok_per_s']:.2f}x")
     for r in rows + [scale1, scale2]:
         if r["errors"]:
             print(f"errors in {r['name']}: {r['errors']}")

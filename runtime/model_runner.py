@@ -87,11 +87,18 @@ class ModelRunner:
         self.attn_backend = create_attention_backend(
             args.resolved_attention_backend, self.kv_pool, self.req_to_token_pool, args.enable_torch_compile
         )
-        if args.enable_torch_compile:  # compile before the first request, not during it
+        if args.enable_torch_compile:  # fused elementwise ops and decode attention, compiled now
             from radixlm.runtime.attention.compiled_decode import warm_up
+            from radixlm.runtime.models import decoder_ops
 
+            t0 = time.perf_counter()
             q_heads = cfg.num_attention_heads // (self.tp.world_size if self.tp else 1)
+            ops = decoder_ops.compiled_ops()
+            decoder_ops.install(self.model, ops)
+            decoder_ops.warm_up(ops, cfg, q_heads, self.dtype, self.device)
+            decoder_ops.warm_up(ops, cfg, self.num_kv_heads, self.dtype, self.device)  # rope on k
             warm_up(q_heads, self.num_kv_heads, self.head_dim, self.dtype, self.device)
+            logger.info("torch.compile: elementwise ops and decode attention ready in %.1f s", time.perf_counter() - t0)
         self.sampler = DeviceSampler(self.vocab_size, self.device, args.random_seed)
         self.forward_time = 0.0  # seconds spent in forward passes (for overhead accounting)
         if self.tp and self.tp.is_leader:

@@ -157,8 +157,17 @@ class ErrorOut(_Msg, kw_only=True):
     message: str
 
 
+class HeartbeatOut(_Msg):
+    """Scheduler process → front end (through the detokenizer) about once a second, idle or busy: the
+    loop is alive and has run ``step_count`` steps. /health fails when these stop (runtime/server)."""
+
+    step_count: int
+    num_running: int = 0
+    num_waiting: int = 0
+
+
 SchedulerInput = Union[TokenizedGenerateReq, AbortReq, FlushCacheReq, GetStatsReq]
-SchedulerOutput = Union[BatchOut, FlushCacheOut, StatsOut, ErrorOut]
+SchedulerOutput = Union[BatchOut, FlushCacheOut, StatsOut, ErrorOut, HeartbeatOut]
 
 _encoder = msgspec.msgpack.Encoder()
 _in_decoder = msgspec.msgpack.Decoder(SchedulerInput)
@@ -212,8 +221,8 @@ class DetokBatchOut(_Msg):
     outputs: list[DetokOut]
 
 
-DetokenizerInput = Union[BatchOut, FlushCacheOut, StatsOut, ErrorOut, ReadyOut, DetokRegister]
-TokenizerManagerInput = Union[DetokBatchOut, FlushCacheOut, StatsOut, ErrorOut, ReadyOut]
+DetokenizerInput = Union[BatchOut, FlushCacheOut, StatsOut, ErrorOut, ReadyOut, DetokRegister, HeartbeatOut]
+TokenizerManagerInput = Union[DetokBatchOut, FlushCacheOut, StatsOut, ErrorOut, ReadyOut, HeartbeatOut]
 
 _detok_in_decoder = msgspec.msgpack.Decoder(DetokenizerInput)
 _tm_in_decoder = msgspec.msgpack.Decoder(TokenizerManagerInput)

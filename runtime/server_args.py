@@ -90,8 +90,8 @@ class ServerArgs:
         "auto", "attention implementation; auto: triton on CUDA, torch on the CPU", ("auto", "torch", "triton")
     )
     enable_torch_compile: bool = arg(
-        False, "decode attention through a kernel torch.compile generates (reads the KV pool in place; "
-        "torch backend; the first start compiles for about a minute, later ones hit inductor's cache)"
+        False, "torch.compile the decoder's elementwise ops and the torch backend's decode attention (reads "
+        "the KV pool in place); the first start compiles for about a minute, later ones hit inductor's cache"
     )
     enable_jump_forward: bool = arg(True, "append text a grammar forces without sampling it")
     grammar_cache_size: int = arg(64, "compiled grammars kept (LRU)")
@@ -133,6 +133,13 @@ class ServerArgs:
     log_level: str = arg("info", "logging level of the server processes", LOG_LEVELS)
     log_interval_s: float = arg(10.0, "seconds between the scheduler's throughput log lines")
     max_request_body_bytes: int = arg(32 * 1024 * 1024, "largest HTTP body or ZeroMQ message (413 above it)")
+    # Liveness (docs/reliability.md)
+    health_stall_timeout: float = arg(
+        30.0, "/health fails once the scheduler has sent no heartbeat (made no progress) for this many seconds"
+    )
+    request_timeout: Optional[float] = arg(
+        None, "seconds a request may take from arrival to its last output; over it: aborted, 504 (default: none)"
+    )
     # Admission limits (runtime/validation.py): a request over one is a 400 naming the field
     max_n: int = arg(128, "largest n (samples per prompt) one request may ask for")
     max_prompts_per_request: int = arg(1024, "most prompts in one batch request, and most sequences (prompts x n)")
@@ -179,6 +186,10 @@ class ServerArgs:
         for name in ("max_n", "max_prompts_per_request", "max_tokens_default_cap"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
+        if self.health_stall_timeout <= 0:
+            raise ValueError("health_stall_timeout must be > 0")
+        if self.request_timeout is not None and self.request_timeout <= 0:
+            raise ValueError("request_timeout must be > 0 (or unset)")
         if self.grammar_compile_timeout <= 0:
             raise ValueError("grammar_compile_timeout must be > 0")
         if self.grammar_max_memory_mb < 256:

@@ -205,3 +205,18 @@ def test_reasoning_separated_streamed_and_not(qwen3):
     raw = _think(qwen3, extra_body={"separate_reasoning": False}).choices[0].message
     assert raw.model_extra.get("reasoning_content") is None and raw.content.startswith("<think>")
     assert raw.content.endswith(msg.content)
+
+
+def test_reasoning_model_required_call(qwen3):
+    """With --reasoning-parser, "required" lets the model reason first; whatever it does, a reported call
+    validates, and a choice without calls is one still reasoning at max_tokens."""
+    r = qwen3.chat.completions.create(model="default", messages=MESSAGES, tools=TOOLS, tool_choice="required",
+                                      parallel_tool_calls=False, max_tokens=160, temperature=1.0, seed=12, n=4)
+    with_calls = [ch for ch in r.choices if ch.message.tool_calls]
+    assert with_calls
+    for ch in r.choices:
+        if ch.message.tool_calls:
+            assert ch.finish_reason == "tool_calls"
+            _check_calls(ch.message.tool_calls)
+        else:
+            assert ch.finish_reason == "length" and ch.message.model_extra.get("reasoning_content")

@@ -230,34 +230,56 @@ def test_removing_a_worker_mid_run_loses_no_request(workers):
         assert requests.post(url + "/remove_worker", params={"url": "http://127.0.0.1:1"}, timeout=30).status_code == 404
 
 
-def test_a_killed_worker_gives_errors_not_hangs(workers, tiny_llama):
+def _stream_then(url: str, action) -> list[bytes]:
+    """Start a long stream, do ``action`` once its first chunk arrived, return the rest of its events
+    (which must come within 30 s: the router never leaves a client waiting on a bad worker)."""
+    r = requests.post(url + "/generate", stream=True, timeout=60, json={
+        "text": "doomed", "stream": True, "sampling_params": {"max_new_tokens": 1500, "ignore_eos": True}})
+    lines = r.iter_lines()
+    first = next(line for line in lines if line.startswith(b"data:"))
+    assert "text" in json.loads(first[5:])
+    action()
+    t0 = time.monotonic()
+    rest = [line for line in lines if line.startswith(b"data:")]
+    assert time.monotonic() - t0 < 30
+    return rest
+
+
+def _is_stream_error(events: list[bytes]) -> bool:
+    return events[-1] == b"data: [DONE]" and "error" in json.loads(events[-2][5:])
+
+
+def test_a_hung_or_killed_worker_gives_errors_not_hangs(workers, tiny_llama):
     victim = _worker(tiny_llama)
     try:
-        with router([victim.url, workers[0].url], "round_robin") as url:
-            # a stream in flight on the victim (round robin's first pick) ends with an error event
-            r = requests.post(url + "/generate", stream=True, timeout=60, json={
-                "text": "doomed", "stream": True,
-                "sampling_params": {"max_new_tokens": 1500, "ignore_eos": True, "temperature": 0.0}})
-            lines = r.iter_lines()
-            first = next(line for line in lines if line.startswith(b"data:"))
-            assert json.loads(first[5:])["text"] is not None
-            assert workers_of(url)[victim.url]["load"] == 1
-            os.kill(victim.pid, signal.SIGKILL)  # its scheduler and detokenizer follow their parent
-            t0 = time.monotonic()
-            rest = [line for line in lines if line.startswith(b"data:")]
-            assert time.monotonic() - t0 < 30
-            assert rest[-1] == b"data: [DONE]" and "error" in json.loads(rest[-2][5:])
-            # new requests fail over to the live worker; none waits on the dead one
-            for i in range(4):
-                out = generate(url, {"text": f"after the crash {i}", "sampling_params": GREEDY})
-                assert out["meta_info"]["completion_tokens"] == 8
+        # a router that will not notice the crash by itself (no health check for a minute)
+        with router([victim.url, workers[0].url], "round_robin", "--health-check-interval-s", "60") as slow_url, \
+                router([victim.url], "cache_aware") as url:
+            # hung (SIGSTOP): the health checks take it out and the stream in flight ends with an error
+            assert _is_stream_error(_stream_then(url, lambda: os.kill(victim.pid, signal.SIGSTOP)))
             assert not workers_of(url)[victim.url]["healthy"]
-        with router([victim.url], "cache_aware", wait_healthy=False) as url:
+            os.kill(victim.pid, signal.SIGCONT)
+            assert wait_until(lambda: workers_of(url)[victim.url]["healthy"], timeout=30)
+            assert generate(url, {"text": "back again", "sampling_params": GREEDY})["meta_info"]["completion_tokens"] == 8
+            # killed: the connection drops, the stream ends with an error at once
+            assert _is_stream_error(_stream_then(url, lambda: os.kill(victim.pid, signal.SIGKILL)))
             t0 = time.monotonic()
             r = requests.post(url + "/generate", json={"text": "x", "sampling_params": GREEDY}, timeout=60)
-            assert r.status_code == 503 and "no healthy worker" in r.json()["error"]["message"]
+            assert r.status_code == 503 and r.json()["error"]["type"] == "service_unavailable"
             assert time.monotonic() - t0 < 10
+            assert requests.get(url + "/health", timeout=10).status_code == 503
+            # the other router still believes in the victim: its requests there fail over to the live worker
+            assert workers_of(slow_url)[victim.url]["healthy"]
+            for i in range(4):
+                out = generate(slow_url, {"text": f"after the crash {i}", "sampling_params": GREEDY})
+                assert out["meta_info"]["completion_tokens"] == 8
+            assert not workers_of(slow_url)[victim.url]["healthy"]
+            assert "radixlm_router:failovers_total 1.0" in requests.get(slow_url + "/metrics", timeout=30).text
     finally:
+        try:
+            os.kill(victim.pid, signal.SIGCONT)
+        except ProcessLookupError:
+            pass
         victim.shutdown()
 
 

@@ -192,3 +192,16 @@ def test_dp_policies_are_the_routers_and_the_cli_has_a_router(capsys):
     with pytest.raises(SystemExit) as e:
         main(["router", "--worker-urls", "nowhere"])
     assert e.value.code == 2 and "url" in capsys.readouterr().err
+
+
+def test_trees_are_bounded_without_summaries():
+    import httpx
+
+    from radixlm.router.workers import WorkerSet
+
+    ws = WorkerSet(("http://w:1",), httpx.AsyncClient(), {}, 1.0, 1, max_tree_chars=1000)
+    tree = ws.workers["http://w:1"].tree
+    for i in range(30):
+        tree.insert(f"{i:02d}" * 50)
+    ws.bound_trees()
+    assert tree.size <= 900 and tree.match("29" * 50) == 100

@@ -15,13 +15,14 @@ from fastapi.exceptions import HTTPException
 from fastapi.responses import JSONResponse
 
 from radixlm.runtime.server.request_errors import RequestError
+from radixlm.runtime.validation import check_json_strings
 
 
 def error_response(status: int, message: str, param: str | None = None, err_type: str | None = None,
                    code: str | int | None = None) -> JSONResponse:
     if err_type is None:
         err_type = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-                    413: "invalid_request_error", 503: "service_unavailable"}.get(status, "server_error")
+                    413: "invalid_request_error", 503: "service_unavailable", 504: "timeout"}.get(status, "server_error")
     body = {"error": {"message": message, "type": err_type, "param": param, "code": status if code is None else code}}
     return JSONResponse(body, status_code=status)
 
@@ -48,6 +49,10 @@ async def json_body(request: Request) -> Any:
         raise RequestError(f"malformed JSON body: {e}") from None
     if not isinstance(body, dict):
         raise RequestError(f"the request body must be a JSON object, got {type(body).__name__}")
+    try:
+        check_json_strings(body)  # "\ud800" escapes decode to strings no tokenizer or encoder accepts
+    except ValueError as e:
+        raise RequestError(str(e)) from None
     return body
 
 

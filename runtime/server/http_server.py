@@ -55,6 +55,18 @@ from radixlm.runtime.server.request_errors import RequestError
 from radixlm.runtime.server.tokenizer_manager import TokenizerManager
 from radixlm.runtime.prompt_format import prompt_format_info
 from radixlm.runtime.server_args import ServerArgs
+from radixlm.runtime.validation import RequestLimits, check_counts
+
+_ERRORS_503 = {503: {"description": "unhealthy (the message says why)"}}
+
+
+def _precheck_counts(prompt: Any, n: int | None, limits: RequestLimits) -> None:
+    """Prompt count and n of an OpenAI request, before its prompts are tokenized (400 naming the field)."""
+    num = len(prompt) if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int) else 1
+    try:
+        check_counts(num, [n or 1] * num, limits, "prompt")
+    except ValueError as e:
+        raise RequestError(str(e)) from None
 
 logger = logging.getLogger("radixlm.http")
 
@@ -146,24 +158,33 @@ def create_app(ctx: ServerContext) -> FastAPI:
         return error_response(500, f"internal server error: {type(e).__name__}: {e}")
 
     # ------------------------------------------------------------------ health and info
-    @app.get("/health")
+    @app.get("/health", responses=_ERRORS_503)
     async def health() -> Response:
-        if not tm.is_alive:
-            return error_response(503, f"unhealthy: {tm.dead_reason or 'starting'}")
+        """200 while the server can serve: not dead, not starting, and the scheduler heartbeating (see
+        --health-stall-timeout). Open without --api-key, so load balancers can probe it."""
+        problem = tm.health_problem()
+        if problem is not None:
+            return error_response(503, f"unhealthy: {problem}")
         return Response(status_code=200)
 
-    @app.get("/health_generate")
+    @app.get("/health_generate", responses=_ERRORS_503)
     async def health_generate() -> Response:
-        if not tm.is_alive:
-            return error_response(503, f"unhealthy: {tm.dead_reason or 'starting'}")
+        """A real one-token generation through every process, within --health-stall-timeout seconds."""
+        problem = tm.health_problem()
+        if problem is not None:
+            return error_response(503, f"unhealthy: {problem}")
         obj = GenerateReqInput(input_ids=[0], sampling_params={"max_new_tokens": 1, "temperature": 0.0})
-        handle = tm.submit(obj)
+        deadline = ctx.args.health_stall_timeout
+        handle = None
         try:
-            await asyncio.wait_for(collect(handle), timeout=30.0)
+            handle = await asyncio.wait_for(tm.submit(obj), timeout=deadline)
+            await asyncio.wait_for(collect(handle), timeout=deadline)
         except (RequestError, asyncio.TimeoutError) as e:
-            return error_response(503, f"unhealthy: generation failed: {e}")
+            why = str(e) or f"timed out after {deadline:g} s"
+            return error_response(503, f"unhealthy: a one-token generation failed: {why}")
         finally:
-            handle.close()
+            if handle is not None:
+                handle.close()
         return Response(status_code=200)
 
     @app.get("/get_model_info")
@@ -201,7 +222,7 @@ def create_app(ctx: ServerContext) -> FastAPI:
     async def generate(request: Request) -> Response:
         body = await json_body(request)
         obj = parse_generate_body(body)
-        handle = tm.submit(obj)
+        handle = await tm.submit(obj)
         single = len(handle.reqs) == 1 and not obj.is_batch
         if not obj.stream:
             try:
@@ -261,7 +282,9 @@ def create_app(ctx: ServerContext) -> FastAPI:
     async def completions(request: Request) -> Response:
         req = CompletionRequest.model_validate(await json_body(request))
         openai_api.check_model(req.model, model_names)
-        prep = openai_api.prepare_completion(req, tm.tokenizer, tm.model_info, ctx.model_name)
+        _precheck_counts(req.prompt, req.n, tm.limits)
+        prep = await tm.run_cpu(openai_api.prepare_completion, req, tm.tokenizer, tm.model_info, ctx.model_name,
+                                ctx.args.max_tokens_default_cap)
         return await _openai(request, prep, req,
                              lambda results: openai_api.completion_response(prep, req, results, tm.tokenizer),
                              lambda events: openai_api.stream_completion(prep, req, events, tm.tokenizer))
@@ -270,13 +293,15 @@ def create_app(ctx: ServerContext) -> FastAPI:
     async def chat_completions(request: Request) -> Response:
         req = ChatCompletionRequest.model_validate(await json_body(request))
         openai_api.check_model(req.model, model_names)
-        prep = openai_api.prepare_chat(req, tm.tokenizer, ctx.chat, tm.model_info, ctx.model_name)
+        _precheck_counts(None, req.n, tm.limits)
+        prep = await tm.run_cpu(openai_api.prepare_chat, req, tm.tokenizer, ctx.chat, tm.model_info, ctx.model_name,
+                                ctx.args.max_tokens_default_cap)
         return await _openai(request, prep, req,
                              lambda results: openai_api.chat_response(prep, req, results),
                              lambda events: openai_api.stream_chat(prep, req, events))
 
     async def _openai(request: Request, prep: Any, req: Any, build: Any, stream: Any) -> Response:
-        handle = tm.submit(prep.obj)
+        handle = await tm.submit(prep.obj)
         if not req.stream:
             try:
                 gone, results = await until_disconnect(request, collect(handle))

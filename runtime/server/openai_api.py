@@ -4,11 +4,17 @@ Each OpenAI request becomes one ``GenerateReqInput`` (prompts tokenized here, so
 known for the context check; ``n`` expanded by ``normalize`` into sequences ``prompt_i × n + j``),
 and the SGLang-shaped results come back as OpenAI bodies or SSE chunks. Nothing here samples or
 decodes: sampling fields map onto ``SamplingParams`` names, text comes from the detokenizer.
+
+Length: over 400 lines because it holds both directions of the OpenAI mapping (requests →
+``GenerateReqInput``, results → bodies and SSE streams); they are due to split into two modules once
+the OpenAI work in flight on this file lands (noted by the structure work, issue 11).
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import re
 import time
 import uuid
 from dataclasses import dataclass
@@ -38,11 +44,18 @@ from radixlm.runtime.server.openai_tools import (
     template_messages,
 )
 from radixlm.runtime.server.request_errors import RequestError
-from radixlm.runtime.server.tokenizer_manager import GenEvent
+from radixlm.runtime.server.request_handle import GenEvent
+
+
+logger = logging.getLogger("radixlm.openai")
 
 
 class NotSupportedError(RequestError):
     """A recognised OpenAI feature this server does not implement (yet): 400."""
+
+
+# OpenAI request fields that change the output and that this server does not implement: 400, never ignored.
+NOT_SUPPORTED = ("audio", "modalities", "prediction", "web_search_options", "reasoning_effort", "verbosity")
 
 
 class ModelNotFoundError(RequestError):
@@ -68,28 +81,68 @@ def check_model(requested: str | None, names: tuple[str, ...]) -> None:
 
 
 # --------------------------------------------------------------------------- constrained decoding
-def constrained_sampling_fields(response_format: ResponseFormat | None, regex: str | None) -> dict[str, str]:
-    """THE place where OpenAI's ``response_format`` and the extra ``regex`` field become SamplingParams
-    fields (``regex`` / ``json_schema``); the patterns themselves are validated by the shared front end."""
+# vLLM's guided-decoding request fields (older guided_*, newer structured_outputs), read from the extras.
+VLLM_GUIDED = ("guided_json", "guided_regex", "guided_choice", "guided_grammar", "structured_outputs")
+
+
+def vllm_guided_fields(extra: dict[str, Any]) -> dict[str, str]:
+    """vLLM's ``guided_json`` / ``guided_regex`` / ``guided_choice`` (and ``structured_outputs`` with the
+    same keys) as SamplingParams fields; a grammar is refused rather than ignored."""
+    spec: dict[str, Any] = {}
+    so = extra.get("structured_outputs")
+    if so is not None:
+        if not isinstance(so, dict):
+            raise RequestError("structured_outputs: an object is required", param="structured_outputs")
+        spec.update({f"guided_{k}": v for k, v in so.items() if v is not None})
+    spec.update({k: v for k, v in extra.items() if k.startswith("guided_") and v is not None})
+    for key in ("guided_grammar", "guided_structural_tag"):
+        if key in spec:
+            raise NotSupportedError(f"{key}: not supported here (use regex, guided_json or response_format)",
+                                    param=key)
     fields: dict[str, str] = {}
+    if "guided_json" in spec:
+        g = spec["guided_json"]
+        fields["json_schema"] = g if isinstance(g, str) else json.dumps(g)
+    if "guided_regex" in spec:
+        fields["regex"] = str(spec["guided_regex"])
+    if "guided_choice" in spec:
+        choices = spec["guided_choice"]
+        if not isinstance(choices, list) or not choices or not all(isinstance(c, str) for c in choices):
+            raise RequestError("guided_choice: a non-empty list of strings is required", param="guided_choice")
+        fields["regex"] = "(" + "|".join(re.escape(c) for c in choices) + ")"
+    unknown = sorted(k for k in spec if k not in ("guided_json", "guided_regex", "guided_choice",
+                                                  "guided_decoding_backend"))
+    if unknown:
+        raise NotSupportedError(f"{unknown[0]}: not supported here", param=unknown[0])
+    if len(fields) > 1 or ("guided_regex" in spec and "guided_choice" in spec):
+        raise RequestError("guided_json, guided_regex and guided_choice are mutually exclusive", param="guided_json")
+    return fields
+
+
+def constrained_sampling_fields(response_format: ResponseFormat | None, regex: str | None,
+                                guided: dict[str, str] | None = None) -> dict[str, str]:
+    """THE place where OpenAI's ``response_format``, the extra ``regex`` field and vLLM's guided fields
+    become SamplingParams fields (``regex`` / ``json_schema``); the patterns themselves are validated by the
+    shared front end. At most one of the three may constrain a request."""
+    sources: list[dict[str, str]] = [guided] if guided else []
     if regex is not None:
-        fields["regex"] = regex
+        sources.append({"regex": regex})
     if response_format is not None and response_format.type != "text":
         if response_format.type == "json_object":
-            fields["json_schema"] = JSON_OBJECT_SCHEMA
+            sources.append({"json_schema": JSON_OBJECT_SCHEMA})
         elif response_format.type == "json_schema":
             spec = response_format.json_schema or {}
             schema = spec.get("schema", spec.get("schema_"))
             if schema is None:
                 raise RequestError("response_format.json_schema.schema is required", param="response_format")
-            fields["json_schema"] = json.dumps(schema)
+            sources.append({"json_schema": json.dumps(schema)})
         elif response_format.type == "regex":
             if not response_format.regex:
                 raise RequestError("response_format.regex is required", param="response_format")
-            fields["regex"] = response_format.regex
-    if len(fields) > 1:
-        raise RequestError("regex and response_format are mutually exclusive", param="regex")
-    return fields
+            sources.append({"regex": response_format.regex})
+    if len(sources) > 1:
+        raise RequestError("regex, vLLM's guided fields and response_format are mutually exclusive", param="regex")
+    return sources[0] if sources else {}
 
 
 # --------------------------------------------------------------------------- requests → GenerateReqInput
@@ -114,7 +167,7 @@ def _sampling_params(req: CompletionRequest | ChatCompletionRequest, max_new_tok
         "no_stop_trim": req.no_stop_trim,
         "logit_bias": _logit_bias(req.logit_bias),
     }
-    sp.update(constrained_sampling_fields(req.response_format, req.regex))
+    sp.update(constrained_sampling_fields(req.response_format, req.regex, vllm_guided_fields(req.model_extra or {})))
     return {k: v for k, v in sp.items() if v is not None}
 
 
@@ -132,10 +185,14 @@ def _logit_bias(bias: dict[str, float] | None) -> dict[int, float] | None:
     return out
 
 
-def _max_tokens(requested: int | None, prompt_lens: list[int], context_len: int, param: str) -> int:
-    """OpenAI semantics: an explicit budget must fit the context (400 otherwise); none means 'the rest'."""
+def _max_tokens(requested: int | None, prompt_lens: list[int], context_len: int, param: str,
+                cap: int | None = None) -> int:
+    """OpenAI semantics: an explicit budget must fit the context (400 otherwise); none means 'the rest',
+    bounded by ``cap`` (--max-tokens-default-cap) so an omitted max_tokens cannot ask for the whole context
+    for every prompt × n."""
     if requested is None:
-        return max(context_len - max(prompt_lens), 1)
+        rest = context_len - max(prompt_lens)
+        return max(min(rest, cap) if cap is not None else rest, 1)
     if requested < 0:
         raise RequestError(f"{param} must be >= 0, got {requested}", param=param)
     longest = max(prompt_lens)
@@ -170,7 +227,27 @@ class Prepared:
                                   req.spaces_between_special_tokens)
 
 
-def prepare_completion(req: CompletionRequest, tokenizer: Any, model_info: dict, model: str) -> Prepared:
+def check_fields(req: CompletionRequest | ChatCompletionRequest) -> None:
+    """Nothing is silently ignored: an OpenAI feature this server does not implement is a 400 naming it;
+    a field nobody defines is logged and ignored, as vLLM does (so newer clients keep working)."""
+    extra = dict(req.model_extra or {})
+    if extra.get("modalities") in (["text"], ("text",)):
+        extra.pop("modalities")  # text out is what this server does
+    for name in NOT_SUPPORTED:
+        if extra.pop(name, None) is not None:
+            raise NotSupportedError(f"{name} is not supported by this server", param=name)
+    if req.stream_options is not None and not req.stream:
+        raise RequestError("stream_options: only allowed when stream is true", param="stream_options")
+    if getattr(req, "store", None):
+        raise NotSupportedError("store: stored completions are not supported", param="store")
+    unknown = sorted(k for k in extra if k not in VLLM_GUIDED and not k.startswith("guided_"))
+    if unknown:
+        logger.warning("ignored request fields (not OpenAI, vLLM or SGLang fields): %s", unknown)
+
+
+def prepare_completion(req: CompletionRequest, tokenizer: Any, model_info: dict, model: str,
+                       max_tokens_cap: int | None = None) -> Prepared:
+    check_fields(req)
     if req.suffix:
         raise NotSupportedError("suffix is not supported", param="suffix")
     if req.best_of is not None and req.best_of != req.n:
@@ -191,7 +268,7 @@ def prepare_completion(req: CompletionRequest, tokenizer: Any, model_info: dict,
         echo = [EchoPrompt(ids, added_special_span(tokenizer, texts[i], ids) if texts else (0, len(ids)))
                 for i, ids in enumerate(prompts)]
     ctx = int(model_info.get("context_length") or 1 << 30)
-    max_new = _max_tokens(req.max_tokens, [len(x) for x in prompts], ctx, "max_tokens")
+    max_new = _max_tokens(req.max_tokens, [len(x) for x in prompts], ctx, "max_tokens", max_tokens_cap)
     want_lp = req.logprobs is not None
     obj = GenerateReqInput(
         input_ids=prompts if len(prompts) > 1 else prompts[0],
@@ -256,19 +333,23 @@ def detokenize(req: DetokenizeRequest, tokenizer: Any, vocab_size: int) -> dict:
 
 
 def prepare_chat(
-    req: ChatCompletionRequest, tokenizer: Any, cfg: ChatConfig, model_info: dict, model: str
+    req: ChatCompletionRequest, tokenizer: Any, cfg: ChatConfig, model_info: dict, model: str,
+    max_tokens_cap: int | None = None,
 ) -> Prepared:
+    check_fields(req)
     plan = plan_tools(req, cfg)
     ids = render_chat(req, plan.template_tools(), tokenizer, cfg)
     ctx = int(model_info.get("context_length") or 1 << 30)
     requested = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
-    max_new = _max_tokens(requested, [len(ids)], ctx, param)
+    max_new = _max_tokens(requested, [len(ids)], ctx, param, max_tokens_cap)
     want_lp = bool(req.logprobs)
     if req.top_logprobs and not want_lp:
         raise RequestError("top_logprobs requires logprobs=true", param="top_logprobs")
     sp = _sampling_params(req, max_new)
     grammar = plan.regex(cfg.json_whitespace)
+    if grammar is not None and cfg.reasoning_parser is not None:  # reason first, then call (calls are constrained)
+        grammar = cfg.reasoning_parser.wrap_grammar(grammar, prose_first=plan.mode == "auto")
     if grammar is not None:
         if "regex" in sp or "json_schema" in sp:
             raise RequestError("tool_choice: tool calls and response_format/regex cannot constrain one output "
@@ -306,7 +387,7 @@ def _matched_stop(meta: dict) -> Any:
 
 def usage(prep: Prepared, metas: list[dict]) -> dict:
     # The prompt counts once per prompt, not once per sample (OpenAI's accounting for n > 1).
-    prompt = sum(m.get("prompt_tokens", 0) for i, m in enumerate(metas) if i % prep.n == 0)
+    prompt = sum(m.get("prompt_tokens", len(prep.prompts[i // prep.n])) for i, m in enumerate(metas) if i % prep.n == 0)
     completion = sum(m.get("completion_tokens", 0) for m in metas)
     cached = sum(m.get("cached_tokens", 0) for i, m in enumerate(metas) if i % prep.n == 0)
     return {
@@ -372,7 +453,7 @@ def _sse(obj: Any) -> str:
 async def stream_completion(
     prep: Prepared, req: CompletionRequest, events: AsyncIterator[GenEvent], tokenizer: Any
 ) -> AsyncIterator[str]:
-    include_usage = bool(req.stream_options and req.stream_options.include_usage)
+    include_usage, continuous = _usage_options(req)
     num = len(prep.prompts) * prep.n
     metas: list[dict] = [{} for _ in range(num)]
     echoed = [False] * num
@@ -394,7 +475,7 @@ async def stream_completion(
             choice["matched_stop"] = _matched_stop(meta)
         chunk = dict(base, choices=[choice])
         if include_usage:
-            chunk["usage"] = None
+            chunk["usage"] = usage(prep, metas) if continuous else None
         yield _sse(chunk)
     if include_usage:
         yield _sse(dict(base, choices=[], usage=usage(prep, metas)))
@@ -402,13 +483,16 @@ async def stream_completion(
 
 
 async def stream_chat(prep: Prepared, req: ChatCompletionRequest, events: AsyncIterator[GenEvent]) -> AsyncIterator[str]:
-    include_usage = bool(req.stream_options and req.stream_options.include_usage)
+    include_usage, continuous = _usage_options(req)
     metas: list[dict] = [{} for _ in range(prep.n)]
     base = {"id": prep.id, "object": "chat.completion.chunk", "created": prep.created, "model": prep.model}
-    extra = {"usage": None} if include_usage else {}
+
+    def extra() -> dict:
+        return {"usage": usage(prep, metas) if continuous else None} if include_usage else {}
+
     for i in range(prep.n):  # OpenAI opens every choice with the role
         yield _sse(dict(base, choices=[{"index": i, "delta": {"role": "assistant", "content": ""},
-                                        "logprobs": None, "finish_reason": None}], **extra))
+                                        "logprobs": None, "finish_reason": None}], **extra()))
     parsers = [ChoiceStream(prep.plan, prep.reasoning, req.stream_reasoning) for _ in range(prep.n)]
     async for ev in events:
         meta = ev.data.get("meta_info") or {}
@@ -421,10 +505,16 @@ async def stream_chat(prep: Prepared, req: ChatCompletionRequest, events: AsyncI
                   "finish_reason": parsers[ev.index].finish_reason(finish_reason(meta)) if ev.finished else None}
         if ev.finished:
             choice["matched_stop"] = _matched_stop(meta)
-        yield _sse(dict(base, choices=[choice], **extra))
+        yield _sse(dict(base, choices=[choice], **extra()))
     if include_usage:
         yield _sse(dict(base, choices=[], usage=usage(prep, metas)))
     yield "data: [DONE]\n\n"
+
+
+def _usage_options(req: CompletionRequest | ChatCompletionRequest) -> tuple[bool, bool]:
+    """(usage in a final chunk, usage so far in every chunk too): vLLM's stream_options."""
+    opts = req.stream_options
+    return bool(opts and opts.include_usage), bool(opts and opts.include_usage and opts.continuous_usage_stats)
 
 
 def _merge_meta(acc: dict, delta: dict) -> None:

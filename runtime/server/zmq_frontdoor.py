@@ -178,7 +178,7 @@ class FrontDoor:
     async def _generate(self, envelope: list[bytes], msg: ClientGenerate) -> None:
         try:
             obj = parse_generate_body(msg.body)
-            handle = self.tm.submit(obj)
+            handle = await self.tm.submit(obj)
         except RequestError as e:
             self._send(envelope, ClientError(req_id=msg.req_id, message=str(e), status=e.status))
             return
