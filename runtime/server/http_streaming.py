@@ -14,7 +14,7 @@ from fastapi import Request
 
 from radixlm.runtime.server.native_api import StreamAccumulator
 from radixlm.runtime.server.request_errors import RequestError
-from radixlm.runtime.server.tokenizer_manager import GenEvent, RequestHandle
+from radixlm.runtime.server.request_handle import GenEvent, RequestHandle
 
 
 async def _wait_disconnect(request: Request) -> None:

@@ -4,6 +4,10 @@ Each OpenAI request becomes one ``GenerateReqInput`` (prompts tokenized here, so
 known for the context check; ``n`` expanded by ``normalize`` into sequences ``prompt_i × n + j``),
 and the SGLang-shaped results come back as OpenAI bodies or SSE chunks. Nothing here samples or
 decodes: sampling fields map onto ``SamplingParams`` names, text comes from the detokenizer.
+
+Length: over 400 lines because it holds both directions of the OpenAI mapping (requests →
+``GenerateReqInput``, results → bodies and SSE streams); they are due to split into two modules once
+the OpenAI work in flight on this file lands (noted by the structure work, issue 11).
 """
 
 from __future__ import annotations
@@ -43,7 +47,7 @@ from radixlm.runtime.server.openai_tools import (
     template_messages,
 )
 from radixlm.runtime.server.request_errors import RequestError
-from radixlm.runtime.server.tokenizer_manager import GenEvent
+from radixlm.runtime.server.request_handle import GenEvent
 
 
 class ModelNotFoundError(RequestError):
