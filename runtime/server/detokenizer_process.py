@@ -34,7 +34,7 @@ from radixlm.runtime.protocol import (
     decode_detokenizer_input,
     encode,
 )
-from radixlm.runtime.server.ipc import IpcNames, parent_alive, setup_child_process
+from radixlm.runtime.server.ipc import IpcNames, ParentGone, parent_alive, send_while_parent_alive, setup_child_process
 from radixlm.runtime.server_args import ServerArgs
 
 logger = logging.getLogger("radixlm.detokenizer")
@@ -62,7 +62,9 @@ def run_detokenizer_process(server_args: ServerArgs, ipc: IpcNames, parent_pid: 
             data = recv.recv()
             out = detok.handle_bytes(data)
             if out is not None:
-                send.send(out)
+                send_while_parent_alive(send, out, parent_pid)
+    except ParentGone:
+        logger.warning("parent process is gone; detokenizer exiting")
     except Exception:
         logger.exception("detokenizer crashed")
         sys.exit(1)

@@ -118,3 +118,24 @@ def configure_logging(log_level: str, prefix: str = "") -> None:
 def parent_alive(parent_pid: int) -> bool:
     """A child whose parent died is re-parented; then it must exit rather than linger as an orphan."""
     return os.getppid() == parent_pid
+
+
+class ParentGone(Exception):
+    """Raised by ``send_while_parent_alive`` when the parent died while a send was blocked."""
+
+
+def send_while_parent_alive(sock, data: bytes, parent_pid: int, wait_s: float = 1.0) -> None:
+    """``sock.send(data)`` that cannot block forever: a PUSH socket blocks when its peer stops reading
+    (a stopped or killed front process); every ``wait_s`` the parent is checked, and if it is gone the
+    child gives up (ParentGone) instead of lingering as an orphan stuck in a send."""
+    import zmq
+
+    while True:
+        if sock.poll(int(wait_s * 1000), zmq.POLLOUT):
+            try:
+                sock.send(data, zmq.NOBLOCK)
+                return
+            except zmq.Again:
+                pass
+        if not parent_alive(parent_pid):
+            raise ParentGone
