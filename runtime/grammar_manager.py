@@ -49,10 +49,6 @@ class GrammarSlot:
         return self.matcher is not None
 
 
-def _grammar_key(sp: SamplingParams) -> tuple[str, str]:
-    return ("regex", sp.regex) if sp.regex is not None else ("json", sp.json_schema)
-
-
 class GrammarManager:
     """Grammar handling for one scheduler (one tokenizer, one vocabulary)."""
 
@@ -78,9 +74,10 @@ class GrammarManager:
 
     def submit(self, sp: SamplingParams) -> GrammarSlot | None:
         """Start the compile for a constrained request (None when it is free); never blocks."""
-        if sp.regex is None and sp.json_schema is None:
-            return None
-        return GrammarSlot(self.backend().submit(*_grammar_key(sp)))
+        from radixlm.runtime.constrained import grammar_key
+
+        key = grammar_key(sp)
+        return None if key is None else GrammarSlot(self.backend().submit(*key))
 
     def poll(self, waiting: list["Req"]) -> list["Req"]:
         """Turn finished compiles into matchers. Requests whose grammar did not compile leave ``waiting``

@@ -21,8 +21,19 @@ from radixlm.runtime.constrained.json_schema import schema_to_regex
 from radixlm.runtime.constrained.patterns import ascii_shorthands
 from radixlm.runtime.constrained.vocab import END_MARK, TokenizerVocab, build_vocab
 
-KINDS = ("regex", "json")
-_FIELD = {"regex": "regex", "json": "json_schema"}  # SamplingParams field names, for error messages
+KINDS = ("regex", "json", "ebnf", "structural_tag")
+# SamplingParams field names, for error messages
+_FIELD = {"regex": "regex", "json": "json_schema", "ebnf": "ebnf", "structural_tag": "structural_tag"}
+CFG_KINDS = ("ebnf", "structural_tag")  # need a context-free engine (xgrammar), not outlines-core
+
+
+def grammar_key(sp: Any) -> tuple[str, str] | None:
+    """(kind, pattern) of a request's grammar (SamplingParams allows at most one), or None."""
+    for kind, field in _FIELD.items():
+        value = getattr(sp, field, None)
+        if value is not None:
+            return kind, value
+    return None
 
 # Every byte as its own token: checks regex syntax with the same engine as the real compile, cheaply.
 _BYTE_VOCAB = Vocabulary(256, {bytes([b]): [b] for b in range(256)})
@@ -55,7 +66,11 @@ def validate_grammar(kind: str, pattern: str, json_whitespace_pattern: str | Non
     """Early check without a tokenizer (e.g. in the front-end process): regex syntax, JSON parsing, schema
     support. ValueError naming the field if bad. Costs building the byte-level automaton for regexes."""
     GrammarBackend._check_args(kind, pattern)
-    if kind == "regex":
+    if kind in CFG_KINDS:
+        from radixlm.runtime.constrained.cfg import validate_cfg
+
+        validate_cfg(kind, pattern)
+    elif kind == "regex":
         check_regex(ascii_shorthands(pattern))
     else:
         _, sub_patterns = schema_to_regex(pattern, json_whitespace_pattern)

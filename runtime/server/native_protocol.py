@@ -13,6 +13,7 @@ import pydantic
 from pydantic import BaseModel, ConfigDict, StrictBool, StrictInt, StrictStr
 
 from radixlm.runtime.generate_request import GenerateReqInput
+from radixlm.runtime.sglang_compat import split_sglang_extras
 from radixlm.runtime.server.tokenizer_manager import RequestError
 
 
@@ -34,6 +35,10 @@ def parse_generate_body(body: Any) -> GenerateReqInput:
     """JSON object → GenerateReqInput; RequestError (400, naming the field) on a wrong shape."""
     if not isinstance(body, dict):
         raise RequestError(f"the generate body must be an object, got {type(body).__name__}")
+    try:
+        body = split_sglang_extras(body)  # SGLang-only fields: null ones dropped, others a 400
+    except ValueError as e:
+        raise RequestError(str(e), param=str(e).split(":", 1)[0]) from None
     try:
         NativeGenerateRequest.model_validate(body)
     except pydantic.ValidationError as e:
