@@ -17,6 +17,7 @@ DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16", "half", "float", "bf1
 HICACHE_WRITE_POLICIES = ("write_through", "write_through_selective", "write_back")
 HICACHE_COMPRESSION = ("auto", "none", "int8", "fp8")
 HICACHE_STORAGE_BACKENDS = (None, "file")
+GRAMMAR_BACKENDS = ("auto", "outlines", "xgrammar")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 # Kept in step with runtime/parsers (a test checks): listed here so ServerArgs imports nothing heavy.
 TOOL_CALL_PARSERS = ("auto", "hermes", "qwen25", "qwen", "llama3", "mistral")
@@ -88,6 +89,9 @@ class ServerArgs:
     )
     enable_jump_forward: bool = arg(True, "append text a grammar forces without sampling it")
     grammar_cache_size: int = arg(64, "compiled grammars kept (LRU)")
+    grammar_backend: str = arg(
+        "auto", "grammar engine: outlines (regex, JSON schema), xgrammar (also ebnf, structural_tag), "
+        "or auto (outlines where it can, xgrammar for the rest)", GRAMMAR_BACKENDS)
     constrained_json_whitespace_pattern: Optional[str] = arg(
         None, "regex for whitespace between JSON tokens; default: outlines' (an optional space); '' = compact"
     )
@@ -114,6 +118,10 @@ class ServerArgs:
         "none", "split <think> reasoning into reasoning_content (DeepSeek-R1, Qwen3); none: off", REASONING_PARSERS
     )
     log_level: str = arg("info", "logging level of the server processes", LOG_LEVELS)
+    incremental_streaming_output: bool = arg(
+        False, "native /generate streams send each chunk's new text, ids and logprobs (SGLang's flag) "
+        "instead of everything so far")
+    stream_interval: int = arg(1, "streaming: send a chunk every this many tokens (a request may set its own)")
     log_interval_s: float = arg(10.0, "seconds between the scheduler's throughput log lines")
     max_request_body_bytes: int = arg(32 * 1024 * 1024, "largest HTTP body or ZeroMQ message (413 above it)")
 
@@ -162,6 +170,8 @@ class ServerArgs:
             raise ValueError("dp_size > 1 with nnodes > 1 is not supported: run a router over one server per node")
         if self.dist_init_addr is not None:
             split_addr(self.dist_init_addr)
+        if self.stream_interval < 1:
+            raise ValueError("stream_interval must be >= 1")
         if self.base_gpu_id < 0:
             raise ValueError("base_gpu_id must be >= 0")
 

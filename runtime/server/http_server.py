@@ -30,10 +30,12 @@ import radixlm
 from radixlm.runtime.generate_request import GenerateReqInput
 from radixlm.runtime.server import openai_api, openai_tools
 from radixlm.runtime.server.native_protocol import parse_generate_body
+from radixlm.runtime.server.native_stream import native_streamers
+from radixlm.runtime.server.sglang_routes import register_sglang_routes, sglang_model_info_keys, sglang_server_info_keys
 from radixlm.runtime.server.metrics import CONTENT_TYPE_LATEST, ServerMetrics
 from radixlm.runtime.server.openai_protocol import ChatCompletionRequest, CompletionRequest
 from radixlm.runtime.server.openai_tools import ChatConfig
-from radixlm.runtime.server.tokenizer_manager import GenEvent, RequestError, RequestHandle, StreamAccumulator, TokenizerManager
+from radixlm.runtime.server.tokenizer_manager import GenEvent, RequestError, RequestHandle, TokenizerManager
 from radixlm.runtime.prompt_format import prompt_format_info
 from radixlm.runtime.server_args import ServerArgs
 
@@ -67,9 +69,10 @@ class ServerContext:
         if self._prompt_format is None:  # derived once: it renders the chat template a few times
             eos = list(self.tm.model_info.get("eos_token_ids", []))
             self._prompt_format = prompt_format_info(self.tm.tokenizer, self.chat_template, eos)
-        return {"model_path": a.model_path, "tokenizer_path": a.tokenizer_path or a.model_path,
-                "is_generation": True, "served_model_name": self.model_name, **self.tm.model_info,
-                **self._prompt_format}
+        return sglang_model_info_keys({
+            "model_path": a.model_path, "tokenizer_path": a.tokenizer_path or a.model_path,
+            "is_generation": True, "served_model_name": self.model_name, **self.tm.model_info,
+            **self._prompt_format})
 
     async def server_info(self) -> dict:
         """Server args (minus the key), addresses, pids, model info and the scheduler's live stats."""
@@ -88,7 +91,7 @@ class ServerContext:
             ipc_dir=tm.ipc.dir,
         )
         info["scheduler_stats"] = await tm.get_stats()
-        return info
+        return sglang_server_info_keys(info)
 
 
 # --------------------------------------------------------------------------- errors
@@ -310,13 +313,7 @@ def create_app(ctx: ServerContext) -> FastAPI:
         out = await tm.flush_cache()
         return JSONResponse({"success": out.success, "message": out.message}, status_code=200 if out.success else 400)
 
-    @app.post("/abort_request")
-    async def abort_request(request: Request) -> dict:
-        body = await json_body(request)
-        rid = body.get("rid")
-        if not isinstance(rid, str) or not rid:
-            raise RequestError("rid: a non-empty string is required", param="rid")
-        return {"success": tm.abort(rid)}
+    register_sglang_routes(app, ctx, json_body)  # /abort_request, /tokenize, /encode, ...
 
     @app.get("/metrics")
     async def metrics() -> Response:
@@ -344,8 +341,9 @@ def create_app(ctx: ServerContext) -> FastAPI:
         gone, first = await _start_stream(request, handle)
         if gone:
             return Response(status_code=499)
+        streamers = native_streamers(ctx.args, handle.reqs)
         return StreamingResponse(
-            _sse_guard(_native_stream(_chain(first, handle), len(handle.reqs), single), handle),
+            _sse_guard(_native_stream(_chain(first, handle), streamers, single), handle),
             media_type="text/event-stream", headers=_SSE_HEADERS,
         )
 
@@ -399,11 +397,12 @@ def create_app(ctx: ServerContext) -> FastAPI:
     return app
 
 
-async def _native_stream(events: AsyncIterator[GenEvent], num: int, single: bool) -> AsyncIterator[str]:
-    """SGLang's /generate stream: cumulative text (and meta_info) per chunk, then [DONE]."""
-    accs = [StreamAccumulator() for _ in range(num)]
+async def _native_stream(events: AsyncIterator[GenEvent], streamers: list, single: bool) -> AsyncIterator[str]:
+    """SGLang's /generate stream (see runtime/server/native_stream.py), then [DONE]."""
     async for ev in events:
-        chunk = accs[ev.index].add(ev.data)
+        chunk = streamers[ev.index].add(ev.data)
+        if chunk is None:
+            continue
         if not single:
             chunk["index"] = ev.index
         yield f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
