@@ -16,6 +16,7 @@ from typing import Any, AsyncIterator
 
 from radixlm.runtime.constrained import JSON_OBJECT_SCHEMA
 from radixlm.runtime.generate_request import GenerateReqInput
+from radixlm.runtime.server.openai_extras import EXTRA_FIELDS, grammar_fields
 from radixlm.runtime.parsers.reasoning import ReasoningParser
 from radixlm.runtime.server.openai_protocol import ChatCompletionRequest, CompletionRequest, ResponseFormat
 from radixlm.runtime.server.openai_tools import (
@@ -83,6 +84,16 @@ def _sampling_params(req: CompletionRequest | ChatCompletionRequest, max_new_tok
         "logit_bias": _logit_bias(req.logit_bias),
     }
     sp.update(constrained_sampling_fields(req.response_format, req.regex))
+    try:
+        extras = grammar_fields({f: getattr(req, f) for f in EXTRA_FIELDS})
+    except ValueError as e:
+        raise RequestError(str(e), param=str(e).split(":", 1)[0]) from None
+    sp["no_stop_trim"] = bool(sp["no_stop_trim"] or extras.pop("no_stop_trim", False))
+    clash = sorted(k for k in extras if sp.get(k) is not None)
+    if clash:
+        raise RequestError(f"{clash[0]}: given twice (regex/response_format and a guided_* or structured_outputs "
+                           "extra); give one", param=clash[0])
+    sp.update(extras)
     return {k: v for k, v in sp.items() if v is not None}
 
 

@@ -59,6 +59,24 @@ class _SamplingExtras(_Body):
     no_stop_trim: bool = False
     regex: Optional[str] = None
     rid: Optional[str] = None
+    # SGLang / vLLM extras that change the output (runtime/server/openai_extras.py maps them)
+    stop_regex: Optional[Union[str, list[str]]] = None
+    ebnf: Optional[str] = None
+    sampling_seed: Optional[int] = None
+    guided_json: Optional[Union[str, dict[str, Any]]] = None
+    guided_regex: Optional[str] = None
+    guided_choice: Optional[list[str]] = None
+    guided_grammar: Optional[str] = None
+    structured_outputs: Optional[dict[str, Any]] = None
+    include_stop_str_in_output: bool = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def _refuse_unsupported_extras(cls, data: Any) -> Any:
+        from radixlm.runtime.server.openai_extras import check_refused
+
+        check_refused(data)  # an extra that would change the output is refused, never ignored
+        return data
 
     @field_validator("stop")
     @classmethod
