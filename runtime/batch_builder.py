@@ -4,7 +4,8 @@ Admission and batch assembly, nothing else: decode reservation (one KV slot per 
 retracting the cheapest requests when memory ran out), then the extend work (running requests with
 several pending tokens, i.e. prompt chunks and jump-forward runs, then new requests from the waiting
 queue in policy order) under the step's token budgets, with in-batch prefix sharing and the aging
-bound. What happens to the batch after the forward is ``OutputProcessor``'s job.
+bound. With KV tiers, a new request's prefix loaded from the host tier or disk counts in the memory
+budget (a load that cannot fit together with the request's first chunk is not started). What happens to the batch after the forward is ``OutputProcessor``'s job.
 """
 
 from __future__ import annotations
@@ -70,7 +71,8 @@ class BatchBuilder:
         if len(self.running) >= self.args.max_running_requests:
             return batch
 
-        reserved = sum(int(r.remaining_new_tokens * self.args.new_token_ratio) for r in self.running)
+        reserved = sum(self._decode_reserve(r) for r in self.running)
+        rem_load = self.args.max_prefill_tokens
         admitted: list[Req] = []
         for req in self.policy.order(self.waiting, step_count):
             aged = self.policy.is_aged(req, step_count)
@@ -82,9 +84,26 @@ class BatchBuilder:
                 break
             if not aged and admitted and self._defer_for_shared_prefix(req, admitted):
                 continue  # its uncached prefix is being computed by another request in this batch
-            self.kv.admit(req)
+            load = self.kv.admit(req)
+            if load:
+                # Tokens loaded from the host tier or disk need device slots like computed ones: the
+                # whole load, the first chunk after it and the decode reservation must fit, or the
+                # request waits (no load starts that could not be used). A step loads at most
+                # max_prefill_tokens, unless the load is the step's first admission.
+                left = req.pending - load
+                n = min(left, rem_chunk, rem_prefill)
+                need = load + n + (self._decode_reserve(req) if n == left else 0)
+                if (admitted and load > rem_load) or need + reserved > self.kv.available():
+                    self.kv.unadmit(req)
+                    self.counters.num_load_deferred += 1
+                    if aged:
+                        break
+                    continue
+                loaded = self.kv.load_tiers(req, load)
+                rem_load -= loaded
+                self.counters.total_loaded_tokens += loaded
             n = min(req.pending, rem_chunk, rem_prefill)
-            need = n + (int(req.remaining_new_tokens * self.args.new_token_ratio) if n == req.pending else 0)
+            need = n + (self._decode_reserve(req) if n == req.pending else 0)
             if need + reserved > self.kv.available() or not self.kv.alloc_for(req, n):
                 self.kv.unadmit(req)
                 if aged:
@@ -107,13 +126,19 @@ class BatchBuilder:
                 self.counters.total_cached_tokens += min(req.kv_len, len(req.input_ids))
         return batch
 
+    def _decode_reserve(self, req: Req) -> int:
+        """Slots kept free for the tokens ``req`` is still expected to generate."""
+        return int(req.remaining_new_tokens * self.args.new_token_ratio)
+
     def _defer_for_shared_prefix(self, req: Req, admitted: list[Req]) -> bool:
         threshold = self.args.in_batch_prefix_threshold
         if self.cache.disable or threshold <= 0:
             return False
         cached = self.kv.cached_prefix_len(req)
         return any(
-            common_prefix_len(req.all_ids[: req.max_prefix_len], a.all_ids) - cached >= threshold for a in admitted
+            common_prefix_len(req.all_ids[: req.max_prefix_len], a.all_ids) - cached >= threshold
+            for a in admitted
+            if a.cache_namespace == req.cache_namespace  # other namespaces never share its prefix
         )
 
     def retract(self, req: Req) -> None:

@@ -1,4 +1,4 @@
-"""The ``radixlm`` command: ``make-tiny-model``, ``serve`` and ``--version``."""
+"""The ``radixlm`` command: ``make-tiny-model``, ``serve``, ``router`` and ``--version``."""
 
 from __future__ import annotations
 
@@ -38,6 +38,14 @@ def main(argv: list[str] | None = None) -> None:
 
     sub.add_parser("serve", help="start the HTTP + ZeroMQ server (see `radixlm serve --help`)", add_help=False)
 
+    sub.add_parser("router", help="start a cache-aware router over radixlm servers (see `radixlm router --help`)",
+                   add_help=False)
+
+    if argv and argv[0] == "router":
+        from radixlm.router.server import main as router_main
+
+        router_main(argv[1:])
+        return
     if argv and argv[0] == "serve":
         from radixlm.runtime.server.launcher import main as serve_main
 

@@ -20,6 +20,7 @@ from radixlm.runtime.request_state import RequestState
 from radixlm.runtime.protocol import AbortReq, ErrorOut, ReqOutput
 from radixlm.runtime.scheduler import Scheduler
 from radixlm.runtime.server_args import ServerArgs
+from radixlm.runtime.validation import check_admission, check_requests
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +56,7 @@ class Engine:
             self._stop_tp(wait_s=0.0)  # the followers may be waiting for a rank 0 that never comes
             raise
         self.tokenizer = self.scheduler.tokenizer
+        self.limits = self.scheduler.limits
         self._inbox: queue.Queue = queue.Queue()
         self._lock = threading.Lock()
         self._states: dict[str, tuple[RequestState, queue.Queue]] = {}
@@ -133,8 +135,13 @@ class Engine:
         return_text_in_logprobs: bool = False,
         stream: bool = False,
         rid: str | list[str] | None = None,
+        cache_salt: str | list[str] | None = None,
+        extra_key: str | list[str] | None = None,
     ) -> dict | list[dict] | Iterator[dict]:
-        """SGLang's Engine.generate: a dict for one prompt (n=1), else a list; an iterator if stream."""
+        """SGLang's Engine.generate: a dict for one prompt (n=1), else a list; an iterator if stream.
+
+        ``cache_salt`` / ``extra_key``: a KV cache namespace; the request reuses (and leaves) cached
+        prefixes only among requests with the same values (see ``generate_request.cache_namespace``)."""
         obj = GenerateReqInput(
             text=prompt,
             input_ids=input_ids,
@@ -145,8 +152,12 @@ class Engine:
             top_logprobs_num=top_logprobs_num,
             return_text_in_logprobs=return_text_in_logprobs,
             stream=stream,
+            cache_salt=cache_salt,
+            extra_key=extra_key,
         )
+        check_admission(obj, self.limits)
         reqs = obj.normalize(self.tokenizer)
+        check_requests(reqs, self.limits)
         single = not obj.is_batch and len(reqs) == 1
         states = self._submit(reqs, return_text_in_logprobs)
         if stream:

@@ -26,6 +26,9 @@ class GenerateReqInput:
     top_logprobs_num: int | list[int] | None = None
     return_text_in_logprobs: bool = False
     stream: bool = False
+    # KV cache namespaces: requests share cached prefixes only with requests of the same pair
+    cache_salt: str | list[str] | None = None  # vLLM/OpenAI's name
+    extra_key: str | list[str] | None = None  # SGLang's name
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "GenerateReqInput":
@@ -83,6 +86,9 @@ class GenerateReqInput:
         rlp = per(self.return_logprob, "return_logprob")
         starts = per(self.logprob_start_len, "logprob_start_len")
         tops = per(self.top_logprobs_num, "top_logprobs_num")
+        salts = per(self.cache_salt, "cache_salt")
+        extras = per(self.extra_key, "extra_key")
+        namespaces = [cache_namespace(salts[i], extras[i]) for i in range(nb)]
 
         out: list[TokenizedGenerateReq] = []
         for i in range(nb):
@@ -106,12 +112,33 @@ class GenerateReqInput:
                         logprob_start_len=start,
                         top_logprobs_num=top,
                         stream=self.stream,
+                        cache_namespace=namespaces[i],
                     )
                 )
         if len({r.rid for r in out}) != len(out):
             raise ValueError("rid: request ids must be unique")
         return out
 
+
+
+MAX_CACHE_KEY_CHARS = 1024
+
+
+def cache_namespace(cache_salt: str | None, extra_key: str | None) -> str:
+    """The KV cache namespace of a request: "" (the shared cache) when neither field is set.
+
+    Either field alone, or both, name a private namespace; the two are kept apart (salt "a" and
+    extra_key "a" are different namespaces), unlike SGLang's plain concatenation. Raises ValueError
+    naming the field for a non-string or an over-long value.
+    """
+    for name, v in (("cache_salt", cache_salt), ("extra_key", extra_key)):
+        if v is not None and not isinstance(v, str):
+            raise ValueError(f"{name} must be a string, got {type(v).__name__}")
+        if v is not None and len(v) > MAX_CACHE_KEY_CHARS:
+            raise ValueError(f"{name} must be at most {MAX_CACHE_KEY_CHARS} characters")
+    if not cache_salt and not extra_key:
+        return ""
+    return f"{cache_salt or ''}\x00{extra_key or ''}"
 
 
 def _validate_grammar(sp: SamplingParams) -> None:

@@ -49,6 +49,10 @@ class GrammarSlot:
         return self.matcher is not None
 
 
+# The grammar state recorded for a forced token that is scored but not checked (sampled requests).
+_NO_CHECK = -1
+
+
 class GrammarManager:
     """Grammar handling for one scheduler (one tokenizer, one vocabulary)."""
 
@@ -107,18 +111,25 @@ class GrammarManager:
                 r.grammar.matcher.fill_mask(masks[i])
         return masks
 
-    def jump_forward(self, r: "Req", out: "OutputProcessor") -> None:
+    def jump_forward(self, r: "Req", out: "OutputProcessor", lp_row: torch.Tensor | None = None) -> None:
         """Append the text the grammar forces, without sampling it.
 
         Sampled requests take the forced tokens as they are. Greedy requests must produce exactly what
         greedy decoding would, so their forced tokens are speculative: they are computed in the next
         extend and checked against the model's masked argmax there (``verify_forced``); the first
         disagreement is replaced by the model's choice and the rest is dropped.
+
+        A sampled request that returns logprobs also holds its forced tokens back until the extend
+        that computes them has scored them (``verify_forced`` without the check), so every reported
+        logprob is the model's number, never a placeholder. When the sampled token is re-encoded with
+        the forced text, the first new token sits where the sampled one was, so ``lp_row`` (the
+        log-softmax row the sampler just drew from) scores it.
         """
         sp = r.sampling_params
         greedy = sp.is_greedy
         if greedy and (sp.frequency_penalty or sp.presence_penalty or sp.repetition_penalty != 1.0):
             return  # verification below does not replay penalties; such requests simply decode
+        held = greedy or r.return_logprob  # tokens wait in r.forced for the logits that score them
         matcher = r.grammar.matcher
         state = matcher.state
         jf = matcher.jump_forward(r.output_ids[-1] if r.output_ids else None, allow_rollback=not greedy)
@@ -132,31 +143,40 @@ class GrammarManager:
         if len(tokens) < len(jf.token_ids):  # the budget cut the run: put the matcher after what we keep
             g = matcher.grammar
             matcher.reset_to(g.walk(g.walk(g.initial_state, r.output_ids), tokens))
-        for tok in tokens:
+        for i, tok in enumerate(tokens):
+            scored_now = i == 0 and jf.num_rollback > 0 and r.return_logprob
             if greedy:
                 r.forced.append((r.seq_len, state))
                 state = matcher.grammar.next_state(state, tok)
+            elif held and not scored_now:  # a sampled request keeps the token whatever the model says
+                r.forced.append((r.seq_len, _NO_CHECK))
             r.output_ids.append(tok)
             out.counters.total_generated += 1
-            if r.return_logprob:  # filled in by verification for greedy requests
+            if scored_now:
+                assert lp_row is not None, "a sampled token with logprobs comes with its row"
+                r.new_output_token_logprobs.append(TokenLogprob(float(lp_row[tok]), tok))
+                if r.top_logprobs_num:
+                    r.new_output_top_logprobs.append(top_logprobs(lp_row, r.top_logprobs_num))
+            elif r.return_logprob:  # placeholders, replaced in verify_forced before anything is sent
                 r.new_output_token_logprobs.append(TokenLogprob(None, tok))
                 if r.top_logprobs_num:
                     r.new_output_top_logprobs.append([])
-        if not greedy:
+        if not held:
             reason = out.check_finish(r, r.output_ids[-1])
             if reason is not None:
                 out.finish(r, reason)
 
     def verify_forced(self, r: "Req", logits: torch.Tensor, checks: list[tuple[int, int, int]],
                       out: "OutputProcessor") -> None:
-        """Check a greedy request's forced tokens against the logits before each: ``checks`` holds
-        (index in all_ids, grammar state before it, logits row)."""
+        """Check a greedy request's forced tokens against the logits before each, and score them:
+        ``checks`` holds (index in all_ids, grammar state before it or ``_NO_CHECK``, logits row).
+        A sampled request's tokens (``_NO_CHECK``) are only scored."""
         n_in = len(r.input_ids)
         lp = torch.log_softmax(logits[[row for _, _, row in checks]], dim=-1) if r.return_logprob else None
         for k, (idx, state, row) in enumerate(checks):
             out_pos = idx - n_in
-            choice = self._greedy_choice(r, logits[row], state, out_pos)
             forced_tok = r.output_ids[out_pos]
+            choice = forced_tok if state == _NO_CHECK else self._greedy_choice(r, logits[row], state, out_pos)
             if choice != forced_tok:
                 out.truncate(r, idx)
                 r.grammar.matcher.reset_to(state)
@@ -164,7 +184,7 @@ class GrammarManager:
                     r.new_output_token_logprobs.append(TokenLogprob(float(lp[k][choice]), choice))
                     if r.top_logprobs_num:
                         r.new_output_top_logprobs.append(top_logprobs(lp[k], r.top_logprobs_num))
-                out.append_token(r, choice)
+                out.append_token(r, choice, lp[k] if lp is not None else None)
                 return
             r.forced.pop(0)
             if r.return_logprob:

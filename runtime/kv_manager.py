@@ -7,9 +7,10 @@ with ``release`` (after every extend, and when they finish or are retracted), an
 ``truncate`` (rejected jump-forward tokens). ``check`` verifies that nothing was lost:
 free + evictable + protected + held_by_running == total, and (with KV tiers) each tier's own balance.
 
-With a ``HiRadixCache`` (``--enable-hierarchical-cache``) ``admit`` first loads the part of the prefix
-that lives in the host tier, then whole blocks from the disk tier, into the device pool: those tokens
-join the tree (tree-owned, like any cached prefix) and are locked with it, so no new owner appears.
+With a ``HiRadixCache`` (``--enable-hierarchical-cache``) ``admit`` reports how much of the prefix the
+tiers hold (host tier, then whole disk blocks); once admission has counted those tokens in its memory
+budget, ``load_tiers`` loads them into the device pool: they join the tree (tree-owned, like any cached
+prefix) and are locked with it, so no new owner appears.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ class KVManager:
 
     def match(self, req: Req) -> MatchResult:
         """The request's cached prefix: on the device (``indices``) and in the host tier (``host_len``)."""
-        return self.cache.match_prefix(req.all_ids[: req.max_prefix_len])
+        return self.cache.match_prefix(req.all_ids[: req.max_prefix_len], req.cache_namespace)
 
     def cached_prefix_len(self, req: Req) -> int:
         """Prefix tokens the request need not compute (device or host tier)."""
@@ -48,29 +49,44 @@ class KVManager:
         return self.req_to_token[req.req_pool_idx, start:end]
 
     # ------------------------------------------------------------------ ownership moves
-    def admit(self, req: Req, max_load: int | None = None) -> int:
-        """Take a table row and lock the request's longest cached prefix (requires a free row).
+    def admit(self, req: Req) -> int:
+        """Take a table row and lock the request's longest device-resident prefix (requires a free row).
 
-        With KV tiers, up to ``max_load`` tokens (default: what the pool can hold) of the prefix are first
-        loaded from the host tier, then from disk. Returns how many tokens were loaded.
+        Returns how many further prefix tokens the KV tiers could load instead of recomputing (host tier,
+        then disk blocks): the caller counts them in its memory budget and calls ``load_tiers`` once the
+        request fits, or ``unadmit`` when it does not. Nothing has been loaded or evicted yet.
         """
         assert self.table.available(), "admit() needs a free req_to_token row"
-        key = req.all_ids[: req.max_prefix_len]
-        m = self.cache.match_prefix(key)
-        loaded = 0
-        if self.tiers is not None:
-            budget = self.available() if max_load is None else max_load
-            before = len(m.indices)
-            m = self.tiers.load_back(m, budget)
-            if m.host_len == 0:
-                m = self.tiers.load_from_disk(key, m, budget - (len(m.indices) - before))
-            loaded = len(m.indices) - before
+        key, ns = req.all_ids[: req.max_prefix_len], req.cache_namespace
+        m = self.cache.match_prefix(key, ns)
         row = self.table.alloc()
         n = len(m.indices)
         if n:
             self.req_to_token[row, :n] = m.indices
         self.cache.inc_lock_ref(m.last_node)
         req.req_pool_idx, req.last_node, req.locked_len, req.kv_len = row, m.last_node, n, n
+        return 0 if self.tiers is None else self.tiers.loadable(key, m, ns)
+
+    def load_tiers(self, req: Req, max_load: int) -> int:
+        """Load up to ``max_load`` tokens of an admitted request's prefix from the host tier, then from
+        disk, into the device pool (evicting unlocked device nodes for room). The loaded tokens join
+        the tree and the request's lock moves to the new deepest node. Returns how many were loaded."""
+        if self.tiers is None or max_load <= 0:
+            return 0
+        key, ns = req.all_ids[: req.max_prefix_len], req.cache_namespace
+        m = self.cache.match_prefix(key, ns)
+        before = len(m.indices)
+        assert before == req.locked_len == req.kv_len, "load_tiers() runs right after admit()"
+        m = self.tiers.load_back(m, max_load)
+        if m.host_len == 0:
+            m = self.tiers.load_from_disk(key, m, max_load - (len(m.indices) - before), ns)
+        loaded = len(m.indices) - before
+        if loaded:
+            n = len(m.indices)
+            self.req_to_token[req.req_pool_idx, before:n] = m.indices[before:]
+            self.cache.inc_lock_ref(m.last_node)  # the new path first, so the old one never unlocks
+            self.cache.dec_lock_ref(req.last_node)
+            req.last_node, req.locked_len, req.kv_len = m.last_node, n, n
         return loaded
 
     def unadmit(self, req: Req) -> None:
@@ -105,11 +121,11 @@ class KVManager:
                 self.kv_pool.free(slots)
         else:
             key = req.all_ids[: req.kv_len]
-            n_dup = self.cache.insert(key, slots)
+            n_dup = self.cache.insert(key, slots, req.cache_namespace)
             self.kv_pool.free(slots[req.locked_len : n_dup])  # ours, but the tree already had them
             self.cache.dec_lock_ref(req.last_node)
             if not finished:
-                m = self.cache.match_prefix(key)
+                m = self.cache.match_prefix(key, req.cache_namespace)
                 assert len(m.indices) == req.kv_len
                 self.req_to_token[row, : req.kv_len] = m.indices
                 self.cache.inc_lock_ref(m.last_node)

@@ -9,6 +9,7 @@ held back).
 
 from __future__ import annotations
 
+import logging
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,6 +22,8 @@ from radixlm.runtime.protocol import ReqOutput, TokenLogprob
 from radixlm.runtime.req import Req
 from radixlm.runtime.sampler import Sampler, top_logprobs
 from radixlm.runtime.scheduler_stats import SchedulerCounters
+
+logger = logging.getLogger("radixlm.scheduler")
 
 
 @dataclass
@@ -80,13 +83,19 @@ class OutputProcessor:
         self.enable_jump_forward = enable_jump_forward
 
     def process(self, plan: LogitsPlan, logits: torch.Tensor) -> None:
-        """logits: [len(plan.rows), V] on the host, after the batch's ``kv_len`` were advanced."""
+        """logits: [len(plan.rows), V] on the host, after the batch's ``kv_len`` were advanced.
+
+        Per-request isolation: an exception while handling one request (its prompt logprobs, grammar,
+        sampling, token bookkeeping) fails that request alone (``fail``: finish reason abort with the
+        message, KV released); every other request of the batch goes on unchanged.
+        """
         if plan.input_logprobs:
             all_lp = torch.log_softmax(logits, dim=-1)
             for r, row0, pos0, n in plan.input_logprobs:
-                self._input_logprobs(r, all_lp, row0, pos0, n)
+                self.guarded(r, "prompt logprobs", self._input_logprobs, r, all_lp, row0, pos0, n)
         for r, checks in plan.verify:
-            self.grammars.verify_forced(r, logits, checks, self)
+            if not r.finished:
+                self.guarded(r, "constrained decoding", self.grammars.verify_forced, r, logits, checks, self)
         sample_rows = []
         for r, i in plan.sample:
             if r.finished or r.pending != 0:
@@ -97,18 +106,54 @@ class OutputProcessor:
                 self.finish(r, {"type": "length", "length": 0})
                 continue
             sample_rows.append((r, i))
-        if sample_rows:
-            reqs = [r for r, _ in sample_rows]
-            rows = torch.tensor([i for _, i in sample_rows])
-            masks = self.grammars.masks(reqs)
-            out = self.sampler(logits[rows], reqs, masks)
-            for k, (r, tok) in enumerate(zip(reqs, out.next_ids)):
-                if r.return_logprob:
-                    lp_row = out.logprobs[k]
-                    r.new_output_token_logprobs.append(TokenLogprob(float(lp_row[tok]), tok))
-                    if r.top_logprobs_num:
-                        r.new_output_top_logprobs.append(top_logprobs(lp_row, r.top_logprobs_num))
-                self.append_token(r, tok)
+        if not sample_rows:
+            return
+        try:
+            drawn = self._draw(sample_rows, logits)
+        except Exception:  # noqa: BLE001 - find the request(s) at fault by drawing each row alone
+            drawn = []
+            for r, i in sample_rows:
+                one = self.guarded(r, "sampling", self._draw, [(r, i)], logits)
+                if one is not None:
+                    drawn.extend(one)
+        for r, tok, lp_row in drawn:
+            self.guarded(r, "output", self._accept, r, tok, lp_row)
+
+    def _draw(self, rows: list[tuple[Req, int]], logits: torch.Tensor) -> list[tuple[Req, int, torch.Tensor | None]]:
+        """Sample the rows (grammar masks, penalties, ...): (req, token, its raw log-softmax row or None)."""
+        reqs = [r for r, _ in rows]
+        idx = torch.tensor([i for _, i in rows])
+        out = self.sampler(logits[idx], reqs, self.grammars.masks(reqs))
+        return [(r, tok, out.logprobs[k] if r.return_logprob else None)
+                for k, (r, tok) in enumerate(zip(reqs, out.next_ids))]
+
+    def _accept(self, r: Req, tok: int, lp_row: torch.Tensor | None) -> None:
+        if lp_row is not None:
+            r.new_output_token_logprobs.append(TokenLogprob(float(lp_row[tok]), tok))
+            if r.top_logprobs_num:
+                r.new_output_top_logprobs.append(top_logprobs(lp_row, r.top_logprobs_num))
+        self.append_token(r, tok, lp_row)
+
+    def guarded(self, r: Req, stage: str, fn: Any, *args: Any) -> Any:
+        """``fn(*args)``; if it raises, fail ``r`` alone and return None."""
+        try:
+            return fn(*args)
+        except Exception as e:  # noqa: BLE001 - one request's fault must not stop the engine
+            self.fail(r, stage, e)
+            return None
+
+    def fail(self, r: Req, stage: str, e: BaseException) -> None:
+        """End ``r`` with an error (finish reason abort, the message in meta_info) and release its KV."""
+        logger.exception("request %s failed during %s", r.rid, stage)
+        self.counters.num_failed += 1
+        r.error = f"{stage} failed: {type(e).__name__}: {e}"
+        if r.finished and r.req_pool_idx is None:
+            return  # already finished and released (it failed while its output was being built)
+        r.forced = []
+        r.finish_reason = {"type": "abort", "message": r.error}
+        self.kv.release(r, finished=True)  # a failure here is memory corruption: it stops the engine
+        if r in self.running:
+            self.running.remove(r)
 
     def _input_logprobs(self, r: Req, lp: torch.Tensor, row0: int, pos0: int, n: int) -> None:
         start, n_in = r.logprob_start_len, len(r.input_ids)
@@ -128,8 +173,11 @@ class OutputProcessor:
             r.input_logprobs_done = True
 
     # ------------------------------------------------------------------ token bookkeeping
-    def append_token(self, r: Req, tok: int) -> None:
-        """Append a sampled (or model-chosen) token, advance the grammar, finish or jump forward."""
+    def append_token(self, r: Req, tok: int, lp_row: torch.Tensor | None = None) -> None:
+        """Append a sampled (or model-chosen) token, advance the grammar, finish or jump forward.
+
+        ``lp_row`` is the log-softmax row ``tok`` was drawn from (when logprobs are returned): jump-forward
+        may re-encode ``tok`` with the forced text, and the new token at its place is scored by it."""
         r.output_ids.append(tok)
         self.counters.total_generated += 1
         if r.grammar is not None:
@@ -143,7 +191,7 @@ class OutputProcessor:
         if reason is not None:
             self.finish(r, reason)
         elif r.grammar is not None and self.enable_jump_forward:
-            self.grammars.jump_forward(r, self)
+            self.grammars.jump_forward(r, self, lp_row)
 
     def check_finish(self, r: Req, tok: int, upto: int | None = None) -> dict | None:
         """Finish reason if the output ``r.output_ids[:upto]`` (ending in ``tok``) is complete."""
@@ -197,7 +245,17 @@ class OutputProcessor:
     # ------------------------------------------------------------------ outputs
     def collect(self, reqs: list[Req]) -> list[ReqOutput]:
         """Outputs of the requests that finished or have new visible tokens."""
-        return [self.make_output(r) for r in reqs if r.finished or _visible_len(r) > r.sent_len]
+        return [self.safe_output(r) for r in reqs if r.finished or _visible_len(r) > r.sent_len]
+
+    def safe_output(self, r: Req) -> ReqOutput:
+        """``make_output``, or, if building it fails, fail the request and send a bare final error."""
+        try:
+            return self.make_output(r)
+        except Exception as e:  # noqa: BLE001 - isolate the request, as in ``process``
+            self.fail(r, "output", e)
+            return ReqOutput(rid=r.rid, new_token_ids=[], finished=True, finish_reason=r.finish_reason,
+                             prompt_tokens=len(r.input_ids), completion_tokens=r.sent_len,
+                             cached_tokens=r.cached_tokens, error=r.error)
 
     def make_output(self, r: Req) -> ReqOutput:
         """What ``r`` produced since its last output (and mark it sent)."""

@@ -31,6 +31,9 @@ class TokenizedGenerateReq(_Msg):
     logprob_start_len: int = -1  # -1: only output logprobs (SGLang's default)
     top_logprobs_num: int = 0
     stream: bool = False
+    # The KV cache namespace (from cache_salt / extra_key, see generate_request.cache_namespace): the
+    # request shares radix-tree nodes and disk blocks only with requests of the same namespace.
+    cache_namespace: str = ""
 
 
 class AbortReq(_Msg):

@@ -15,6 +15,12 @@ Contract:
   * Invariant (checked by the scheduler): kv_pool free + evictable + protected == total slots, when no
     request is running. Every slot in the tree is owned by the tree and freed only by ``evict``/``reset``.
 
+Namespaces (SGLang's ``extra_key``, OpenAI's ``cache_salt``): ``match_prefix``/``insert`` take a
+``namespace``; "" is the shared tree under ``root``. Every other namespace has its own root node: a child
+of ``root`` with an empty key (so it holds no slots), keyed ``("ns", name)`` instead of by a token, and
+permanently locked (``lock_ref`` 1) so eviction never takes it; it is removed when its last child goes.
+A prefix is only ever matched inside its own namespace, so two namespaces never share a node (or a slot).
+
 ``HiRadixCache`` (``radixlm.runtime.kv_tiers``) extends this tree with tiers behind the device pool:
 there a node may keep its tokens with ``value`` None (evicted from the device) and its K/V in the host
 tier (``host_value``); ``MatchResult.host_len`` then counts the matched tokens that can be loaded back.
@@ -39,11 +45,13 @@ class TreeNode:
     key: list[int] = field(default_factory=list)
     value: torch.Tensor | None = field(default_factory=lambda: _EMPTY)  # [len(key)] int64 KV slots; None: not on device
     parent: "TreeNode | None" = None
-    children: dict[int, "TreeNode"] = field(default_factory=dict)  # first token of child key → child
+    # first token of child key → child; the root also maps ("ns", name) → that namespace's root
+    children: dict[int | tuple[str, str], "TreeNode"] = field(default_factory=dict)
     lock_ref: int = 0
     last_access_time: int = 0
     host_value: torch.Tensor | None = None  # [len(key)] int64 host-tier slots (HiRadixCache only)
-    hit_count: int = 0  # matches that reached this node (HiRadixCache's write_through_selective)
+    hit_count: int = 0  # inserts that created or reused this node (HiRadixCache's write_through policies)
+    namespace: str | None = None  # set only on a namespace's own root (see RadixCache, "Namespaces")
 
     def __lt__(self, other: "TreeNode") -> bool:  # for the LRU heap
         return self.last_access_time < other.last_access_time
@@ -79,10 +87,12 @@ class RadixCache:
         self._evictable = 0
         self._protected = 0
 
-    def match_prefix(self, key: list[int]) -> MatchResult:
+    def match_prefix(self, key: list[int], namespace: str = "") -> MatchResult:
         if self.disable or not key:
             return MatchResult(_EMPTY, self.root)
-        node, pieces = self.root, []
+        node, pieces = self._ns_root(namespace, create=False), []
+        if node is None:  # nothing cached in this namespace
+            return MatchResult(_EMPTY, self.root)
         now = next(self._clock)
         node.last_access_time = now
         pos = 0
@@ -101,11 +111,11 @@ class RadixCache:
         indices = torch.cat(pieces) if pieces else _EMPTY
         return MatchResult(indices, node)
 
-    def insert(self, key: list[int], value: torch.Tensor) -> int:
+    def insert(self, key: list[int], value: torch.Tensor, namespace: str = "") -> int:
         """Insert ``key → value``; returns the length of the prefix that was already cached."""
         if self.disable:
             return 0
-        node, pos, now = self.root, 0, next(self._clock)
+        node, pos, now = self._ns_root(namespace, create=bool(key)), 0, next(self._clock)
         while pos < len(key):
             child = node.children.get(key[pos])
             if child is None:
@@ -151,7 +161,7 @@ class RadixCache:
             freed += len(leaf.key)
             self._evictable -= len(leaf.key)
             parent = leaf.parent
-            del parent.children[leaf.key[0]]
+            self._remove_child(parent, leaf)
             if parent is not self.root and not parent.children and parent.lock_ref == 0:
                 heapq.heappush(heap, parent)
         return freed
@@ -166,7 +176,29 @@ class RadixCache:
     def total_size(self) -> int:
         return sum(len(n.key) for n in self._all_nodes())
 
+    def namespaces(self) -> list[str]:
+        """The namespaces that hold nodes ("" first when it does)."""
+        out = [""] if any(c.namespace is None for c in self.root.children.values()) else []
+        return out + sorted(c.namespace for c in self.root.children.values() if c.namespace is not None)
+
     # ------------------------------------------------------------------ internals
+    def _ns_root(self, namespace: str, create: bool) -> TreeNode | None:
+        """The node a namespace's prefixes hang from (``root`` for ""); made by the first insert, None
+        before that unless ``create``."""
+        if not namespace:
+            return self.root
+        node = self.root.children.get(("ns", namespace))
+        if node is None and create:
+            node = TreeNode(key=[], value=_EMPTY, parent=self.root, lock_ref=1, namespace=namespace)
+            self.root.children[("ns", namespace)] = node
+        return node
+
+    def _remove_child(self, parent: TreeNode, child: TreeNode) -> None:
+        """Unlink ``child``; a namespace root left empty and unused goes with it."""
+        del parent.children[child.key[0]]
+        if parent.namespace is not None and not parent.children and parent.lock_ref == 1:
+            del self.root.children[("ns", parent.namespace)]
+
     def _split(self, child: TreeNode, n: int) -> TreeNode:
         """Split ``child`` after its first n tokens; returns the new upper node (covering key[:n])."""
         upper = TreeNode(

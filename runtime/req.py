@@ -27,6 +27,7 @@ class Req:
     return_logprob: bool = False
     logprob_start_len: int = -1
     top_logprobs_num: int = 0
+    cache_namespace: str = ""  # radix-tree and disk-tier namespace (cache_salt / extra_key); "" is shared
     arrival: int = 0  # scheduler step at which it arrived (FCFS order and aging)
     output_ids: list[int] = field(default_factory=list)
 

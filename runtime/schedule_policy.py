@@ -50,7 +50,7 @@ class SchedulePolicy:
             policy = "fcfs"
         if policy == "lpm":
             for r in rest:
-                r.prefix_len = self.cache.match_prefix(r.all_ids[: r.max_prefix_len]).total_len  # any tier
+                r.prefix_len = self.cache.match_prefix(r.all_ids[: r.max_prefix_len], r.cache_namespace).total_len  # any tier
             rest.sort(key=lambda r: (-r.prefix_len, r.arrival))
         elif policy == "dfs-weight":
             rest = self._dfs_weight(rest)
@@ -65,7 +65,7 @@ class SchedulePolicy:
     def _dfs_weight(self, reqs: list[Req]) -> list[Req]:
         at_node: dict[TreeNode, list[Req]] = defaultdict(list)
         for r in sorted(reqs, key=lambda r: r.arrival):
-            at_node[self.cache.match_prefix(r.all_ids[: r.max_prefix_len]).last_node].append(r)
+            at_node[self.cache.match_prefix(r.all_ids[: r.max_prefix_len], r.cache_namespace).last_node].append(r)
         weight: dict[TreeNode, int] = defaultdict(int)
         for node, rs in at_node.items():
             n = node

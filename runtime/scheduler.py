@@ -16,6 +16,7 @@ server from its own process. Messages in and out are the Structs of ``radixlm.ru
 
 from __future__ import annotations
 
+import logging
 import os
 
 import torch
@@ -45,6 +46,9 @@ from radixlm.runtime.schedule_policy import SchedulePolicy
 from radixlm.runtime.scheduler_stats import SchedulerCounters
 from radixlm.runtime.server_args import ServerArgs
 from radixlm.runtime.hf_tokenizer import eos_token_ids, load_tokenizer
+from radixlm.runtime.validation import RequestLimits, check_request
+
+logger = logging.getLogger("radixlm.scheduler")
 
 
 class Scheduler:
@@ -62,6 +66,7 @@ class Scheduler:
         self.eos_ids = eos_token_ids(self.tokenizer, args.model_path)
         self.context_len = self.runner.context_len
         self.max_total_tokens = self.runner.max_total_tokens
+        self.limits = RequestLimits.from_args(args, self.runner.vocab_size, self.context_len)
 
         # The two queues are shared with the parts below, which mutate them in place (never rebind).
         self.waiting: list[Req] = []
@@ -80,7 +85,7 @@ class Scheduler:
     def model_info(self) -> dict:
         return {
             "model_path": self.args.model_path,
-            "served_model_name": self.args.served_model_name or self.args.model_path,
+            "served_model_name": self.args.model_id,
             "is_generation": True,
             "context_length": self.context_len,
             "vocab_size": self.runner.vocab_size,
@@ -97,6 +102,9 @@ class Scheduler:
                 self.add_request(msg)
             except ValueError as e:
                 return [ErrorOut(rid=msg.rid, message=str(e))]
+            except Exception as e:  # noqa: BLE001 - a request the checks did not foresee fails alone
+                logger.exception("add_request %s failed", msg.rid)
+                return [ErrorOut(rid=msg.rid, message=f"the request could not be queued: {type(e).__name__}: {e}")]
             return []
         if isinstance(msg, AbortReq):
             self.abort_request(msg.rid)
@@ -110,24 +118,15 @@ class Scheduler:
 
     def add_request(self, tr: TokenizedGenerateReq) -> None:
         """Validate and queue. Raises ValueError (naming the field) for a request that can never run."""
+        check_request(tr, self.limits)  # again: the front doors did, but this is the last line of defence
         sp = tr.sampling_params
-        vocab = self.runner.vocab_size
-        sp.verify(vocab)
         n_in = len(tr.input_ids)
-        if n_in == 0:
-            raise ValueError("input_ids: the prompt is empty")
-        if min(tr.input_ids) < 0 or max(tr.input_ids) >= vocab:
-            raise ValueError(f"input_ids: token ids must be in [0, {vocab})")
         limit = min(self.context_len, self.max_total_tokens)
         if n_in + max(sp.min_new_tokens, 1) > limit:
             raise ValueError(
                 f"input_ids: the prompt has {n_in} tokens; with min_new_tokens it exceeds the limit of {limit} "
                 f"tokens (context_length={self.context_len}, max_total_tokens={self.max_total_tokens})"
             )
-        if tr.logprob_start_len >= n_in:
-            raise ValueError(f"logprob_start_len ({tr.logprob_start_len}) must be < the prompt length ({n_in})")
-        if tr.top_logprobs_num < 0 or tr.top_logprobs_num > vocab:
-            raise ValueError("top_logprobs_num must be in [0, vocab_size]")
         if any(r.rid == tr.rid for r in self.waiting) or any(r.rid == tr.rid for r in self.running):
             raise ValueError(f"rid: a request with id {tr.rid!r} is already running")
         # A request may never outgrow the pool or the context: clip its budget (finish_reason "length").
@@ -140,6 +139,7 @@ class Scheduler:
             return_logprob=tr.return_logprob,
             logprob_start_len=tr.logprob_start_len if tr.return_logprob else -1,
             top_logprobs_num=tr.top_logprobs_num if tr.return_logprob else 0,
+            cache_namespace=tr.cache_namespace,
             arrival=self.step_count,
         )
         # Front ends validated the pattern; the compile runs in the background, off this loop.
@@ -151,14 +151,14 @@ class Scheduler:
             if r.rid == rid:
                 self.waiting.remove(r)
                 r.finish_reason = {"type": "abort"}
-                self._outputs.append(self.outputs.make_output(r))
+                self._outputs.append(self.outputs.safe_output(r))
                 return
         for r in self.running:
             if r.rid == rid:
                 r.finish_reason = {"type": "abort"}
                 self.kv.release(r, finished=True)
                 self.running.remove(r)
-                self._outputs.append(self.outputs.make_output(r))
+                self._outputs.append(self.outputs.safe_output(r))
                 return
 
     def flush_cache(self) -> tuple[bool, str]:
@@ -181,7 +181,7 @@ class Scheduler:
     def step(self) -> list[ReqOutput]:
         """Run one scheduling step; return what each touched request produced."""
         outputs, self._outputs = self._outputs, []
-        outputs.extend(self.outputs.make_output(r) for r in self.grammars.poll(self.waiting))
+        outputs.extend(self.outputs.safe_output(r) for r in self.grammars.poll(self.waiting))
         # Decoding requests first get their one slot each (retracting if memory ran out), then the
         # extend work (new prompts, prompt chunks, jump-forward tokens) fills the step's token budget.
         # Both go into one forward pass: decodes never wait for a prefill step.
@@ -243,6 +243,12 @@ class Scheduler:
             "total_generated_tokens": c.total_generated,
             "num_forward_passes": c.num_forward,
             "num_retracted": c.num_retracted,
+            "num_failed_requests": c.num_failed,
+            **(
+                {"hicache_loaded_tokens": c.total_loaded_tokens, "hicache_load_deferred": c.num_load_deferred}
+                if self.kv.tiers is not None
+                else {}
+            ),
             "gen_throughput": tput,
             "forward_time_s": self.runner.forward_time,
             "schedule_policy": self.args.schedule_policy,

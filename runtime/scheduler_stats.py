@@ -19,6 +19,9 @@ class SchedulerCounters:
     total_computed_tokens: int = 0  # every position computed: prompts, decodes, jump-forward runs
     num_forward: int = 0
     num_retracted: int = 0
+    num_failed: int = 0  # requests ended by an exception while processing them (the engine went on)
+    total_loaded_tokens: int = 0  # prefix tokens loaded from the KV tiers (host, disk) at admission
+    num_load_deferred: int = 0  # admissions put off because a tier load would not fit in the pool
     # (monotonic time, total_generated) samples; the throughput is measured over this window
     tput_window: deque[tuple[float, int]] = field(default_factory=lambda: deque(maxlen=64))
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -110,7 +111,10 @@ class ServerArgs:
     port: int = arg(30000, "HTTP port")
     api_key: Optional[str] = arg(None, "require 'Authorization: Bearer KEY' on every route but /health")
     chat_template: Optional[str] = arg(None, "a chat template name or Jinja file; default: the tokenizer's")
-    served_model_name: Optional[str] = arg(None, "the model id reported by /v1/models; default: --model-path")
+    served_model_name: Optional[str] = arg(
+        None, "the model id of the OpenAI routes (/v1/models, the 'model' field); default: the model "
+        "directory's name"
+    )
     tool_call_parser: str = arg(
         "auto", "tool-call format of the model's outputs; auto: detected from the chat template", TOOL_CALL_PARSERS
     )
@@ -124,6 +128,13 @@ class ServerArgs:
     stream_interval: int = arg(1, "streaming: send a chunk every this many tokens (a request may set its own)")
     log_interval_s: float = arg(10.0, "seconds between the scheduler's throughput log lines")
     max_request_body_bytes: int = arg(32 * 1024 * 1024, "largest HTTP body or ZeroMQ message (413 above it)")
+    # Admission limits (runtime/validation.py): a request over one is a 400 naming the field
+    max_n: int = arg(128, "largest n (samples per prompt) one request may ask for")
+    max_prompts_per_request: int = arg(1024, "most prompts in one batch request, and most sequences (prompts x n)")
+    max_prompt_tokens: int = arg(0, "most prompt tokens per sequence; 0: the context length")
+    max_tokens_default_cap: int = arg(
+        4096, "max_tokens of an OpenAI request that gives none: the rest of the context, at most this"
+    )
 
     def __post_init__(self) -> None:
         if not self.model_path:
@@ -156,6 +167,11 @@ class ServerArgs:
             raise ValueError("hicache_storage_block_size must be >= 1")
         if self.max_request_body_bytes < 1:
             raise ValueError("max_request_body_bytes must be >= 1")
+        for name in ("max_n", "max_prompts_per_request", "max_tokens_default_cap"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1")
+        if self.max_prompt_tokens < 0:
+            raise ValueError("max_prompt_tokens must be >= 0 (0: the context length)")
         if self.tp_size < 1:
             raise ValueError("tp_size must be >= 1")
         if self.dp_size < 1:
@@ -176,6 +192,11 @@ class ServerArgs:
             raise ValueError("base_gpu_id must be >= 0")
 
     # ------------------------------------------------------------------ derived
+    @property
+    def model_id(self) -> str:
+        """The served model's id: ``served_model_name``, else the model directory's name (no path)."""
+        return self.served_model_name or os.path.basename(os.path.normpath(self.model_path)) or self.model_path
+
     @property
     def resolved_device(self) -> str:
         if self.device != "auto":

@@ -62,10 +62,48 @@ def _engines_in(value):
             yield from _engines_in(v)
 
 
+def _checkable(eng) -> bool:
+    return eng._thread.is_alive() and eng._error is None
+
+
+_created: list = []  # weak references to the Engines created during the current test
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _every_engine_checks_the_kv_invariant_at_shutdown():
+    """Every Engine a test creates, fixture or not, asserts the KV invariant (device pool and every
+    KV tier: host slots, disk writer) before it shuts down; engines still running at the end of a
+    test are checked by the fixture below."""
+    import weakref
+
+    from radixlm.runtime.engine import Engine
+
+    init, shutdown = Engine.__init__, Engine.shutdown
+
+    def tracked_init(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        _created.append(weakref.ref(self))
+
+    def checked_shutdown(self):
+        try:
+            if _checkable(self):
+                self.check_memory()
+        finally:
+            shutdown(self)
+
+    Engine.__init__, Engine.shutdown = tracked_init, checked_shutdown
+    yield
+    Engine.__init__, Engine.shutdown = init, shutdown
+
+
 @pytest.fixture(autouse=True)
 def _check_kv_invariant_after_engine_tests(request):
-    """After every test that used an Engine fixture: free + evictable + protected == total."""
+    """After every test that used an Engine (a fixture, or one it made and left running): free +
+    evictable + protected == total, and every KV tier balances (``Engine.check_memory``)."""
+    _created.clear()
     yield
+    engines = [e for e in (ref() for ref in _created) if e is not None]
+    _created.clear()
     for name in request.fixturenames:
         if name.startswith("_") or name == "request":
             continue
@@ -73,6 +111,9 @@ def _check_kv_invariant_after_engine_tests(request):
             value = request.getfixturevalue(name)
         except Exception:  # noqa: BLE001 - fixtures that failed to set up have nothing to check
             continue
-        for eng in _engines_in(value):
-            if eng._thread.is_alive():
-                eng.check_memory()
+        engines.extend(_engines_in(value))
+    seen: set[int] = set()
+    for eng in engines:
+        if id(eng) not in seen and _checkable(eng):
+            seen.add(id(eng))
+            eng.check_memory()

@@ -183,3 +183,132 @@ def test_hicache_settings_are_validated_by_name(tiny_llama, tmp_path):
         _engine(tiny_llama, hicache_storage_dir=str(tmp_path))
     with pytest.raises(ValueError, match="hicache_ratio"):
         _engine(tiny_llama, enable_hierarchical_cache=True, hicache_ratio=0)
+
+
+@pytest.mark.slow
+def test_admission_counts_the_tier_load_and_defers_a_load_that_cannot_fit(tiny_llama, vocab):
+    """A host-tier hit needs device slots for the whole load: while a long request holds the pool, a
+    request whose 64-token load does not fit waits untouched (nothing is loaded or evicted for it), then
+    is admitted with the hit once the pool frees, and its output is exact."""
+    from radixlm.runtime.protocol import TokenizedGenerateReq
+    from radixlm.runtime.sampling_params import SamplingParams
+    from radixlm.runtime.scheduler import Scheduler
+    from radixlm.runtime.server_args import ServerArgs
+
+    rng = random.Random(11)
+    prefix = [rng.randrange(3, vocab) for _ in range(64)]
+    tail = [rng.randrange(3, vocab) for _ in range(8)]
+    long_prompt = [rng.randrange(3, vocab) for _ in range(70)]
+    fillers = [[rng.randrange(3, vocab) for _ in range(80)] for _ in range(2)]
+    with _engine(tiny_llama, disable_radix_cache=True) as eng:
+        ref = eng.generate(input_ids=prefix + tail, sampling_params=GREEDY)
+    args = ServerArgs(model_path=tiny_llama, dtype="float32", device="cpu", max_total_tokens=160,
+                      enable_hierarchical_cache=True, hicache_compression="none", hicache_ratio=4)
+    sched = Scheduler(args)
+
+    def run(rid: str, ids: list[int], max_new: int = 1) -> None:
+        sp = SamplingParams(temperature=0, max_new_tokens=max_new, ignore_eos=True)
+        sched.add_request(TokenizedGenerateReq(rid=rid, input_ids=ids, sampling_params=sp))
+
+    def drain() -> dict:
+        outs: dict = {}
+        while sched.has_work():
+            for o in sched.step():
+                outs.setdefault(o.rid, []).extend(o.new_token_ids)
+        return outs
+
+    run("p", prefix)
+    drain()
+    for i, f in enumerate(fillers):  # push the prefix out of the device pool (it stays in the host tier)
+        run(f"f{i}", f)
+        drain()
+    assert sched.kv.match(type("R", (), {"all_ids": prefix, "max_prefix_len": 64})()).host_len == 64
+    run("long", long_prompt, max_new=60)
+    for _ in range(3):
+        sched.step()
+    run("hit", prefix + tail, max_new=8)
+    outs: dict = {}
+    while any(r.rid == "long" for r in sched.running):
+        for o in sched.step():
+            outs.setdefault(o.rid, []).extend(o.new_token_ids)
+        stats = sched.get_stats()
+        assert any(r.rid == "hit" for r in sched.waiting), "admitted although its load could not fit"
+        assert stats["hicache_host_hit_tokens"] == 0  # nothing was loaded for a request that waits
+    assert sched.get_stats()["hicache_load_deferred"] > 0
+    hit_req = next(r for r in sched.waiting if r.rid == "hit")
+    for rid, toks in drain().items():
+        outs.setdefault(rid, []).extend(toks)
+    stats = sched.get_stats()
+    assert hit_req.cached_tokens == 64 and stats["hicache_host_hit_tokens"] == 64
+    assert stats["hicache_loaded_tokens"] == 64
+    assert outs["hit"] == ref["output_ids"]
+    sched.check_memory()
+    sched.close()
+
+
+def test_a_leaked_host_slot_fails_the_invariant_checked_at_shutdown(tiny_llama):
+    """conftest checks every Engine at shutdown; the check covers the host tier, not just the pool."""
+    eng = _engine(tiny_llama, enable_hierarchical_cache=True, max_total_tokens=96)
+    eng.generate(input_ids=list(range(3, 40)), sampling_params=GREEDY)
+    eng._call(lambda: eng.scheduler.cache.host.alloc(2))  # two host slots nobody owns
+    with pytest.raises(AssertionError, match="host tier leak"):
+        eng.shutdown()
+    assert not eng._thread.is_alive()  # shut down all the same
+
+
+def _disk_kw(tmp_path, **kw) -> dict:
+    return dict(enable_hierarchical_cache=True, hicache_compression="none", hicache_storage_dir=str(tmp_path),
+                hicache_storage_block_size=16, **kw)
+
+
+@pytest.mark.slow
+def test_two_engines_share_one_disk_directory(tiny_llama, vocab, tmp_path):
+    """Two replicas write the same directory at once (same prefixes, racing on the same blocks); a third
+    that starts afterwards serves every prefix from it, no block torn, outputs exact."""
+    import threading
+
+    prompts = _prompts(vocab, n_prefixes=2, per=4, prefix_len=64, seed=3)
+    with _engine(tiny_llama, disable_radix_cache=True) as eng:
+        ref = _run(eng, prompts, return_logprob=True)
+    a, b = _engine(tiny_llama, **_disk_kw(tmp_path)), _engine(tiny_llama, **_disk_kw(tmp_path))
+    try:
+        outs: dict = {}
+        threads = [threading.Thread(target=lambda e=e, i=i: outs.__setitem__(i, _run(e, prompts, return_logprob=True)))
+                   for i, e in enumerate((a, b))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=300)
+        _same(outs[0], ref)
+        _same(outs[1], ref)
+    finally:
+        a.shutdown()
+        b.shutdown()
+    with _engine(tiny_llama, **_disk_kw(tmp_path)) as c:
+        again = _run(c, prompts, return_logprob=True)
+        stats = c.get_server_info()["scheduler_stats"]
+    assert stats["hicache_storage_corrupt"] == 0 and stats["hicache_disk_hit_tokens"] >= 2 * 64
+    assert all(o["meta_info"]["cached_tokens"] >= 64 for o in again)
+    _same(again, ref)
+
+
+@pytest.mark.slow
+def test_disk_directory_is_bounded_and_keeps_the_recent_prefixes(tiny_llama, vocab, tmp_path):
+    rng = random.Random(9)
+    prompts = [[rng.randrange(3, vocab) for _ in range(36)] for _ in range(6)]  # 2 whole blocks each
+    with _engine(tiny_llama, **_disk_kw(tmp_path / "probe")) as eng:
+        eng.generate(input_ids=prompts[0], sampling_params=GREEDY)
+        eng.scheduler.cache.disk.flush()
+        block_bytes = eng.get_server_info()["scheduler_stats"]["hicache_storage_bytes"] / 2
+    bound = block_bytes * 5.5  # room for under three prompts
+    kw = _disk_kw(tmp_path / "d", hicache_storage_size_gb=bound / (1 << 30))
+    with _engine(tiny_llama, **kw) as eng:
+        _run(eng, prompts)
+        eng.scheduler.cache.disk.flush()
+        stats = eng.get_server_info()["scheduler_stats"]
+    assert stats["hicache_storage_evicted"] >= 6
+    assert sum(p.stat().st_size for p in (tmp_path / "d").rglob("*.kv")) <= bound
+    with _engine(tiny_llama, **kw) as eng:  # after a restart: the newest prefix is there, the oldest not
+        newest = eng.generate(input_ids=prompts[-1], sampling_params=GREEDY)
+        oldest = eng.generate(input_ids=prompts[0], sampling_params=GREEDY)
+    assert newest["meta_info"]["cached_tokens"] == 32 and oldest["meta_info"]["cached_tokens"] == 0

@@ -170,6 +170,45 @@ def test_load_back_respects_the_budget_and_splits():
     _check(pool, cache)
 
 
+def test_write_through_copies_to_the_host_when_a_node_enters_the_tree():
+    pool, cache = _hicache("write_through", host_tokens=64)
+    key = list(range(1, 11))
+    _admit(pool, cache, key)
+    assert cache.host_held() == 10 and cache.host.num_backed_up == 10  # at insert, before any eviction
+    assert cache.evict(TOTAL) == 10
+    assert cache.host.num_backed_up == 10  # eviction copies nothing: the copy already exists
+    assert cache.match_prefix(key).host_len == 10 and _assert_kv(pool, cache, key) == 10
+    _check(pool, cache)
+
+
+def test_write_through_selective_copies_only_nodes_hit_twice():
+    pool, cache = _hicache("write_through_selective", host_tokens=64)
+    hot, cold = [5, 6, 7, 8, 9, 10], [20, 21, 22, 23]
+    _admit(pool, cache, hot)
+    _admit(pool, cache, cold)
+    assert cache.host_held() == 0  # one hit each (their creation): nothing copied yet
+    _admit(pool, cache, hot + [11, 12])  # the second hit of the hot prefix backs it up
+    assert cache.host_held() == 6
+    cache.evict(TOTAL)
+    # The cold node had no copy: eviction drops it (SGLang: only write_back copies on eviction).
+    assert cache.match_prefix(cold).total_len == 0
+    assert cache.match_prefix(hot + [11, 12]).host_len == 6
+    assert _assert_kv(pool, cache, hot) == 6
+    _check(pool, cache)
+
+
+def test_write_back_copies_to_the_host_only_on_eviction():
+    pool, cache = _hicache("write_back", host_tokens=64)
+    key = list(range(40, 52))
+    for _ in range(3):  # hits do not copy under write_back
+        _admit(pool, cache, key)
+    assert cache.host_held() == 0 and cache.host.num_backed_up == 0
+    assert cache.evict(5) >= 5
+    assert cache.host.num_backed_up == cache.host_held() == 12
+    assert cache.match_prefix(key).host_len == 12 and _assert_kv(pool, cache, key) == 12
+    _check(pool, cache)
+
+
 def test_reset_frees_every_tier():
     pool, cache = _hicache("write_through")
     _admit(pool, cache, list(range(30, 50)))
@@ -227,8 +266,9 @@ def test_hierarchy_never_loses_a_slot_or_serves_wrong_kv(policy, host_tokens, op
 
 
 # ---------------------------------------------------------------------------- disk tier
-def _disk(path, identity="model-a", codec="none", block=4, max_bytes=1 << 30) -> DiskTier:
-    return DiskTier(str(path), identity, KVCodec(codec, torch.float32), (LAYERS, HEADS, DIM), block, max_bytes)
+def _disk(path, identity="model-a", codec="none", block=4, max_bytes=1 << 30, rescan_s=2.0) -> DiskTier:
+    return DiskTier(str(path), identity, KVCodec(codec, torch.float32), (LAYERS, HEADS, DIM), block, max_bytes,
+                    rescan_s=rescan_s)
 
 
 def _write(disk: DiskTier, key: list[int]) -> None:
@@ -333,6 +373,38 @@ def test_two_replicas_share_a_directory(tmp_path):
     _write(a, key)
     assert list(b.missing_blocks(key)) == []  # b sees a's blocks and does not rewrite them
     torch.testing.assert_close(b.read_run(key, 0, 8), _rows(key, 0, 8), rtol=0, atol=0)
+    a.close()
+    b.close()
+
+
+def test_a_block_another_replica_evicted_is_written_again(tmp_path):
+    a, b = _disk(tmp_path), _disk(tmp_path)
+    key = list(range(8))
+    _write(a, key)
+    assert b.probe(key, 0, 8) == 8
+    for _, _, name in [(0, 4, n) for n in a.chain(key, 2)]:
+        b.path(name).unlink()  # as b's eviction would
+    assert b.probe(key, 0, 8) == 0 and a.read_run(key, 0, 8) is None
+    assert [s for s, _, _ in a.missing_blocks(key)] == [0, 4]  # a does not trust what it wrote earlier
+    _write(a, key)
+    torch.testing.assert_close(b.read_run(key, 0, 8), _rows(key, 0, 8), rtol=0, atol=0)
+    a.close()
+    b.close()
+
+
+def test_replicas_sharing_a_directory_keep_it_under_the_bound_together(tmp_path):
+    probe = _disk(tmp_path / "probe")
+    _write(probe, [1, 2, 3, 4])
+    block_bytes = probe._bytes
+    probe.close()
+    bound = int(block_bytes * 6.5)
+    a = _disk(tmp_path / "d", max_bytes=bound, rescan_s=0)
+    b = _disk(tmp_path / "d", max_bytes=bound, rescan_s=0)
+    for s in range(12):  # each replica alone stays under the bound; together they would not
+        _write(a if s % 2 else b, [s] * 4)
+        assert a._scan_size() <= bound
+    assert a.evicted + b.evicted >= 5
+    assert a.read_run([11] * 4, 0, 4) is not None and b.read_run([10] * 4, 0, 4) is not None
     a.close()
     b.close()
 

@@ -59,3 +59,19 @@ def test_version(capsys):
     import radixlm
 
     assert capsys.readouterr().out.strip() == f"radixlm {radixlm.__version__}"
+
+
+def test_every_source_package_is_installed_by_a_regular_install():
+    """The editable install finds sub-packages by itself; a wheel ships only what pyproject lists."""
+    import tomllib
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    cfg = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]
+    folder_of = {pkg: Path(folder) for pkg, folder in cfg["package-dir"].items()}
+    on_disk = set()
+    for pkg, folder in folder_of.items():
+        for init in (root / folder).rglob("__init__.py"):
+            rel = init.parent.relative_to(root / folder)
+            on_disk.add(".".join((pkg, *rel.parts)))
+    assert on_disk <= set(cfg["packages"]), sorted(on_disk - set(cfg["packages"]))

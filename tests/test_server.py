@@ -5,6 +5,7 @@ and the ZeroMQ front door. Ends with the KV invariant and a shutdown that leaves
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import threading
 
@@ -61,7 +62,7 @@ def sse(resp) -> list:
 
 # --------------------------------------------------------------------------- OpenAI client
 def test_completion_matches_native_generate(rt, auth, oai):
-    c = oai.completions.create(model="m", prompt="Hello world", max_tokens=12, temperature=0)
+    c = oai.completions.create(model="default", prompt="Hello world", max_tokens=12, temperature=0)
     native = gen(rt, auth, {"text": "Hello world", "sampling_params": {"max_new_tokens": 12, **GREEDY}})
     assert c.choices[0].text == native["text"]
     assert c.object == "text_completion"
@@ -73,7 +74,7 @@ def test_completion_matches_native_generate(rt, auth, oai):
 
 def test_chat_uses_chat_template(rt, auth, oai):
     msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"}]
-    c = oai.chat.completions.create(model="m", messages=msgs, max_tokens=10, temperature=0)
+    c = oai.chat.completions.create(model="default", messages=msgs, max_tokens=10, temperature=0)
     from radixlm.runtime.hf_tokenizer import load_tokenizer
 
     tok = load_tokenizer(rt.server_args.model_path)
@@ -85,8 +86,8 @@ def test_chat_uses_chat_template(rt, auth, oai):
 
 
 def test_streaming_equals_non_streaming(oai):
-    ref = oai.completions.create(model="m", prompt="Once upon", max_tokens=16, temperature=0)
-    chunks = list(oai.completions.create(model="m", prompt="Once upon", max_tokens=16, temperature=0, stream=True,
+    ref = oai.completions.create(model="default", prompt="Once upon", max_tokens=16, temperature=0)
+    chunks = list(oai.completions.create(model="default", prompt="Once upon", max_tokens=16, temperature=0, stream=True,
                                          stream_options={"include_usage": True}))
     text = "".join(ch.choices[0].text for ch in chunks if ch.choices)
     assert text == ref.choices[0].text
@@ -95,18 +96,18 @@ def test_streaming_equals_non_streaming(oai):
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == ref.usage.completion_tokens
 
     msgs = [{"role": "user", "content": "Tell me"}]
-    cref = oai.chat.completions.create(model="m", messages=msgs, max_tokens=16, temperature=0)
-    cchunks = list(oai.chat.completions.create(model="m", messages=msgs, max_tokens=16, temperature=0, stream=True))
+    cref = oai.chat.completions.create(model="default", messages=msgs, max_tokens=16, temperature=0)
+    cchunks = list(oai.chat.completions.create(model="default", messages=msgs, max_tokens=16, temperature=0, stream=True))
     assert cchunks[0].choices[0].delta.role == "assistant"
     assert "".join(ch.choices[0].delta.content or "" for ch in cchunks) == cref.choices[0].message.content
     assert all(ch.usage is None for ch in cchunks)  # no include_usage → no usage chunk
 
 
 def test_n2_and_seed(oai):
-    kw = dict(model="m", prompt="The cat", max_tokens=8, temperature=1.0, n=2, seed=7)
+    kw = dict(model="default", prompt="The cat", max_tokens=8, temperature=1.0, n=2, seed=7)
     c = oai.completions.create(**kw)
     assert [ch.index for ch in c.choices] == [0, 1]
-    assert c.usage.prompt_tokens == oai.completions.create(model="m", prompt="The cat", max_tokens=1).usage.prompt_tokens
+    assert c.usage.prompt_tokens == oai.completions.create(model="default", prompt="The cat", max_tokens=1).usage.prompt_tokens
     again = oai.completions.create(**kw)
     assert [ch.text for ch in again.choices] == [ch.text for ch in c.choices]  # seeded → reproducible
     streamed = list(oai.completions.create(stream=True, **kw))
@@ -118,22 +119,22 @@ def test_n2_and_seed(oai):
 
 
 def test_stop_string(oai):
-    full = oai.completions.create(model="m", prompt="Hello world", max_tokens=24, temperature=0,
+    full = oai.completions.create(model="default", prompt="Hello world", max_tokens=24, temperature=0,
                                   extra_body={"ignore_eos": True}).choices[0].text
     stop = full[6:9]
     assert len(stop) == 3 and stop.strip(), full
-    c = oai.completions.create(model="m", prompt="Hello world", max_tokens=24, temperature=0, stop=[stop],
+    c = oai.completions.create(model="default", prompt="Hello world", max_tokens=24, temperature=0, stop=[stop],
                                extra_body={"ignore_eos": True})
     assert c.choices[0].text == full[: full.find(stop)]
     assert c.choices[0].finish_reason == "stop"
     streamed = "".join(ch.choices[0].text for ch in oai.completions.create(
-        model="m", prompt="Hello world", max_tokens=24, temperature=0, stop=stop, stream=True,
+        model="default", prompt="Hello world", max_tokens=24, temperature=0, stop=stop, stream=True,
         extra_body={"ignore_eos": True}) if ch.choices)
     assert streamed == c.choices[0].text
 
 
 def test_logprobs(oai):
-    c = oai.completions.create(model="m", prompt="Hello", max_tokens=6, temperature=0, logprobs=3)
+    c = oai.completions.create(model="default", prompt="Hello", max_tokens=6, temperature=0, logprobs=3)
     lp = c.choices[0].logprobs
     assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == c.usage.completion_tokens
     assert "".join(lp.tokens) == c.choices[0].text or "\ufffd" in "".join(lp.tokens)
@@ -141,7 +142,7 @@ def test_logprobs(oai):
         assert chosen <= 0.0 and 1 <= len(top) <= 3
         assert chosen == pytest.approx(max(top.values()), abs=1e-5)  # greedy picks the top token
 
-    ch = oai.chat.completions.create(model="m", messages=[{"role": "user", "content": "x"}], max_tokens=5,
+    ch = oai.chat.completions.create(model="default", messages=[{"role": "user", "content": "x"}], max_tokens=5,
                                      temperature=0, logprobs=True, top_logprobs=2)
     content = ch.choices[0].logprobs.content
     assert len(content) == ch.usage.completion_tokens
@@ -150,7 +151,7 @@ def test_logprobs(oai):
 
 
 def test_models_and_info(rt, auth, oai):
-    assert [m.id for m in oai.models.list().data] == [rt.server_args.model_path]
+    assert [m.id for m in oai.models.list().data] == [os.path.basename(rt.server_args.model_path)]
     info = requests.get(rt.url + "/get_model_info", headers=auth, timeout=30).json()
     assert info["context_length"] > 0 and info["is_generation"] is True
     si = requests.get(rt.url + "/server_info", headers=auth, timeout=30).json()

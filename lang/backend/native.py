@@ -89,7 +89,9 @@ class NativeBackend(BaseBackend):
                 meta = delta_meta
             sent += new
             if new or delta_meta.get("finish_reason") is not None:
-                yield new, dict(meta)  # always cumulative: the program's meta_info is the whole result
+                # Always cumulative (the program's meta_info is the whole result); a snapshot, since
+                # the lists keep growing.
+                yield new, {k: list(v) if isinstance(v, list) else v for k, v in meta.items()}
 
     def select(
         self,

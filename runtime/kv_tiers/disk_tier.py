@@ -14,9 +14,15 @@ none; a torn, truncated or foreign file fails the checks and is a miss (and is d
 
 Writes run on a background thread (a bounded queue: when it is full a block is skipped, it is a
 cache). Reads run on the caller's thread at admission. The directory is bounded (``max_bytes`` over
-everything under it): after a write that crosses the bound the writer rescans it (other replicas write
-there too) and deletes the least recently used files (reads refresh a file's mtime) down to 90% of it.
+everything under it): the writer adds its own writes to the size it knows and rescans the directory
+at least every ``rescan_s`` seconds (other replicas write there too); after a write that crosses the
+bound it deletes the least recently used files (reads refresh a file's mtime) down to 90% of it.
 Stale temporary files of crashed writers are removed by the same scan.
+
+Replicas sharing the directory (several servers, or --dp-size workers, on one machine) need no lock:
+a block is published by an atomic rename, so a reader sees a whole block or none; two writers of one
+block write the same bytes; a block deleted by another replica's eviction is a read miss; and a
+replica that finds a block it did not write (``missing_blocks``) does not write it again.
 """
 
 from __future__ import annotations
@@ -106,6 +112,7 @@ class DiskTier:
         block_size: int,
         max_bytes: int,
         queue_size: int = 256,
+        rescan_s: float = 2.0,
     ):
         if block_size < 1:
             raise ValueError("hicache_storage_block_size must be >= 1")
@@ -120,10 +127,12 @@ class DiskTier:
         self.max_bytes = max_bytes
         layers, heads, dim = kv_shape
         self.shape = [layers, 2, block_size, heads, dim]
-        self._present: set[str] = set()  # blocks known to be on disk (written or read by us)
+        self._queued: set[str] = set()  # blocks waiting for the writer (not on disk yet)
         self._queue: queue.Queue = queue.Queue(maxsize=queue_size)
-        self._lock = threading.Lock()  # guards the counters and _present between the two threads
+        self._lock = threading.Lock()  # guards the counters and _queued between the two threads
+        self.rescan_s = rescan_s  # how stale our view of the directory's size may get (replicas write too)
         self._bytes = self._scan_size()
+        self._scanned_at = time.monotonic()
         self.writes = self.write_skips = self.write_errors = 0
         self.reads = self.read_misses = self.corrupt = self.evicted = 0
         self._closed = False
@@ -145,16 +154,15 @@ class DiskTier:
         return self.dir / name[:2] / (name + _SUFFIX)
 
     def missing_blocks(self, key: list[int], namespace: str = "") -> Iterator[tuple[int, int, str]]:
-        """(start, end, name) of the whole blocks of ``key`` not known to be on disk."""
+        """(start, end, name) of the whole blocks of ``key`` neither on disk nor queued for writing.
+
+        On disk is asked of the directory each time (a stat), not remembered: another replica's
+        eviction may have removed a block we wrote or read, and then we write it again."""
         bs = self.block_size
         for b, name in enumerate(self.chain(key, len(key) // bs, namespace)):
             with self._lock:
-                known = name in self._present
-            if known:
-                continue
-            if self.path(name).exists():  # another replica (or an earlier run) wrote it
-                with self._lock:
-                    self._present.add(name)
+                queued = name in self._queued
+            if queued or self.path(name).exists():  # (written by us, another replica or an earlier run)
                 continue
             yield b * bs, (b + 1) * bs, name
 
@@ -164,12 +172,12 @@ class DiskTier:
         if self._closed:
             return
         with self._lock:
-            self._present.add(name)  # queued counts as known: do not queue it twice
+            self._queued.add(name)  # do not queue it twice
         try:
             self._queue.put_nowait((name, list(tokens), rows))
         except queue.Full:
             with self._lock:
-                self._present.discard(name)
+                self._queued.discard(name)
                 self.write_skips += 1
 
     def flush(self) -> None:
@@ -197,11 +205,17 @@ class DiskTier:
                     logger.warning("KV disk tier: writing block %s failed: %s", name[:12], e)
                     with self._lock:
                         self.write_errors += 1
-                        self._present.discard(name)
+                        self._queued.discard(name)
                     continue
                 with self._lock:
                     self.writes += 1
                     self._bytes += size
+                    self._queued.discard(name)
+                if time.monotonic() - self._scanned_at >= self.rescan_s:
+                    total = self._scan_size()  # count what the other replicas wrote meanwhile
+                    with self._lock:
+                        self._bytes = total
+                with self._lock:
                     over = self._bytes > self.max_bytes
                 if over:
                     self._evict()
@@ -257,6 +271,20 @@ class DiskTier:
             return None
         return torch.cat(blocks, dim=2)[:, :, start - first * bs :]
 
+    def probe(self, key: list[int], start: int, end: int, namespace: str = "") -> int:
+        """How many tokens of ``key[start:end]`` ``read_run`` would return if every block is intact:
+        the consecutive blocks whose files exist (a stat each, nothing read). Admission budgets with it."""
+        bs = self.block_size
+        first, last = start // bs, end // bs
+        if last <= first:
+            return 0
+        found = first
+        for name in self.chain(key, last, namespace)[first:]:
+            if not self.path(name).exists():
+                break
+            found += 1
+        return max(found * bs - start, 0)
+
     def _read_block(self, name: str, tokens: list[int]) -> torch.Tensor | None:
         path = self.path(name)
         with self._lock:
@@ -266,7 +294,6 @@ class DiskTier:
         except OSError:
             with self._lock:
                 self.read_misses += 1
-                self._present.discard(name)
             return None
         rows = self._parse(raw, tokens)
         if rows is None:
@@ -274,11 +301,8 @@ class DiskTier:
             with self._lock:
                 self.corrupt += 1
                 self.read_misses += 1
-                self._present.discard(name)
             path.unlink(missing_ok=True)  # it will be written again
             return None
-        with self._lock:
-            self._present.add(name)
         try:
             os.utime(path)  # LRU: a read is a use
         except OSError:
@@ -335,9 +359,11 @@ class DiskTier:
         return out
 
     def _scan_size(self) -> int:
+        self._scanned_at = time.monotonic()
         return sum(size for _, size, _ in self._files())
 
     def _evict(self) -> None:
+        self._scanned_at = time.monotonic()
         files = sorted(self._files())
         total = sum(size for _, size, _ in files)
         target = int(self.max_bytes * 0.9)
@@ -351,8 +377,6 @@ class DiskTier:
                 pass  # another replica evicted it first
             total -= size
             removed += 1
-            with self._lock:
-                self._present.discard(p.name[: -len(_SUFFIX)])
         with self._lock:
             self._bytes = total
             self.evicted += removed

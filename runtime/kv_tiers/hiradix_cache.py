@@ -15,10 +15,12 @@ Rules that keep it simple and checkable (``check``):
   * Every host slot in use belongs to exactly one node's ``host_value``: host free + host held == host
     total. Device slots keep the single-owner rule of the base class.
 
-Write policies (SGLang's names): ``write_through`` backs a node up to the host tier when it enters the
-tree, ``write_through_selective`` once it has been reused ``SELECTIVE_THRESHOLD`` times, ``write_back``
-only when it is evicted from the device. A node evicted without a host copy and without host room is
-dropped (with its host-only subtree), as the plain tree would drop it. The host tier has its own LRU:
+Write policies (SGLang's names and semantics): ``write_through`` backs a node up to the host tier when
+it enters the tree, ``write_through_selective`` once inserts have hit it ``SELECTIVE_THRESHOLD`` times
+(its creation counts as the first), ``write_back`` only when it is evicted from the device. Under the
+write_through policies eviction never copies: a node evicted without a host copy (not hot enough, or
+the host was full when it was due) is dropped with its host-only subtree, as the plain tree drops it;
+under write_back a node evicted without host room is dropped the same way. The host tier has its own LRU:
 it frees host-only leaves first, then host copies of nodes still on the device.
 """
 
@@ -60,13 +62,14 @@ class HiRadixCache(RadixCache):
         super().reset(free_slots)
         self._host_held = 0
 
-    def match_prefix(self, key: list[int]) -> MatchResult:
-        if not key:
+    def match_prefix(self, key: list[int], namespace: str = "") -> MatchResult:
+        start = self._ns_root(namespace, create=False)
+        if not key or start is None:
             return MatchResult(_EMPTY, self.root)
         now = next(self._clock)
-        node, pos, pieces = self.root, 0, []
+        node, pos, pieces = start, 0, []
         node.last_access_time = now
-        device_node, host_len, last_host = self.root, 0, None
+        device_node, host_len, last_host = start, 0, None
         while pos < len(key):
             child = node.children.get(key[pos])
             if child is None:
@@ -85,12 +88,12 @@ class HiRadixCache(RadixCache):
         indices = torch.cat(pieces) if pieces else _EMPTY
         return MatchResult(indices, device_node, host_len, last_host)
 
-    def insert(self, key: list[int], value: torch.Tensor) -> int:
+    def insert(self, key: list[int], value: torch.Tensor, namespace: str = "") -> int:
         """As ``RadixCache.insert``; host-only nodes on the path adopt the caller's slots (revived).
 
         Returns the device-resident prefix length: only ``value`` up to it duplicates tree slots.
         """
-        node, pos, now = self.root, 0, next(self._clock)
+        node, pos, now = self._ns_root(namespace, create=bool(key)), 0, next(self._clock)
         on_device = 0
         while pos < len(key):
             child = node.children.get(key[pos])
@@ -98,8 +101,7 @@ class HiRadixCache(RadixCache):
                 new = TreeNode(key=list(key[pos:]), value=value[pos:].clone(), parent=node, last_access_time=now)
                 node.children[key[pos]] = new
                 self._evictable += len(new.key)
-                if self.write_policy == "write_through":
-                    self._backup(new)
+                self._note_hit(new)
                 break
             n = _common_len(child.key, key, pos)
             if n < len(child.key):
@@ -110,10 +112,10 @@ class HiRadixCache(RadixCache):
                 self._evictable += n
             else:
                 on_device = pos + n
-                self._note_reuse(child)
+                self._note_hit(child)
             node, pos = child, pos + n
         if self.disk is not None:
-            self._persist(key, value)
+            self._persist(key, value, namespace)
         return on_device
 
     def evict(self, num_tokens: int) -> int:
@@ -130,16 +132,24 @@ class HiRadixCache(RadixCache):
                 continue
             size = len(node.key)
             parent = node.parent
-            if node.host_value is not None or self._backup(node):
+            if node.host_value is not None or (self.write_policy == "write_back" and self._backup(node)):
                 self.kv_pool.free(node.value)
                 node.value = None
-            else:  # no host room: drop it as the plain tree would (with its host-only subtree)
-                self._drop_subtree(node)
+            else:  # no host copy (write_through*: not hot enough or no host room; write_back: no room)
+                self._drop_subtree(node)  # dropped as the plain tree would (with its host-only subtree)
             self._evictable -= size
             freed += size
             if self._device_evictable(parent):
                 heapq.heappush(heap, parent)
         return freed
+
+    def loadable(self, key: list[int], m: MatchResult, namespace: str = "") -> int:
+        """Tokens after the device match ``m`` of ``key`` that ``load_back`` then ``load_from_disk`` would
+        bring in (given the room): the host run, then the disk blocks that follow it."""
+        n = m.host_len
+        if self.disk is not None:
+            n += self.disk.probe(key, m.total_len, len(key), namespace)
+        return n
 
     def load_back(self, m: MatchResult, max_tokens: int) -> MatchResult:
         """Load (up to ``max_tokens`` of) the host-tier part of match ``m`` into the device pool.
@@ -189,8 +199,9 @@ class HiRadixCache(RadixCache):
             self.dec_lock_ref(m.last_node)
         return MatchResult(torch.cat([m.indices, slots]), take[-1], m.host_len - total, None)
 
-    def load_from_disk(self, key: list[int], m: MatchResult, max_tokens: int) -> MatchResult:
-        """Extend match ``m`` (with no host part left) by K/V blocks read from disk, into the tree.
+    def load_from_disk(self, key: list[int], m: MatchResult, max_tokens: int, namespace: str = "") -> MatchResult:
+        """Extend match ``m`` of ``key`` in ``namespace`` (with no host part left) by K/V blocks read from
+        disk (stored under the same namespace), into the tree.
 
         Reads consecutive blocks after the device match until the first miss (a torn or foreign block
         is a miss); loads at most ``max_tokens`` tokens and only what the device pool can hold.
@@ -199,7 +210,7 @@ class HiRadixCache(RadixCache):
             return m
         start = int(m.indices.numel())
         end = min(len(key), start + max_tokens)
-        rows = self.disk.read_run(key, start, end)  # [L, 2, T, Hkv, D] covering key[start:start+T]
+        rows = self.disk.read_run(key, start, end, namespace)  # [L, 2, T, Hkv, D] covering key[start:start+T]
         if rows is None:
             return m
         n = rows.shape[2]
@@ -218,10 +229,10 @@ class HiRadixCache(RadixCache):
             return m
         scatter_kv(self.kv_pool, slots, rows[:, :, :n])
         full = torch.cat([m.indices, slots])
-        on_device = self.insert(key[: start + n], full)
+        on_device = self.insert(key[: start + n], full, namespace)
         assert on_device == start, "disk load raced with the tree"
         self.disk_hit_tokens += n
-        return self.match_prefix(key[: start + n])
+        return self.match_prefix(key[: start + n], namespace)
 
     # ------------------------------------------------------------------ sizes and checks
     def total_size(self) -> int:
@@ -295,9 +306,13 @@ class HiRadixCache(RadixCache):
             and all(c.value is None for c in node.children.values())
         )
 
-    def _note_reuse(self, node: TreeNode) -> None:
+    def _note_hit(self, node: TreeNode) -> None:
+        """An insert created or reused ``node``: the write_through policies back it up once it has been
+        hit ``1`` (write_through) or ``SELECTIVE_THRESHOLD`` (write_through_selective) times."""
+        if self.write_policy == "write_back" or node.host_value is not None:
+            return
         node.hit_count += 1
-        if self.write_policy == "write_through_selective" and node.hit_count >= SELECTIVE_THRESHOLD:
+        if node.hit_count >= (1 if self.write_policy == "write_through" else SELECTIVE_THRESHOLD):
             self._backup(node)
 
     def _backup(self, node: TreeNode) -> bool:
@@ -327,7 +342,7 @@ class HiRadixCache(RadixCache):
             node = heapq.heappop(heap)
             parent = node.parent
             freed += self._free_host(node)
-            del parent.children[node.key[0]]
+            self._remove_child(parent, node)
             if leaf(parent):
                 heapq.heappush(heap, parent)
         if freed >= num_tokens:
@@ -355,9 +370,9 @@ class HiRadixCache(RadixCache):
                 self._free_host(n)
         self.kv_pool.free(node.value)
         node.value = None
-        del node.parent.children[node.key[0]]
+        self._remove_child(node.parent, node)
 
-    def _persist(self, key: list[int], value: torch.Tensor) -> None:
+    def _persist(self, key: list[int], value: torch.Tensor, namespace: str) -> None:
         """Queue the whole blocks of ``key`` that the disk tier lacks (written in the background)."""
-        for start, end, block_key in self.disk.missing_blocks(key):
+        for start, end, block_key in self.disk.missing_blocks(key, namespace):
             self.disk.write_async(block_key, key[start:end], gather_kv(self.kv_pool, value[start:end]).cpu())

@@ -58,7 +58,7 @@ class ServerContext:
 
     @property
     def model_name(self) -> str:
-        return self.args.served_model_name or self.args.model_path
+        return self.args.model_id
 
     @property
     def max_body_bytes(self) -> int:
@@ -95,11 +95,12 @@ class ServerContext:
 
 
 # --------------------------------------------------------------------------- errors
-def error_response(status: int, message: str, param: str | None = None, err_type: str | None = None) -> JSONResponse:
+def error_response(status: int, message: str, param: str | None = None, err_type: str | None = None,
+                   code: str | int | None = None) -> JSONResponse:
     if err_type is None:
         err_type = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
                     413: "invalid_request_error", 503: "service_unavailable"}.get(status, "server_error")
-    body = {"error": {"message": message, "type": err_type, "param": param, "code": status}}
+    body = {"error": {"message": message, "type": err_type, "param": param, "code": status if code is None else code}}
     return JSONResponse(body, status_code=status)
 
 
@@ -255,7 +256,9 @@ def create_app(ctx: ServerContext) -> FastAPI:
 
     @app.exception_handler(RequestError)
     async def _request_error(_: Request, e: RequestError) -> JSONResponse:
-        return error_response(e.status, str(e), param=e.param)
+        code = getattr(e, "code", None)  # e.g. model_not_found, as OpenAI names it
+        return error_response(e.status, str(e), param=e.param, code=code,
+                              err_type="invalid_request_error" if code else None)
 
     @app.exception_handler(pydantic.ValidationError)
     async def _pydantic_error(_: Request, e: pydantic.ValidationError) -> JSONResponse:
@@ -357,16 +360,25 @@ def create_app(ctx: ServerContext) -> FastAPI:
         return openai_tools.separate_reasoning_endpoint(await json_body(request), ctx.chat)
 
     # ------------------------------------------------------------------ OpenAI
+    model_names = openai_api.served_model_names(ctx.model_name, ctx.args.model_path)
+
+    def model_card() -> dict:
+        return {"id": ctx.model_name, "object": "model", "created": int(ctx.started), "owned_by": "radixlm",
+                "root": ctx.args.model_path, "max_model_len": tm.model_info.get("context_length")}
+
     @app.get("/v1/models")
     async def models() -> dict:
-        return {"object": "list", "data": [{
-            "id": ctx.model_name, "object": "model", "created": int(ctx.started), "owned_by": "radixlm",
-            "root": ctx.args.model_path, "max_model_len": tm.model_info.get("context_length"),
-        }]}
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def retrieve_model(model_id: str) -> dict:
+        openai_api.check_model(model_id, model_names)
+        return model_card()
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
         req = CompletionRequest.model_validate(await json_body(request))
+        openai_api.check_model(req.model, model_names)
         prep = openai_api.prepare_completion(req, tm.tokenizer, tm.model_info, ctx.model_name)
         return await _openai(request, prep, req,
                              lambda results: openai_api.completion_response(prep, req, results, tm.tokenizer),
@@ -375,6 +387,7 @@ def create_app(ctx: ServerContext) -> FastAPI:
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
         req = ChatCompletionRequest.model_validate(await json_body(request))
+        openai_api.check_model(req.model, model_names)
         prep = openai_api.prepare_chat(req, tm.tokenizer, ctx.chat, tm.model_info, ctx.model_name)
         return await _openai(request, prep, req,
                              lambda results: openai_api.chat_response(prep, req, results),

@@ -142,7 +142,7 @@ async def _serve(server_args: ServerArgs, ipc: Any, procs: list, chat_template: 
     from radixlm.runtime.hf_tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(server_args.tokenizer_path or server_args.model_path)
-    metrics = ServerMetrics(server_args.served_model_name or server_args.model_path)
+    metrics = ServerMetrics(server_args.model_id)
     tm = TokenizerManager(server_args, ipc, tokenizer, metrics)
     await tm.start()
     for p in procs:

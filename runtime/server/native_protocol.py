@@ -29,6 +29,8 @@ class NativeGenerateRequest(BaseModel):
     top_logprobs_num: Optional[Union[StrictInt, list[StrictInt]]] = None
     return_text_in_logprobs: StrictBool = False
     stream: StrictBool = False
+    cache_salt: Optional[Union[StrictStr, list[StrictStr]]] = None
+    extra_key: Optional[Union[StrictStr, list[StrictStr]]] = None
 
 
 def parse_generate_body(body: Any) -> GenerateReqInput:

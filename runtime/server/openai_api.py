@@ -18,6 +18,7 @@ from radixlm.runtime.constrained import JSON_OBJECT_SCHEMA
 from radixlm.runtime.generate_request import GenerateReqInput
 from radixlm.runtime.server.openai_extras import EXTRA_FIELDS, grammar_fields
 from radixlm.runtime.parsers.reasoning import ReasoningParser
+from radixlm.runtime.server.openai_logprobs import CompletionLogprobs, EchoPrompt, added_special_span, chat_logprobs
 from radixlm.runtime.server.openai_protocol import ChatCompletionRequest, CompletionRequest, ResponseFormat
 from radixlm.runtime.server.openai_tools import (
     ChatConfig,
@@ -34,6 +35,28 @@ from radixlm.runtime.server.tokenizer_manager import GenEvent, RequestError
 
 class NotSupportedError(RequestError):
     """A recognised OpenAI feature this server does not implement (yet): 400."""
+
+
+class ModelNotFoundError(RequestError):
+    """The request names a model this server does not serve: 404 ``model_not_found``, as OpenAI and vLLM."""
+
+    status = 404
+    code = "model_not_found"
+
+
+# SGLang's clients send "default"; SGLang-habit clients send the --model-path they launched with.
+DEFAULT_MODEL_ALIAS = "default"
+
+
+def served_model_names(model_id: str, model_path: str) -> tuple[str, ...]:
+    """Every name the OpenAI routes answer to: the served id first (the one /v1/models lists)."""
+    return tuple(dict.fromkeys((model_id, DEFAULT_MODEL_ALIAS, model_path)))
+
+
+def check_model(requested: str | None, names: tuple[str, ...]) -> None:
+    """Raise ``ModelNotFoundError`` unless ``requested`` is one of ``names`` (omitted: the served model)."""
+    if requested is not None and requested not in names:
+        raise ModelNotFoundError(f"The model `{requested}` does not exist.", param="model")
 
 
 # --------------------------------------------------------------------------- constrained decoding
@@ -140,6 +163,13 @@ class Prepared:
     id: str
     plan: ToolPlan = ToolPlan("none")  # chat: what the request asks of tools
     reasoning: ReasoningParser | None = None  # chat: split reasoning_content off (--reasoning-parser)
+    echo: list[EchoPrompt] | None = None  # completions with echo: per prompt, what is echoed
+
+    def completion_logprobs(self, req: CompletionRequest, tokenizer: Any, index: int) -> CompletionLogprobs:
+        """The logprobs builder of choice ``index`` (sequence ``prompt × n + j``)."""
+        echo = self.echo[index // self.n] if self.echo is not None else None
+        return CompletionLogprobs(tokenizer, echo, bool(req.logprobs), req.skip_special_tokens,
+                                  req.spaces_between_special_tokens)
 
 
 def prepare_completion(req: CompletionRequest, tokenizer: Any, model_info: dict, model: str) -> Prepared:
@@ -148,16 +178,20 @@ def prepare_completion(req: CompletionRequest, tokenizer: Any, model_info: dict,
     if req.best_of is not None and req.best_of != req.n:
         raise NotSupportedError("best_of != n is not supported", param="best_of")
     p = req.prompt
-    if isinstance(p, str):
-        prompts = [tokenizer(p).input_ids]
-    elif isinstance(p[0], str):
-        prompts = [tokenizer(s).input_ids for s in p]
+    texts: list[str] | None = None
+    if isinstance(p, str) or isinstance(p[0], str):
+        texts = [p] if isinstance(p, str) else list(p)
+        prompts = [tokenizer(t, add_special_tokens=req.add_special_tokens).input_ids for t in texts]
     elif isinstance(p[0], int):
         prompts = [list(p)]
     else:
         prompts = [list(x) for x in p]
     if any(len(x) == 0 for x in prompts):
         raise RequestError("prompt must not be empty", param="prompt")
+    echo = None
+    if req.echo:  # tokens the server added to a string prompt are echoed neither in text nor in logprobs
+        echo = [EchoPrompt(ids, added_special_span(tokenizer, texts[i], ids) if texts else (0, len(ids)))
+                for i, ids in enumerate(prompts)]
     ctx = int(model_info.get("context_length") or 1 << 30)
     max_new = _max_tokens(req.max_tokens, [len(x) for x in prompts], ctx, "max_tokens")
     want_lp = req.logprobs is not None
@@ -170,8 +204,10 @@ def prepare_completion(req: CompletionRequest, tokenizer: Any, model_info: dict,
         top_logprobs_num=req.logprobs if want_lp else None,
         return_text_in_logprobs=want_lp,
         stream=req.stream,
+        cache_salt=req.cache_salt,
+        extra_key=req.extra_key,
     )
-    return Prepared(obj, prompts, req.n, model, int(time.time()), f"cmpl-{uuid.uuid4().hex}")
+    return Prepared(obj, prompts, req.n, model, int(time.time()), f"cmpl-{uuid.uuid4().hex}", echo=echo)
 
 
 def prepare_chat(
@@ -197,7 +233,8 @@ def prepare_chat(
         )
     except Exception as e:  # noqa: BLE001 - a template error is the request's fault (roles, kwargs)
         raise RequestError(f"messages: the chat template failed: {e}", param="messages") from None
-    ids = tokenizer(text, add_special_tokens=False).input_ids  # the template writes BOS itself
+    # The template writes BOS itself; add_special_tokens (vLLM's, default false for chat) adds another.
+    ids = tokenizer(text, add_special_tokens=req.add_special_tokens).input_ids
     ctx = int(model_info.get("context_length") or 1 << 30)
     requested = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
@@ -222,6 +259,8 @@ def prepare_chat(
         top_logprobs_num=(req.top_logprobs or 0) if want_lp else None,
         return_text_in_logprobs=want_lp,
         stream=req.stream,
+        cache_salt=req.cache_salt,
+        extra_key=req.extra_key,
     )
     reasoning = cfg.reasoning_parser if req.separate_reasoning else None
     return Prepared(obj, [ids], req.n, model, int(time.time()), f"chatcmpl-{uuid.uuid4().hex}", plan, reasoning)
@@ -253,54 +292,15 @@ def usage(prep: Prepared, metas: list[dict]) -> dict:
     }
 
 
-def _tok(entry: list | tuple) -> str:
-    return entry[2] if len(entry) > 2 and entry[2] is not None else ""
-
-
-def completion_logprobs(meta: dict, text_offset0: int, echo: bool) -> dict:
-    """Legacy completions shape: tokens, token_logprobs, top_logprobs, text_offset."""
-    entries = list(meta.get("input_token_logprobs") or []) if echo else []
-    tops = list(meta.get("input_top_logprobs") or []) if echo else []
-    entries += list(meta.get("output_token_logprobs") or [])
-    tops += list(meta.get("output_top_logprobs") or [])
-    tokens = [_tok(e) for e in entries]
-    offsets, pos = [], text_offset0
-    for t in tokens:
-        offsets.append(pos)
-        pos += len(t)
-    out = {"tokens": tokens, "token_logprobs": [e[0] for e in entries], "text_offset": offsets, "top_logprobs": None}
-    if tops:
-        out["top_logprobs"] = [None if t is None else {_tok(x): x[0] for x in t} for t in tops]
-    return out
-
-
-def chat_logprobs(meta: dict) -> dict:
-    entries = meta.get("output_token_logprobs") or []
-    tops = meta.get("output_top_logprobs") or []
-    content = []
-    for k, e in enumerate(entries):
-        tok = _tok(e)
-        top = tops[k] if k < len(tops) and tops[k] is not None else []
-        content.append(
-            {
-                "token": tok,
-                "logprob": e[0],
-                "bytes": list(tok.encode("utf-8")),
-                "top_logprobs": [{"token": _tok(x), "logprob": x[0], "bytes": list(_tok(x).encode("utf-8"))} for x in top],
-            }
-        )
-    return {"content": content}
-
-
 def completion_response(prep: Prepared, req: CompletionRequest, results: list[dict], tokenizer: Any) -> dict:
     choices = []
     for i, r in enumerate(results):
         meta = r["meta_info"]
-        prefix = tokenizer.decode(prep.prompts[i // prep.n], skip_special_tokens=True) if req.echo else ""
+        lp = prep.completion_logprobs(req, tokenizer, i)
         choice = {
             "index": i,
-            "text": prefix + r["text"],
-            "logprobs": completion_logprobs(meta, 0, req.echo) if req.logprobs is not None else None,
+            "text": lp.prompt_text + r["text"],
+            "logprobs": lp.add(meta, finished=True) if req.logprobs is not None else None,
             "finish_reason": finish_reason(meta),
             "matched_stop": _matched_stop(meta),
         }
@@ -325,7 +325,7 @@ def chat_response(prep: Prepared, req: ChatCompletionRequest, results: list[dict
                 "index": i,
                 "message": chat_message(parsed, prep.plan),
                 "logprobs": chat_logprobs(meta) if req.logprobs else None,
-                "finish_reason": chat_finish_reason(finish_reason(meta), parsed, prep.plan),
+                "finish_reason": chat_finish_reason(finish_reason(meta), len(parsed.calls), prep.plan),
                 "matched_stop": _matched_stop(meta),
             }
         )
@@ -351,15 +351,16 @@ async def stream_completion(
     num = len(prep.prompts) * prep.n
     metas: list[dict] = [{} for _ in range(num)]
     echoed = [False] * num
+    builders = [prep.completion_logprobs(req, tokenizer, i) for i in range(num)]
     base = {"id": prep.id, "object": "text_completion", "created": prep.created, "model": prep.model}
     async for ev in events:
         meta = ev.data.get("meta_info") or {}
         _merge_meta(metas[ev.index], meta)
         text = ev.data.get("text", "")
-        if req.echo and not echoed[ev.index]:
+        if not echoed[ev.index]:
             echoed[ev.index] = True
-            text = tokenizer.decode(prep.prompts[ev.index // prep.n], skip_special_tokens=True) + text
-        lp = completion_logprobs(meta, 0, req.echo) if req.logprobs is not None else None
+            text = builders[ev.index].prompt_text + text
+        lp = builders[ev.index].add(meta, ev.finished) if req.logprobs is not None else None
         if not text and not ev.finished and not (lp and lp["tokens"]):
             continue
         choice = {"index": ev.index, "text": text, "logprobs": lp,

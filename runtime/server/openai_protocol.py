@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictStr, field_validator, model_validator
 
 _FUNCTION_NAME = r"^[a-zA-Z0-9_-]{1,64}$"  # OpenAI's rule for function names
 
@@ -59,6 +59,9 @@ class _SamplingExtras(_Body):
     no_stop_trim: bool = False
     regex: Optional[str] = None
     rid: Optional[str] = None
+    # KV cache namespace (vLLM's cache_salt, SGLang's extra_key): prefixes are shared only within it
+    cache_salt: Optional[StrictStr] = None
+    extra_key: Optional[StrictStr] = None
     # SGLang / vLLM extras that change the output (runtime/server/openai_extras.py maps them)
     stop_regex: Optional[Union[str, list[str]]] = None
     ebnf: Optional[str] = None
@@ -91,6 +94,7 @@ class CompletionRequest(_SamplingExtras):
     max_tokens: Optional[int] = 16
     logprobs: Optional[int] = Field(default=None, ge=0, le=20)
     echo: bool = False
+    add_special_tokens: bool = True  # vLLM's: the tokenizer's BOS before a string prompt
     best_of: Optional[int] = None
     suffix: Optional[str] = None
 
@@ -181,6 +185,7 @@ class ChatCompletionRequest(_SamplingExtras):
     stream_reasoning: bool = True
     # vLLM extras for the template
     add_generation_prompt: bool = True
+    add_special_tokens: bool = False  # vLLM's default for chat: the template already writes BOS
     continue_final_message: bool = False
     chat_template_kwargs: Optional[dict[str, Any]] = None
 

@@ -190,25 +190,36 @@ def parse_choice(text: str, plan: ToolPlan, reasoning: ReasoningParser | None) -
     return ParsedChoice(res.content or None, reasoning_text, res.calls)
 
 
-def tool_calls_json(calls: list[ToolCall], ids: list[str]) -> list[dict]:
-    return [{"id": ids[k], "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
-            for k, c in enumerate(calls)]
+def call_fields(calls: list[ToolCall], plan: ToolPlan, first_index: int | None = None) -> dict:
+    """THE assembly of calls into a message (``first_index`` None) or a stream delta (the index of the
+    first call in the choice): ``tool_calls`` with fresh ids, or the legacy ``function_call`` (one call
+    per answer: the first)."""
+    if not calls:
+        return {}
+    if plan.legacy:
+        if first_index:  # a legacy answer carries one call; later ones are dropped, as OpenAI did
+            return {}
+        return {"function_call": {"name": calls[0].name, "arguments": calls[0].arguments}}
+    items = []
+    for k, c in enumerate(calls):
+        item: dict[str, Any] = {} if first_index is None else {"index": first_index + k}
+        item.update(id=plan.parser.new_call_id(), type="function",
+                    function={"name": c.name, "arguments": c.arguments})
+        items.append(item)
+    return {"tool_calls": items}
 
 
 def chat_message(p: ParsedChoice, plan: ToolPlan) -> dict:
     msg: dict[str, Any] = {"role": "assistant", "content": p.content}
     if p.reasoning is not None:
         msg["reasoning_content"] = p.reasoning
-    if p.calls:
-        if plan.legacy:
-            msg["function_call"] = {"name": p.calls[0].name, "arguments": p.calls[0].arguments}
-        else:
-            msg["tool_calls"] = tool_calls_json(p.calls, [plan.parser.new_call_id() for _ in p.calls])
+    msg.update(call_fields(p.calls, plan))
     return msg
 
 
-def chat_finish_reason(base: str | None, p: ParsedChoice, plan: ToolPlan) -> str | None:
-    if p.calls and base == "stop":
+def chat_finish_reason(base: str | None, num_calls: int, plan: ToolPlan) -> str | None:
+    """A choice that stopped after calling answers "tool_calls" ("function_call" for legacy requests)."""
+    if num_calls and base == "stop":
         return "function_call" if plan.legacy else "tool_calls"
     return base
 
@@ -239,23 +250,14 @@ class ChoiceStream:
                     delta["reasoning_content"], self.held_reasoning = self.held_reasoning, ""
         if self.tools is not None:
             content, calls = self.tools.feed(content, final)
-            for c in calls:
-                if self.plan.legacy:
-                    if self.num_calls == 0:
-                        delta["function_call"] = {"name": c.name, "arguments": c.arguments}
-                else:
-                    delta.setdefault("tool_calls", []).append({
-                        "index": self.num_calls, "id": self.plan.parser.new_call_id(), "type": "function",
-                        "function": {"name": c.name, "arguments": c.arguments}})
-                self.num_calls += 1
+            delta.update(call_fields(calls, self.plan, self.num_calls))
+            self.num_calls += len(calls)
         if content:
             delta["content"] = content
         return delta
 
     def finish_reason(self, base: str | None) -> str | None:
-        if self.num_calls and base == "stop":
-            return "function_call" if self.plan.legacy else "tool_calls"
-        return base
+        return chat_finish_reason(base, self.num_calls, self.plan)
 
 
 # --------------------------------------------------------------------------- SGLang's parser endpoints

@@ -40,6 +40,7 @@ from radixlm.runtime.protocol import (
     encode,
 )
 from radixlm.runtime.server.ipc import IpcNames
+from radixlm.runtime.validation import RequestLimits, check_admission, check_requests
 from radixlm.runtime.server.metrics import ServerMetrics
 from radixlm.runtime.server_args import ServerArgs
 
@@ -107,6 +108,7 @@ class TokenizerManager:
         self.dead_reason: str | None = None
         self.on_dead: list[Callable[[str], None]] = []
         self._tracks: dict[str, _Track] = {}
+        self._limits: RequestLimits | None = None
         self._groups: dict[str, list[str]] = {}  # user-given rid → the rids it expanded into
         self._stats_waiters: deque[asyncio.Future] = deque()
         self._flush_waiters: deque[asyncio.Future] = deque()
@@ -214,22 +216,25 @@ class TokenizerManager:
         if self.dead_reason is not None:
             raise ServerDeadError(f"server error: {self.dead_reason}")
 
+    @property
+    def limits(self) -> RequestLimits:
+        """Admission limits: the server's flags and the model's sizes (known once the scheduler is ready)."""
+        if self._limits is None or self._limits.vocab_size != self.model_info.get("vocab_size"):
+            self._limits = RequestLimits.from_args(
+                self.args, self.model_info.get("vocab_size"), self.model_info.get("context_length")
+            )
+        return self._limits
+
     def validate(self, reqs: list[TokenizedGenerateReq]) -> None:
-        """Checks that need the model's limits; everything else is GenerateReqInput's and the scheduler's."""
+        """runtime/validation.py's checks plus what only this tracker knows (rids already running)."""
+        try:
+            check_requests(reqs, self.limits)
+        except ValueError as e:
+            raise RequestError(str(e)) from None
         ctx = self.model_info.get("context_length")
-        vocab = self.model_info.get("vocab_size")
         for r in reqs:
-            try:
-                r.sampling_params.verify(vocab)
-            except ValueError as e:
-                raise RequestError(str(e), param=str(e).split(":")[0].split(" ")[0]) from None
             if r.rid in self._tracks:
                 raise RequestError(f"rid: a request with id {r.rid!r} is already running", param="rid")
-            if ctx and len(r.input_ids) >= ctx:
-                raise RequestError(
-                    f"input_ids: the prompt has {len(r.input_ids)} tokens, over the context length of {ctx}",
-                    param="input_ids",
-                )
             if ctx and r.sampling_params.max_new_tokens > ctx:
                 raise RequestError(
                     f"max_new_tokens: {r.sampling_params.max_new_tokens} is over the context length of {ctx}",
@@ -244,18 +249,28 @@ class TokenizerManager:
         """
         self._check_alive()
         try:
+            check_admission(obj, self.limits)
             reqs = obj.normalize(self.tokenizer)
         except (ValueError, TypeError) as e:  # TypeError: a wrong type normalize did not anticipate
             raise RequestError(str(e)) from None
         self.validate(reqs)
+        # Encode everything before registering anything: a message that cannot be encoded must fail the
+        # request with nothing tracked, nothing sent and no prompt of a batch running for nobody.
+        try:
+            frames = [
+                (encode(DetokRegister(req=r, return_text_in_logprobs=obj.return_text_in_logprobs)), encode(r))
+                for r in reqs
+            ]
+        except (OverflowError, UnicodeEncodeError, TypeError, ValueError) as e:
+            raise RequestError(f"the request cannot be encoded: {e}") from None
         queue: asyncio.Queue = asyncio.Queue()
         tracks = [_Track(rid=r.rid, index=i, queue=queue) for i, r in enumerate(reqs)]
         group = obj.rid if isinstance(obj.rid, str) and (len(reqs) > 1 or obj.rid != reqs[0].rid) else None
-        for t, r in zip(tracks, reqs):
+        for t, r, (register, request) in zip(tracks, reqs, frames):
             self._tracks[r.rid] = t
             # Registration first: the detokenizer must know the rid before its first output.
-            self._to_detokenizer.send(encode(DetokRegister(req=r, return_text_in_logprobs=obj.return_text_in_logprobs)))
-            self._to_scheduler.send(encode(r))
+            self._to_detokenizer.send(register)
+            self._to_scheduler.send(request)
         if group:
             self._groups[group] = [r.rid for r in reqs]
         return RequestHandle(self, reqs, tracks, queue, group)

@@ -75,7 +75,9 @@ def held_prefix(text: str, marker: str) -> int:
 
 
 class ToolCallParser:
-    """A model family's tool-call format. Subclasses set ``name`` and implement ``split`` and ``call_regex``."""
+    """A model family's tool-call format. Subclasses set ``name`` and ``open_marker`` and implement
+    ``parse_body`` (what follows one marker) and ``call_regex``; a family whose calls have no marker
+    (Llama 3's bare JSON) overrides ``split`` instead."""
 
     name = ""
     #: text that opens the calls; "auto" lets the model write prose until it writes this
@@ -89,7 +91,34 @@ class ToolCallParser:
 
     # ------------------------------------------------------------------ parsing
     def split(self, text: str, final: bool) -> list[Piece]:
-        """Ordered prose/call pieces of ``text``; when not final, omit any tail more text could reinterpret."""
+        """Ordered prose/call pieces of ``text``; when not final, omit any tail more text could reinterpret.
+
+        Prose runs until ``open_marker``; a partial marker at the end is held back while more text may
+        come. Each marker's body is the family's (``parse_body``); a malformed body stays prose, marker
+        included, and a body still arriving ends the pieces (or, when final, stays prose)."""
+        pieces: list[Piece] = []
+        pos = 0
+        while True:
+            start = text.find(self.open_marker, pos)
+            if start < 0:
+                tail = text[pos:]
+                if not final:
+                    tail = tail[: len(tail) - held_prefix(tail, self.open_marker)]
+                pieces.append(tail)
+                return pieces
+            pieces.append(text[pos:start])
+            body = self.parse_body(text, start + len(self.open_marker), final)
+            if body is None:
+                if final:
+                    pieces.append(text[start:])
+                return pieces
+            calls, end = body
+            pieces.extend(calls if calls else [text[start:end]])
+            pos = end
+
+    def parse_body(self, text: str, at: int, final: bool) -> tuple[list[ToolCall], int] | None:
+        """The calls after one ``open_marker`` (the body starts at ``text[at]``): (calls, index past the
+        body), calls empty when the body is malformed; None when the body is not complete (yet)."""
         raise NotImplementedError
 
     def parse(self, text: str, final: bool = True) -> ParseResult:

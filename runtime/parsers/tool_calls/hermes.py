@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from radixlm.runtime.parsers.tool_calls.base import Piece, ToolCallParser, as_call, held_prefix
+from radixlm.runtime.parsers.tool_calls.base import ToolCall, ToolCallParser, as_call
 
 
 class HermesParser(ToolCallParser):
@@ -14,34 +14,21 @@ class HermesParser(ToolCallParser):
     separator = "\n"
     template_markers = ("<tool_call>",)
 
-    def split(self, text: str, final: bool) -> list[Piece]:
-        pieces: list[Piece] = []
-        pos = 0
-        while True:
-            start = text.find(self.open_marker, pos)
-            if start < 0:
-                tail = text[pos:]
-                if not final:
-                    tail = tail[: len(tail) - held_prefix(tail, self.open_marker)]
-                pieces.append(tail)
-                return pieces
-            pieces.append(text[pos:start])
-            body_at = start + len(self.open_marker)
-            end = text.find(self.close_marker, body_at)
-            if end < 0:
-                if final:  # cut off (max_tokens): a complete JSON body still counts, as vLLM does
-                    call = _call(text[body_at:])
-                    pieces.append(call if call else text[start:])
-                return pieces
-            call = _call(text[body_at:end])
-            pieces.append(call if call else text[start : end + len(self.close_marker)])
-            pos = end + len(self.close_marker)
+    def parse_body(self, text: str, at: int, final: bool) -> tuple[list[ToolCall], int] | None:
+        end = text.find(self.close_marker, at)
+        if end < 0:
+            if final:  # cut off (max_tokens): a complete JSON body still counts, as vLLM does
+                call = _call(text[at:])
+                return ([call], len(text)) if call else None
+            return None
+        call = _call(text[at:end])
+        return ([call] if call else []), end + len(self.close_marker)
 
     def call_regex(self, body_regex: str) -> str:
         return f"<tool_call>\\n{body_regex}\\n</tool_call>"
 
 
-def _call(body: str):
+def _call(body: str) -> ToolCall | None:
     try:
         return as_call(json.loads(body), "arguments")
     except json.JSONDecodeError:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 
-from radixlm.runtime.parsers.tool_calls.base import Piece, ToolCallParser, as_call, held_prefix
+from radixlm.runtime.parsers.tool_calls.base import ToolCall, ToolCallParser, as_call
 
 _DECODER = json.JSONDecoder()
 
@@ -22,33 +22,15 @@ class MistralParser(ToolCallParser):
     id_length = 9  # Mistral's templates reject other tool_call ids
     keeps_special_tokens = True
 
-    def split(self, text: str, final: bool) -> list[Piece]:
-        pieces: list[Piece] = []
-        pos = 0
-        while True:
-            start = text.find(self.open_marker, pos)
-            if start < 0:
-                tail = text[pos:]
-                if not final:
-                    tail = tail[: len(tail) - held_prefix(tail, self.open_marker)]
-                pieces.append(tail)
-                return pieces
-            pieces.append(text[pos:start])
-            at = start + len(self.open_marker)
-            while at < len(text) and text[at] in " \t\n\r":
-                at += 1
-            try:
-                arr, end = _DECODER.raw_decode(text, at)
-            except json.JSONDecodeError:
-                if final:
-                    pieces.append(text[start:])
-                return pieces  # not final: the array may still be arriving
-            calls = [as_call(x, "arguments") for x in arr] if isinstance(arr, list) and arr else [None]
-            if all(calls):
-                pieces.extend(calls)
-            else:
-                pieces.append(text[start:end])
-            pos = end
+    def parse_body(self, text: str, at: int, final: bool) -> tuple[list[ToolCall], int] | None:
+        while at < len(text) and text[at] in " \t\n\r":
+            at += 1
+        try:
+            arr, end = _DECODER.raw_decode(text, at)
+        except json.JSONDecodeError:
+            return None  # the array may still be arriving (or, final, was cut off: prose)
+        calls = [as_call(x, "arguments") for x in arr] if isinstance(arr, list) and arr else [None]
+        return ([c for c in calls if c] if all(calls) else []), end
 
     def call_regex(self, body_regex: str) -> str:
         return body_regex

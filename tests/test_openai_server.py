@@ -1,0 +1,64 @@
+"""The OpenAI routes of a live server on the tiny model, through the official ``openai`` client: model
+names (404 model_not_found, /v1/models/{id}, the "default" alias), echo scoring streamed and not."""
+
+from __future__ import annotations
+
+import os
+
+import openai
+import pytest
+import requests
+
+from radixlm.runtime.server import Runtime
+from radixlm.runtime.server_args import ServerArgs
+
+pytestmark = pytest.mark.slow  # starts a server
+
+
+@pytest.fixture(scope="module")
+def rt(tiny_llama):
+    runtime = Runtime(model_path=tiny_llama, device="cpu", max_total_tokens=4096, log_level="warning",
+                      log_interval_s=0.0)
+    yield runtime
+    runtime.shutdown()
+
+
+@pytest.fixture(scope="module")
+def oai(rt):
+    return openai.OpenAI(base_url=rt.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+def test_served_model_name_defaults_to_the_directory_name(tiny_llama):
+    assert ServerArgs(model_path=tiny_llama + "/").model_id == os.path.basename(tiny_llama)
+    assert ServerArgs(model_path=tiny_llama, served_model_name="my-model").model_id == "my-model"
+
+
+def test_model_names(rt, oai):
+    name = os.path.basename(rt.server_args.model_path)
+    assert [m.id for m in oai.models.list().data] == [name]
+    assert oai.models.retrieve(name).id == name
+    for alias in (name, "default", rt.server_args.model_path):
+        c = oai.completions.create(model=alias, prompt="Hi", max_tokens=2, temperature=0)
+        assert c.model == name
+    with pytest.raises(openai.NotFoundError) as e:
+        oai.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "x"}], max_tokens=2)
+    body = e.value.response.json()["error"]
+    assert body["code"] == "model_not_found" and body["param"] == "model" and "gpt-4o" in body["message"]
+    with pytest.raises(openai.NotFoundError):
+        oai.completions.create(model="nope", prompt="x", max_tokens=2)
+    r = requests.get(rt.url + "/v1/models/nope", timeout=30)
+    assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+    assert oai.completions.create(model="default", prompt="x", max_tokens=1).choices  # nothing disturbed
+
+
+def test_echo_streamed_equals_whole(oai):
+    kw = dict(model="default", prompt="Hello wörld 🙂", max_tokens=6, temperature=0, echo=True, logprobs=2)
+    whole = oai.completions.create(**kw).choices[0]
+    chunks = list(oai.completions.create(stream=True, **kw))
+    text = "".join(c.choices[0].text for c in chunks)
+    tokens = [t for c in chunks if c.choices[0].logprobs for t in c.choices[0].logprobs.tokens]
+    offsets = [o for c in chunks if c.choices[0].logprobs for o in c.choices[0].logprobs.text_offset]
+    assert text == whole.text and text.startswith("Hello wörld 🙂")
+    assert tokens == whole.logprobs.tokens and "".join(tokens) == text
+    assert offsets == whole.logprobs.text_offset
+    assert all(isinstance(x, float) for x in whole.logprobs.token_logprobs)
