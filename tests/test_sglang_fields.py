@@ -223,3 +223,26 @@ def test_sglang_routes(server):
     echo = requests.post(u + "/v1/completions", json={**base, "max_tokens": 0, "echo": True, "logprobs": 1}).json()
     assert echo["usage"]["completion_tokens"] == 0 and echo["choices"][0]["text"] == "hello"
     check_kv_invariant(u)
+
+
+@pytest.mark.parametrize("pattern, stripped", [
+    (r"^user@example\.com$", r"user@example\.com"),
+    (r"^(Hello|Hi|Hey)$", r"(Hello|Hi|Hey)"),
+    (r"^a$|^b$", "a|b"),
+    (r"a\$", r"a\$"),  # an escaped dollar is a character
+    (r"a\\$", r"a\\"),  # an escaped backslash, then the anchor
+    (r"[$^]", r"[$^]"),
+    (r"(a|^b)", r"(a|^b)"),  # inside a group an anchor means something else: left to the compiler
+])
+def test_end_anchors_have_sglang_meaning(pattern, stripped):
+    from radixlm.runtime.constrained import validate_grammar
+    from radixlm.runtime.constrained.patterns import strip_end_anchors
+
+    assert strip_end_anchors(pattern) == stripped
+    if "(a|^b)" != pattern:
+        validate_grammar("regex", pattern)
+
+
+def test_anchored_regex_constrains_generation(engine):
+    res = engine.generate("Email:", {"max_new_tokens": 16, "temperature": 0, "regex": r"^user@example\.com$"})
+    assert res["text"] == "user@example.com" and res["meta_info"]["finish_reason"]["type"] == "stop"

@@ -18,7 +18,7 @@ from outlines_core import Index, Vocabulary
 
 from radixlm.runtime.constrained.grammar import CompiledGrammar
 from radixlm.runtime.constrained.json_schema import schema_to_regex
-from radixlm.runtime.constrained.patterns import ascii_shorthands
+from radixlm.runtime.constrained.patterns import ascii_shorthands, strip_end_anchors
 from radixlm.runtime.constrained.vocab import END_MARK, TokenizerVocab, build_vocab
 
 KINDS = ("regex", "json", "ebnf", "structural_tag")
@@ -71,7 +71,7 @@ def validate_grammar(kind: str, pattern: str, json_whitespace_pattern: str | Non
 
         validate_cfg(kind, pattern)
     elif kind == "regex":
-        check_regex(ascii_shorthands(pattern))
+        check_regex(strip_end_anchors(ascii_shorthands(pattern)))
     else:
         _, sub_patterns = schema_to_regex(pattern, json_whitespace_pattern)
         for p in sub_patterns:
@@ -148,7 +148,7 @@ class GrammarBackend:
     def _compile(self, kind: str, pattern: str) -> CompiledGrammar:
         field = _FIELD[kind]
         if kind == "regex":
-            regex = ascii_shorthands(pattern)
+            regex = strip_end_anchors(ascii_shorthands(pattern))
         else:
             regex, sub_patterns = schema_to_regex(pattern, self.json_whitespace_pattern)
             for p in sub_patterns:
