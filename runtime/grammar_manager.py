@@ -73,6 +73,7 @@ class GrammarManager:
                 cache_size=self.args.grammar_cache_size,
                 eos_token_ids=sorted(self.eos_ids),
                 json_whitespace_pattern=self.args.constrained_json_whitespace_pattern,
+                engine=self.args.grammar_backend,
             )
         return self._backend
 

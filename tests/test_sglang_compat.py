@@ -231,3 +231,18 @@ class TestSGLangRegexKit(RegexConstrainedMixin, unittest.TestCase):
         import regex as re_partial
 
         return re_partial.match(pattern, text, partial=True) is not None
+
+
+from sglang.test.kits.ebnf_constrained_kit import EBNFConstrainedMixin  # noqa: E402
+
+
+@pytest.mark.usefixtures("_kit_server")
+class TestSGLangEBNFKit(EBNFConstrainedMixin, unittest.TestCase):
+    """SGLang's EBNF-constraint kit (xgrammar behind the default --grammar-backend auto), its requests
+    unchanged; scaled to the tiny model as the regex kit is (a budget-cut text must be a prefix of an
+    allowed pattern)."""
+
+    def regex_match(self, text, pattern):
+        import regex as re_partial
+
+        return re_partial.match(pattern, text, partial=True) is not None

@@ -24,7 +24,8 @@ from radixlm.runtime.constrained.vocab import END_MARK, TokenizerVocab, build_vo
 KINDS = ("regex", "json", "ebnf", "structural_tag")
 # SamplingParams field names, for error messages
 _FIELD = {"regex": "regex", "json": "json_schema", "ebnf": "ebnf", "structural_tag": "structural_tag"}
-CFG_KINDS = ("ebnf", "structural_tag")  # need a context-free engine (xgrammar), not outlines-core
+CFG_KINDS = ("ebnf", "structural_tag")
+ENGINES = ("auto", "outlines", "xgrammar")  # --grammar-backend: auto = outlines-core, xgrammar for CFGs  # need a context-free engine (xgrammar), not outlines-core
 
 
 def grammar_key(sp: Any) -> tuple[str, str] | None:
@@ -89,10 +90,16 @@ class GrammarBackend:
 
     def __init__(self, tokenizer: Any, vocab_size: int, cache_size: int = 64, *,
                  eos_token_ids: Sequence[int] | None = None, json_whitespace_pattern: str | None = None,
-                 max_workers: int = 1) -> None:
+                 max_workers: int = 1, engine: str = "auto") -> None:
         if cache_size < 1:
             raise ValueError(f"cache_size must be >= 1, got {cache_size}")
+        if engine not in ENGINES:
+            raise ValueError(f"grammar_backend must be one of {list(ENGINES)}, got {engine!r}")
+        self.engine = engine
         self.vocab: TokenizerVocab = build_vocab(tokenizer, vocab_size, eos_token_ids)
+        self._tokenizer = tokenizer
+        self._vocab_size = vocab_size
+        self._xgrammar: Any = None  # XGrammarCompiler, made on first use
         self.cache_size = cache_size
         self.json_whitespace_pattern = json_whitespace_pattern
         self._cache: OrderedDict[tuple[str, str], Future[CompiledGrammar]] = OrderedDict()
@@ -145,8 +152,24 @@ class GrammarBackend:
         if not isinstance(pattern, str) or not pattern:
             raise ValueError(f"{_FIELD[kind]} must be a non-empty string, got {pattern!r}")
 
-    def _compile(self, kind: str, pattern: str) -> CompiledGrammar:
+    def _uses_xgrammar(self, kind: str) -> bool:
+        if kind in CFG_KINDS:
+            if self.engine == "outlines":
+                raise ValueError(f"{_FIELD[kind]}: this server runs --grammar-backend outlines, which has no "
+                                 "context-free grammars; start it with --grammar-backend xgrammar or auto")
+            return True
+        return self.engine == "xgrammar"
+
+    def _compile(self, kind: str, pattern: str) -> Any:
         field = _FIELD[kind]
+        if self._uses_xgrammar(kind):
+            with self._lock:
+                if self._xgrammar is None:
+                    from radixlm.runtime.constrained.cfg import XGrammarCompiler
+
+                    self._xgrammar = XGrammarCompiler(self._tokenizer, self._vocab_size, self.vocab.eos_token_ids)
+            return self._xgrammar.compile(kind, strip_end_anchors(ascii_shorthands(pattern))
+                                          if kind == "regex" else pattern)
         if kind == "regex":
             regex = strip_end_anchors(ascii_shorthands(pattern))
         else:
