@@ -246,3 +246,61 @@ def test_end_anchors_have_sglang_meaning(pattern, stripped):
 def test_anchored_regex_constrains_generation(engine):
     res = engine.generate("Email:", {"max_new_tokens": 16, "temperature": 0, "regex": r"^user@example\.com$"})
     assert res["text"] == "user@example.com" and res["meta_info"]["finish_reason"]["type"] == "stop"
+
+
+# ----------------------------------------------------------------------------- CFG grammars (xgrammar)
+EBNF = 'root ::= "The answer is " ("yes" | "no") "." | "[" num ("," num)* "]"\nnum ::= [0-9]+'
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.9])
+def test_ebnf_constrains_and_jump_forward_keeps_greedy_output(tiny_llama, engine, temperature):
+    import regex as re_partial
+
+    allowed = r"The answer is (yes|no)\.|\[[0-9]+(,[0-9]+)*\]"
+    sp = {"max_new_tokens": 24, "temperature": temperature, "ebnf": EBNF, "seed": 5}
+    res = engine.generate(["Q: is it?\nA:", "list:", "numbers"], sp)
+    no_jf = Engine(model_path=tiny_llama, dtype="float32", device="cpu", max_total_tokens=4096,
+                   enable_jump_forward=False)
+    try:
+        plain = no_jf.generate(["Q: is it?\nA:", "list:", "numbers"], sp)
+        no_jf.check_memory()
+    finally:
+        no_jf.shutdown()
+    for r, p in zip(res, plain):
+        text, fr = r["text"], r["meta_info"]["finish_reason"]
+        if fr["type"] == "stop":
+            assert re.fullmatch(allowed, text), text
+        else:
+            assert re_partial.fullmatch(allowed, text, partial=True), text
+        if temperature == 0.0:
+            assert r["output_ids"] == p["output_ids"]  # jump-forward never changes greedy output
+    engine.check_memory()
+
+
+def test_structural_tag_and_backend_selection(tiny_llama, engine):
+    import json
+
+    tag = {"type": "structural_tag", "triggers": ["<f>"],
+           "structures": [{"begin": "<f>", "schema": {"type": "object", "properties": {"a": {"type": "integer"}},
+                                                     "required": ["a"]}, "end": "</f>"}]}
+    res = engine.generate("call: <f>", {"max_new_tokens": 12, "temperature": 0, "structural_tag": json.dumps(tag)})
+    assert res["meta_info"]["finish_reason"]["type"] in ("stop", "length")
+    with pytest.raises(ValueError, match="^ebnf: "):
+        engine.generate("x", {"ebnf": "root ::= ("})
+    with pytest.raises(ValueError, match="structures"):
+        engine.generate("x", {"structural_tag": json.dumps({"type": "structural_tag", "structures": [{}],
+                                                            "triggers": ["a"]})})
+    outlines_only = Engine(model_path=tiny_llama, dtype="float32", device="cpu", max_total_tokens=2048,
+                           grammar_backend="outlines")
+    xgr_only = Engine(model_path=tiny_llama, dtype="float32", device="cpu", max_total_tokens=2048,
+                      grammar_backend="xgrammar")
+    try:
+        with pytest.raises(ValueError, match="^ebnf: .*--grammar-backend"):
+            outlines_only.generate("x", {"max_new_tokens": 4, "ebnf": 'root ::= "a"'})
+        r = xgr_only.generate("Email:", {"max_new_tokens": 16, "temperature": 0, "regex": r"^user@example\.com$"})
+        assert r["text"] == "user@example.com"
+        outlines_only.check_memory()
+        xgr_only.check_memory()
+    finally:
+        outlines_only.shutdown()
+        xgr_only.shutdown()
