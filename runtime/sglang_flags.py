@@ -21,8 +21,6 @@ IGNORED_FLAGS: dict[str, tuple[bool, str]] = {
     "--cuda-graph-bs": (True, "radixlm does not capture CUDA graphs"),
     "--disable-cuda-graph": (False, "radixlm does not capture CUDA graphs"),
     "--disable-cuda-graph-padding": (False, "radixlm does not capture CUDA graphs"),
-    "--enable-torch-compile": (False, "radixlm does not use torch.compile"),
-    "--torch-compile-max-bs": (True, "radixlm does not use torch.compile"),
     "--trust-remote-code": (False, "only built-in Llama-family architectures are loaded; no remote code runs"),
     "--skip-server-warmup": (False, "radixlm does no warm-up request"),
     "--warmups": (True, "radixlm does no warm-up request"),

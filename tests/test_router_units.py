@@ -172,3 +172,36 @@ def test_worker_tree_is_trimmed_to_the_workers_cache_and_cleared_on_flush_or_res
     w.tree.insert("abc")
     w.apply_info(_info(20, 10, pid=8))  # a new scheduler process
     assert w.tree.size == 0
+
+
+def test_dp_policies_are_the_routers_and_the_cli_has_a_router(capsys):
+    from radixlm.router.policy import POLICIES
+    from radixlm.runtime.cli import main
+    from radixlm.runtime.server_args import DP_POLICIES, ServerArgs
+
+    assert DP_POLICIES == POLICIES
+    with pytest.raises(ValueError, match="load_balance_method"):
+        ServerArgs(model_path="m", load_balance_method="shortest_queue")
+    with pytest.raises(SystemExit) as e:
+        main(["router", "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    for flag in ("--worker-urls", "--policy", "--cache-threshold", "--balance-abs-threshold",
+                 "--balance-rel-threshold", "--spread-threshold"):
+        assert flag in out
+    with pytest.raises(SystemExit) as e:
+        main(["router", "--worker-urls", "nowhere"])
+    assert e.value.code == 2 and "url" in capsys.readouterr().err
+
+
+def test_trees_are_bounded_without_summaries():
+    import httpx
+
+    from radixlm.router.workers import WorkerSet
+
+    ws = WorkerSet(("http://w:1",), httpx.AsyncClient(), {}, 1.0, 1, max_tree_chars=1000)
+    tree = ws.workers["http://w:1"].tree
+    for i in range(30):
+        tree.insert(f"{i:02d}" * 50)
+    ws.bound_trees()
+    assert tree.size <= 900 and tree.match("29" * 50) == 100

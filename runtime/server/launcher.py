@@ -137,7 +137,8 @@ async def _serve(server_args: ServerArgs, ipc: Any, procs: list, chat_template: 
     from radixlm.runtime.server.http_server import ServerContext, create_app
     from radixlm.runtime.server.metrics import ServerMetrics
     from radixlm.runtime.server.openai_tools import ChatConfig
-    from radixlm.runtime.server.tokenizer_manager import RequestError, TokenizerManager
+    from radixlm.runtime.server.request_errors import RequestError
+    from radixlm.runtime.server.tokenizer_manager import TokenizerManager
     from radixlm.runtime.server.zmq_frontdoor import FrontDoor
     from radixlm.runtime.hf_tokenizer import load_tokenizer
 

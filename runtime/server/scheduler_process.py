@@ -22,6 +22,7 @@ import zmq
 from radixlm.runtime.protocol import (
     BatchOut,
     ErrorOut,
+    HeartbeatOut,
     ReadyOut,
     decode_scheduler_input,
     encode,
@@ -32,6 +33,7 @@ from radixlm.runtime.server_args import ServerArgs
 logger = logging.getLogger("radixlm.scheduler")
 
 _IDLE_POLL_MS = 500
+HEARTBEAT_INTERVAL_S = 1.0
 
 
 def run_scheduler_process(server_args: ServerArgs, ipc: IpcNames, parent_pid: int) -> None:
@@ -73,6 +75,7 @@ class SchedulerLoop:
         self.log_interval_s = server_args.log_interval_s
         self._last_log = time.monotonic()
         self._last_check = time.monotonic()
+        self._last_heartbeat = 0.0
         self._steps_since_log = 0
 
     def run(self) -> None:
@@ -86,6 +89,11 @@ class SchedulerLoop:
                 if outputs:
                     self.send.send(encode(BatchOut(outputs=outputs)))
             now = time.monotonic()
+            if now - self._last_heartbeat >= HEARTBEAT_INTERVAL_S:
+                self._last_heartbeat = now
+                sched = self.scheduler
+                self.send.send(encode(HeartbeatOut(step_count=sched.step_count, num_running=len(sched.running),
+                                                   num_waiting=len(sched.waiting))))
             if now - self._last_check >= 0.5:
                 self._last_check = now
                 if not parent_alive(self.parent_pid):

@@ -4,8 +4,9 @@ frontend and ``bench_serving`` read.
 Routes: ``/abort_request`` (one ``rid`` or ``abort_all``), ``/concate_and_append_request`` (SGLang's
 parallel-encoding join: the frontend has already joined the branches' text; radixlm keeps no per-rid
 KV to splice, and the next request's prompt finds the shared prefix in the radix cache, so the
-route checks the body and answers at once), ``/encode`` (a 400: radixlm serves generation models),
-``/tokenize``, ``/detokenize`` (also under ``/v1/``), ``/model_info``.
+route checks the body and answers at once), ``/encode`` and ``/v1/embeddings`` (a 400: radixlm serves
+generation models), ``/v1/tokenize`` and ``/v1/detokenize`` (the vLLM-shaped ``/tokenize`` and
+``/detokenize`` of http_server.py under SGLang's names), ``/model_info``.
 """
 
 from __future__ import annotations
@@ -24,15 +25,6 @@ def _str_list(body: dict, name: str) -> list[str]:
     value = body.get(name)
     if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
         raise RequestError(f"{name}: a list of non-empty strings is required", param=name)
-    return value
-
-
-def _token_ids(value: Any, name: str, vocab_size: int | None) -> list[int]:
-    if not isinstance(value, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in value):
-        raise RequestError(f"{name}: a list of token ids is required", param=name)
-    bad = [t for t in value if t < 0 or (vocab_size is not None and t >= vocab_size)]
-    if bad:
-        raise RequestError(f"{name}: token id {bad[0]} is out of the vocabulary [0, {vocab_size})", param=name)
     return value
 
 
@@ -69,38 +61,11 @@ def register_sglang_routes(app: FastAPI, ctx: Any, json_body: Any) -> None:
         raise RequestError(f"this server serves a generation model ({ctx.model_name}); it computes no embeddings "
                            "(SGLang's /encode and /v1/embeddings need an embedding model)")
 
-    @app.post("/tokenize")
-    @app.post("/v1/tokenize")
-    async def tokenize(request: Request) -> dict:
-        body = await json_body(request)
-        prompt = body.get("prompt", body.get("text"))
-        add_special = body.get("add_special_tokens", True)
-        if not isinstance(add_special, bool):
-            raise RequestError("add_special_tokens: a boolean is required", param="add_special_tokens")
-        tok = tm.tokenizer
-        if isinstance(prompt, str):
-            ids = tok(prompt, add_special_tokens=add_special).input_ids
-            return {"tokens": ids, "count": len(ids), "max_model_len": tm.model_info.get("context_length")}
-        if isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
-            ids_list = [tok(p, add_special_tokens=add_special).input_ids for p in prompt]
-            return {"tokens": ids_list, "count": [len(x) for x in ids_list],
-                    "max_model_len": tm.model_info.get("context_length")}
-        raise RequestError("prompt: a string or a non-empty list of strings is required", param="prompt")
-
-    @app.post("/detokenize")
-    @app.post("/v1/detokenize")
-    async def detokenize(request: Request) -> dict:
-        body = await json_body(request)
-        tokens = body.get("tokens")
-        skip = body.get("skip_special_tokens", True)
-        if not isinstance(skip, bool):
-            raise RequestError("skip_special_tokens: a boolean is required", param="skip_special_tokens")
-        vocab = tm.model_info.get("vocab_size")
-        if isinstance(tokens, list) and tokens and all(isinstance(t, list) for t in tokens):
-            seqs = [_token_ids(t, "tokens", vocab) for t in tokens]
-            return {"text": [tm.tokenizer.decode(s, skip_special_tokens=skip) for s in seqs]}
-        ids = _token_ids(tokens, "tokens", vocab)
-        return {"text": tm.tokenizer.decode(ids, skip_special_tokens=skip)}
+    # vLLM's /tokenize and /detokenize (http_server.py) under SGLang's /v1/ names too
+    for path in ("/tokenize", "/detokenize"):
+        route = next((r for r in app.routes if getattr(r, "path", None) == path), None)
+        if route is not None:
+            app.add_api_route("/v1" + path, route.endpoint, methods=["POST"])
 
     @app.get("/model_info")
     async def model_info() -> dict:

@@ -28,8 +28,6 @@ import zmq
 import zmq.asyncio
 from zmq.utils.monitor import parse_monitor_message
 
-from radixlm.runtime.server.native_protocol import parse_generate_body
-from radixlm.runtime.server.native_stream import native_streamers
 from radixlm.runtime.protocol import (
     ClientAbort,
     ClientChunk,
@@ -39,7 +37,10 @@ from radixlm.runtime.protocol import (
     decode_front_door_request,
     encode,
 )
-from radixlm.runtime.server.tokenizer_manager import RequestError, TokenizerManager
+from radixlm.runtime.server.native_api import parse_generate_body
+from radixlm.runtime.server.native_stream import native_streamers
+from radixlm.runtime.server.request_errors import RequestError
+from radixlm.runtime.server.tokenizer_manager import TokenizerManager
 
 logger = logging.getLogger("radixlm.frontdoor")
 
@@ -178,7 +179,7 @@ class FrontDoor:
     async def _generate(self, envelope: list[bytes], msg: ClientGenerate) -> None:
         try:
             obj = parse_generate_body(msg.body)
-            handle = self.tm.submit(obj)
+            handle = await self.tm.submit(obj)
         except RequestError as e:
             self._send(envelope, ClientError(req_id=msg.req_id, message=str(e), status=e.status))
             return
