@@ -51,6 +51,8 @@ from radixlm.runtime.server.openai_protocol import (
 )
 from radixlm.runtime.server.openai_tools import ChatConfig
 from radixlm.runtime.server.native_api import parse_generate_body
+from radixlm.runtime.server.native_stream import native_streamers
+from radixlm.runtime.server.sglang_routes import register_sglang_routes, sglang_model_info_keys, sglang_server_info_keys
 from radixlm.runtime.server.request_errors import RequestError
 from radixlm.runtime.server.tokenizer_manager import TokenizerManager
 from radixlm.runtime.prompt_format import prompt_format_info
@@ -98,9 +100,10 @@ class ServerContext:
         if self._prompt_format is None:  # derived once: it renders the chat template a few times
             eos = list(self.tm.model_info.get("eos_token_ids", []))
             self._prompt_format = prompt_format_info(self.tm.tokenizer, self.chat_template, eos)
-        return {"model_path": a.model_path, "tokenizer_path": a.tokenizer_path or a.model_path,
-                "is_generation": True, "served_model_name": self.model_name, **self.tm.model_info,
-                **self._prompt_format}
+        return sglang_model_info_keys({
+            "model_path": a.model_path, "tokenizer_path": a.tokenizer_path or a.model_path,
+            "is_generation": True, "served_model_name": self.model_name, **self.tm.model_info,
+            **self._prompt_format})
 
     async def server_info(self) -> dict:
         """Server args (minus the key), addresses, pids, model info and the scheduler's live stats."""
@@ -119,7 +122,7 @@ class ServerContext:
             ipc_dir=tm.ipc.dir,
         )
         info["scheduler_stats"] = await tm.get_stats()
-        return info
+        return sglang_server_info_keys(info)
 
 
 # --------------------------------------------------------------------------- errors
@@ -201,14 +204,6 @@ def create_app(ctx: ServerContext) -> FastAPI:
         out = await tm.flush_cache()
         return JSONResponse({"success": out.success, "message": out.message}, status_code=200 if out.success else 400)
 
-    @app.post("/abort_request")
-    async def abort_request(request: Request) -> dict:
-        body = await json_body(request)
-        rid = body.get("rid")
-        if not isinstance(rid, str) or not rid:
-            raise RequestError("rid: a non-empty string is required", param="rid")
-        return {"success": tm.abort(rid)}
-
     @app.get("/metrics")
     async def metrics() -> Response:
         try:
@@ -236,7 +231,7 @@ def create_app(ctx: ServerContext) -> FastAPI:
         if gone:
             return Response(status_code=499)
         return StreamingResponse(
-            sse_guard(native_stream(chain(first, handle), len(handle.reqs), single), handle),
+            sse_guard(native_stream(chain(first, handle), native_streamers(ctx.args, handle.reqs), single), handle),
             media_type="text/event-stream", headers=SSE_HEADERS,
         )
 
@@ -315,4 +310,6 @@ def create_app(ctx: ServerContext) -> FastAPI:
         return StreamingResponse(sse_guard(stream(chain(first, handle)), handle),
                                  media_type="text/event-stream", headers=SSE_HEADERS)
 
+    # /abort_request (abort_all), /concate_and_append_request, /encode, /model_info, /v1/(de)tokenize, ...
+    register_sglang_routes(app, ctx, json_body)
     return app

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any, AsyncIterator
 
 from radixlm.runtime.generate_request import GenerateReqInput
+from radixlm.runtime.server.openai_extras import EXTRA_FIELDS, sglang_fields
 from radixlm.runtime.parsers.reasoning import ReasoningParser
 from radixlm.runtime.server.openai_fields import (
     NotSupportedError,
@@ -95,6 +96,15 @@ def _sampling_params(req: CompletionRequest | ChatCompletionRequest, max_new_tok
         "logit_bias": logit_bias_ids(req.logit_bias),
     }
     sp.update(constrained_sampling_fields(req.response_format, req.regex, vllm_guided_fields(req.model_extra or {})))
+    try:
+        extras = sglang_fields({f: getattr(req, f) for f in EXTRA_FIELDS})
+    except ValueError as e:
+        raise RequestError(str(e), param=str(e).split(":", 1)[0]) from None
+    sp["no_stop_trim"] = bool(sp["no_stop_trim"] or extras.pop("no_stop_trim", False))
+    if "ebnf" in extras and (sp.get("regex") is not None or sp.get("json_schema") is not None):
+        raise RequestError("ebnf: only one grammar per request (regex, response_format or a guided field "
+                           "is also given)", param="ebnf")
+    sp.update(extras)
     return {k: v for k, v in sp.items() if v is not None}
 
 

@@ -287,6 +287,13 @@ class TokenizerManager:
         if group:
             self._groups.pop(group, None)
 
+    def abort_all(self) -> int:
+        """Abort every running request (SGLang's ``abort_all``); returns how many."""
+        rids = list(self._tracks)
+        for r in rids:
+            self._send_abort(r)
+        return len(rids)
+
     def _send_abort(self, rid: str) -> None:
         if self.dead_reason is None and not self._closed:
             self._to_scheduler.send(encode(AbortReq(rid=rid)))
