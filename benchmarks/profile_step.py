@@ -24,7 +24,13 @@ from radixlm.runtime.scheduler import Scheduler
 from radixlm.runtime.server_args import ServerArgs
 
 
-def _profiled_step(sched: Scheduler, label: str, rows: int) -> float:
+def _profiled_step(sched: Scheduler, label: str, rows: int, enabled: bool = True) -> float:
+    if not enabled:
+        t0 = time.perf_counter()
+        sched.step()
+        wall = time.perf_counter() - t0
+        print(f"\n## {label}: {wall * 1e3:.1f} ms wall")
+        return wall
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         t0 = time.perf_counter()
         sched.step()
@@ -41,6 +47,8 @@ def main() -> None:
     ap.add_argument("--num-prompts", type=int, default=64)
     ap.add_argument("--rows", type=int, default=12)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
+    ap.add_argument("--enable-torch-compile", action="store_true", help="decode attention through torch.compile")
+    ap.add_argument("--no-profiler", action="store_true", help="wall times only (the profiler adds overhead)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -48,7 +56,8 @@ def main() -> None:
     from transformers import AutoTokenizer
 
     prompts = random_prompts(AutoTokenizer.from_pretrained(path), args.num_prompts, 64, 512)
-    sched = Scheduler(ServerArgs.from_kwargs(model_path=path, dtype=args.dtype, device="cpu"))
+    sched = Scheduler(ServerArgs.from_kwargs(model_path=path, dtype=args.dtype, device="cpu",
+                                             enable_torch_compile=args.enable_torch_compile))
     sp = SamplingParams(temperature=0.0, max_new_tokens=64, ignore_eos=True)
     # Warm up allocator and kernels on a throw-away request.
     sched.add_request(TokenizedGenerateReq(rid="warm", input_ids=prompts[0][:32], sampling_params=sp.replace(max_new_tokens=2)))
@@ -56,12 +65,13 @@ def main() -> None:
         sched.step()
     for i, p in enumerate(prompts):
         sched.add_request(TokenizedGenerateReq(rid=str(i), input_ids=p, sampling_params=sp))
-    _profiled_step(sched, "first prefill step", args.rows)
+    _profiled_step(sched, "first prefill step", args.rows, not args.no_profiler)
     while sched.waiting or any(r.pending > 1 for r in sched.running):
         sched.step()
     assert all(r.pending == 1 for r in sched.running), "not a pure decode step"
     print(f"\n{len(sched.running)} requests decoding, mode {ForwardMode.DECODE.value}")
-    _profiled_step(sched, "decode step", args.rows)
+    for i in range(3):  # the first may still pay for lazy work
+        _profiled_step(sched, f"decode step {i + 1}", args.rows, not args.no_profiler and i == 2)
     while sched.has_work():
         sched.step()
     sched.check_memory()

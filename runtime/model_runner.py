@@ -9,41 +9,29 @@ from __future__ import annotations
 import logging
 import os
 import time
+from dataclasses import dataclass
 
 import torch
 
 from radixlm.runtime.attention import create_attention_backend
+from radixlm.runtime.device_sampler import DeviceSampler
+from radixlm.runtime.dtypes import dtype_name, resolve_dtype
 from radixlm.runtime.forward_batch import ForwardBatch
 from radixlm.runtime.memory_pool import KVPool, ReqToTokenPool
 from radixlm.runtime.server_args import ServerArgs
 
 logger = logging.getLogger(__name__)
 
-_DTYPES = {
-    "float32": torch.float32,
-    "float": torch.float32,
-    "fp32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-    "float16": torch.float16,
-    "half": torch.float16,
-    "fp16": torch.float16,
-}
 # A CPU pool sized from 24 GiB of RAM for a tiny model would be absurd; cap what "auto" picks.
 _CPU_AUTO_MAX_TOKENS = 1 << 18
 
 
-def resolve_dtype(name: str, config) -> torch.dtype:
-    if name != "auto":
-        return _DTYPES[name]
-    cfg = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
-    if isinstance(cfg, torch.dtype):
-        return cfg
-    return _DTYPES.get(str(cfg), torch.float32)
+@dataclass
+class ForwardOutput:
+    """One pass's logits: all rows on the model's device (for ``sampler``), the few the host asked for copied."""
 
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).replace("torch.", "")
+    logits: torch.Tensor  # [N, V] float32 on the model's device
+    host_logits: torch.Tensor | None  # [len(host_rows), V] float32 on the host, or None
 
 
 class ModelRunner:
@@ -65,14 +53,14 @@ class ModelRunner:
         hf_config = AutoConfig.from_pretrained(args.model_path)
         self.dtype = resolve_dtype(args.dtype, hf_config)
         t0 = time.perf_counter()
-        logger.info("loading %s (%s, %s) ...", args.model_path, _dtype_name(self.dtype), self.device)
+        logger.info("loading %s (%s, %s) ...", args.model_path, dtype_name(self.dtype), self.device)
         self.model = load_model(args.model_path, self.dtype, "cpu" if self.tp else self.device)
         self.config = self.model.config
         n_params = sum(p.numel() for p in self.model.parameters())
         n_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
         logger.info(
             "loaded %s: %.1fM parameters, %.1f MB of %s weights, in %.1f s",
-            args.model_path, n_params / 1e6, n_bytes / 1e6, _dtype_name(self.dtype), time.perf_counter() - t0,
+            args.model_path, n_params / 1e6, n_bytes / 1e6, dtype_name(self.dtype), time.perf_counter() - t0,
         )
         if self.tp:
             from radixlm.runtime.distributed.sharding import shard_model
@@ -97,8 +85,22 @@ class ModelRunner:
             self.max_total_tokens, self.num_layers, self.num_kv_heads, self.head_dim, self.dtype, self.device
         )
         self.attn_backend = create_attention_backend(
-            args.resolved_attention_backend, self.kv_pool, self.req_to_token_pool
+            args.resolved_attention_backend, self.kv_pool, self.req_to_token_pool, args.enable_torch_compile
         )
+        if args.enable_torch_compile:  # fused elementwise ops and decode attention, compiled now
+            from radixlm.runtime.attention.compiled_decode import warm_up
+            from radixlm.runtime.models import decoder_ops
+
+            t0 = time.perf_counter()
+            q_heads = cfg.num_attention_heads // (self.tp.world_size if self.tp else 1)
+            ops = decoder_ops.compiled_ops()
+            decoder_ops.install(self.model, ops)
+            with torch.inference_mode():  # as forward runs: dynamo guards on the grad mode
+                decoder_ops.warm_up(ops, cfg, q_heads, self.dtype, self.device)
+                decoder_ops.warm_up(ops, cfg, self.num_kv_heads, self.dtype, self.device)  # rope on k
+                warm_up(q_heads, self.num_kv_heads, self.head_dim, self.dtype, self.device)
+            logger.info("torch.compile: elementwise ops and decode attention ready in %.1f s", time.perf_counter() - t0)
+        self.sampler = DeviceSampler(self.vocab_size, self.device, args.random_seed)
         self.forward_time = 0.0  # seconds spent in forward passes (for overhead accounting)
         if self.tp and self.tp.is_leader:
             from radixlm.runtime.distributed.step_channel import StepLeader
@@ -116,8 +118,22 @@ class ModelRunner:
         return max(min(int(avail * self.args.mem_fraction_static) // bytes_per_token, _CPU_AUTO_MAX_TOKENS), 1)
 
     @torch.inference_mode()
-    def forward(self, fb: ForwardBatch) -> torch.Tensor:
-        """Logits [N, V] float32 for the rows ``fb.logits_indices``."""
+    def forward(self, fb: ForwardBatch, host_rows: list[int] | None = None) -> ForwardOutput:
+        """Run the pass over ``fb`` (logits rows ``fb.logits_indices``); copy only ``host_rows`` to the host.
+
+        The logits stay on the device: ``self.sampler`` (a ``DeviceSampler``) turns them into token ids
+        there, so no [rows, vocab] tensor crosses to the host except ``host_rows`` (prompt logprobs,
+        jump-forward verification) and the logprob rows of requests that asked for logprobs.
+        """
+        logits = self.forward_logits(fb)  # [N, V]
+        host = None
+        if host_rows:
+            host = logits.index_select(0, torch.tensor(host_rows, dtype=torch.int64, device=logits.device)).cpu()
+        return ForwardOutput(logits, host)
+
+    @torch.inference_mode()
+    def forward_logits(self, fb: ForwardBatch) -> torch.Tensor:
+        """Logits [N, V] float32, on the model's device, for the rows ``fb.logits_indices``."""
         t0 = time.perf_counter()
         if self._steps is not None:  # every rank runs the same forward pass
             self._steps.send_step(fb, self.req_to_token_pool.req_to_token)

@@ -1,10 +1,11 @@
 """OutputProcessor: what a forward pass's logits turn into.
 
 Before the pass it says which logits rows are needed (``LogitsPlan``: sampling rows, prompt-logprob
-rows, rows that verify jump-forward tokens). After it: prompt logprobs, verification of forced tokens
-(through ``GrammarManager``), sampling, token append, finish checks (EOS, stop ids and strings,
-length, a finished grammar), and the ``ReqOutput`` each request reports (unverified forced tokens are
-held back).
+rows, rows that verify jump-forward tokens). After it: prompt logprobs and verification of forced
+tokens (through ``GrammarManager``) from the few logits rows copied to the host, sampling on the
+model's device (``DeviceSampler``: only ids and requested logprob rows come back), token append, finish
+checks (EOS, stop ids and strings, length, a finished grammar), and the ``ReqOutput`` each request
+reports (unverified forced tokens are held back).
 """
 
 from __future__ import annotations
@@ -16,11 +17,13 @@ from typing import Any
 
 import torch
 
+from radixlm.runtime.device_sampler import DeviceSampler, SamplingBatch
 from radixlm.runtime.grammar_manager import GrammarManager
 from radixlm.runtime.kv_manager import KVManager
+from radixlm.runtime.model_runner import ForwardOutput
 from radixlm.runtime.protocol import ReqOutput, TokenLogprob
 from radixlm.runtime.req import Req
-from radixlm.runtime.sampler import Sampler, top_logprobs
+from radixlm.runtime.sampler import top_logprobs
 from radixlm.runtime.scheduler_stats import SchedulerCounters
 
 logger = logging.getLogger("radixlm.scheduler")
@@ -61,6 +64,13 @@ class LogitsPlan:
             start += n
         return plan
 
+    @property
+    def host_rows(self) -> list[int]:
+        """Logits rows the host needs whole: prompt-logprob rows and jump-forward verification rows."""
+        rows = {row0 + j for _, row0, _, n in self.input_logprobs for j in range(n)}
+        rows.update(row for _, checks in self.verify for _, _, row in checks)
+        return sorted(rows)
+
 
 def _visible_len(r: Req) -> int:
     """Output tokens the client may see: all but unverified jump-forward tokens."""
@@ -70,32 +80,39 @@ def _visible_len(r: Req) -> int:
 class OutputProcessor:
     """Applies one pass's logits to its requests; removes finished ones from ``running`` (shared)."""
 
-    def __init__(self, tokenizer: Any, eos_ids: set[int], sampler: Sampler, kv: KVManager,
+    def __init__(self, tokenizer: Any, eos_ids: set[int], sampler: DeviceSampler, kv: KVManager,
                  grammars: GrammarManager, running: list[Req], counters: SchedulerCounters,
                  enable_jump_forward: bool) -> None:
         self.tokenizer = tokenizer
         self.eos_ids = eos_ids
+        self.eos_list = sorted(eos_ids)
         self.sampler = sampler
+        self.vocab_size = sampler.vocab_size
         self.kv = kv
         self.grammars = grammars
         self.running = running
         self.counters = counters
         self.enable_jump_forward = enable_jump_forward
 
-    def process(self, plan: LogitsPlan, logits: torch.Tensor) -> None:
-        """logits: [len(plan.rows), V] on the host, after the batch's ``kv_len`` were advanced.
+    def process(self, plan: LogitsPlan, out: ForwardOutput) -> None:
+        """Apply a pass's output (after the batch's ``kv_len`` were advanced): ``out.logits`` stay on the
+        model's device and are sampled there; ``out.host_logits`` holds the ``plan.host_rows``.
 
         Per-request isolation: an exception while handling one request (its prompt logprobs, grammar,
         sampling, token bookkeeping) fails that request alone (``fail``: finish reason abort with the
         message, KV released); every other request of the batch goes on unchanged.
         """
+        remap = {row: k for k, row in enumerate(plan.host_rows)}  # logits row -> row of out.host_logits
         if plan.input_logprobs:
-            all_lp = torch.log_softmax(logits, dim=-1)
+            all_lp = torch.log_softmax(out.host_logits, dim=-1)
             for r, row0, pos0, n in plan.input_logprobs:
-                self.guarded(r, "prompt logprobs", self._input_logprobs, r, all_lp, row0, pos0, n)
+                # a request's rows are contiguous in host_rows too
+                self.guarded(r, "prompt logprobs", self._input_logprobs, r, all_lp, remap[row0], pos0, n)
         for r, checks in plan.verify:
             if not r.finished:
-                self.guarded(r, "constrained decoding", self.grammars.verify_forced, r, logits, checks, self)
+                checks = [(i, state, remap[row]) for i, state, row in checks]
+                self.guarded(r, "constrained decoding", self.grammars.verify_forced, r, out.host_logits, checks,
+                             self)
         sample_rows = []
         for r, i in plan.sample:
             if r.finished or r.pending != 0:
@@ -109,29 +126,31 @@ class OutputProcessor:
         if not sample_rows:
             return
         try:
-            drawn = self._draw(sample_rows, logits)
+            drawn = self._draw(sample_rows, out.logits)
         except Exception:  # noqa: BLE001 - find the request(s) at fault by drawing each row alone
             drawn = []
             for r, i in sample_rows:
-                one = self.guarded(r, "sampling", self._draw, [(r, i)], logits)
+                one = self.guarded(r, "sampling", self._draw, [(r, i)], out.logits)
                 if one is not None:
                     drawn.extend(one)
         for r, tok, lp_row in drawn:
             self.guarded(r, "output", self._accept, r, tok, lp_row)
 
     def _draw(self, rows: list[tuple[Req, int]], logits: torch.Tensor) -> list[tuple[Req, int, torch.Tensor | None]]:
-        """Sample the rows (grammar masks, penalties, ...): (req, token, its raw log-softmax row or None)."""
+        """Sample the rows on the logits' device (grammar bitmasks, penalties, ...): (req, token, its raw
+        log-softmax row on the host, or None). Only ids and the rows of requests that asked come back."""
         reqs = [r for r, _ in rows]
-        idx = torch.tensor([i for _, i in rows])
-        out = self.sampler(logits[idx], reqs, self.grammars.masks(reqs))
-        return [(r, tok, out.logprobs[k] if r.return_logprob else None)
-                for k, (r, tok) in enumerate(zip(reqs, out.next_ids))]
+        sb = SamplingBatch.build(reqs, [i for _, i in rows], self.vocab_size, self.eos_list, logits.device,
+                                 self.grammars.masks(reqs))
+        res = self.sampler(logits, sb)
+        lp = iter(res.logprobs) if res.logprobs is not None else iter(())
+        return [(r, tok, next(lp) if r.logprob.return_logprob else None) for r, tok in zip(reqs, res.next_ids)]
 
     def _accept(self, r: Req, tok: int, lp_row: torch.Tensor | None) -> None:
         if lp_row is not None:
             r.new_output_token_logprobs.append(TokenLogprob(float(lp_row[tok]), tok))
-            if r.top_logprobs_num:
-                r.new_output_top_logprobs.append(top_logprobs(lp_row, r.top_logprobs_num))
+            if r.logprob.top_logprobs_num:
+                r.new_output_top_logprobs.append(top_logprobs(lp_row, r.logprob.top_logprobs_num))
         self.append_token(r, tok, lp_row)
 
     def guarded(self, r: Req, stage: str, fn: Any, *args: Any) -> Any:
@@ -156,10 +175,10 @@ class OutputProcessor:
             self.running.remove(r)
 
     def _input_logprobs(self, r: Req, lp: torch.Tensor, row0: int, pos0: int, n: int) -> None:
-        start, n_in = r.logprob_start_len, len(r.input_ids)
+        start, n_in = r.logprob.logprob_start_len, len(r.input_ids)
         if pos0 == 0 and start == 0:
             r.new_input_token_logprobs.append(TokenLogprob(None, r.input_ids[0]))
-            if r.top_logprobs_num:
+            if r.logprob.top_logprobs_num:
                 r.new_input_top_logprobs.append(None)
         for j in range(n):
             nxt = pos0 + j + 1  # the logits at position p score the token at p + 1
@@ -167,8 +186,8 @@ class OutputProcessor:
                 row = lp[row0 + j]
                 tok = r.input_ids[nxt]
                 r.new_input_token_logprobs.append(TokenLogprob(float(row[tok]), tok))
-                if r.top_logprobs_num:
-                    r.new_input_top_logprobs.append(top_logprobs(row, r.top_logprobs_num))
+                if r.logprob.top_logprobs_num:
+                    r.new_input_top_logprobs.append(top_logprobs(row, r.logprob.top_logprobs_num))
         if pos0 + n >= n_in:
             r.input_logprobs_done = True
 
@@ -230,10 +249,10 @@ class OutputProcessor:
         self.counters.total_generated -= len(r.output_ids) - out_pos
         del r.output_ids[out_pos:]
         r.forced = [f for f in r.forced if f[0] < idx]
-        if r.return_logprob:
+        if r.logprob.return_logprob:
             off = max(out_pos - r.sent_len, 0)
             del r.new_output_token_logprobs[off:]
-            if r.top_logprobs_num:
+            if r.logprob.top_logprobs_num:
                 del r.new_output_top_logprobs[off:]
 
     def finish(self, r: Req, reason: dict) -> None:
@@ -272,11 +291,11 @@ class OutputProcessor:
             error=r.error,
         )
         r.sent_len = visible
-        if r.return_logprob:
+        if r.logprob.return_logprob:
             out.input_token_logprobs, r.new_input_token_logprobs = r.new_input_token_logprobs, []
             out.output_token_logprobs = r.new_output_token_logprobs[:k]
             del r.new_output_token_logprobs[:k]
-            if r.top_logprobs_num:
+            if r.logprob.top_logprobs_num:
                 out.input_top_logprobs, r.new_input_top_logprobs = r.new_input_top_logprobs, []
                 out.output_top_logprobs = r.new_output_top_logprobs[:k]
                 del r.new_output_top_logprobs[:k]

@@ -41,7 +41,6 @@ from radixlm.runtime.protocol import (
 )
 from radixlm.runtime.kv_tiers import create_cache
 from radixlm.runtime.req import Req
-from radixlm.runtime.sampler import Sampler
 from radixlm.runtime.schedule_policy import SchedulePolicy
 from radixlm.runtime.scheduler_stats import SchedulerCounters
 from radixlm.runtime.server_args import ServerArgs
@@ -76,8 +75,7 @@ class Scheduler:
         self.counters = SchedulerCounters()
         self.grammars = GrammarManager(args, self.tokenizer, self.runner.vocab_size, self.eos_ids)
         self.batches = BatchBuilder(args, self.kv, self.cache, self.policy, self.waiting, self.running, self.counters)
-        sampler = Sampler(self.runner.vocab_size, self.eos_ids, args.random_seed)
-        self.outputs = OutputProcessor(self.tokenizer, self.eos_ids, sampler, self.kv, self.grammars,
+        self.outputs = OutputProcessor(self.tokenizer, self.eos_ids, self.runner.sampler, self.kv, self.grammars,
                                        self.running, self.counters, args.enable_jump_forward)
 
     # ------------------------------------------------------------------ messages
@@ -136,9 +134,7 @@ class Scheduler:
             rid=tr.rid,
             input_ids=list(tr.input_ids),
             sampling_params=sp,
-            return_logprob=tr.return_logprob,
-            logprob_start_len=tr.logprob_start_len if tr.return_logprob else -1,
-            top_logprobs_num=tr.top_logprobs_num if tr.return_logprob else 0,
+            logprob=tr.logprob.for_scheduler(),
             cache_namespace=tr.cache_namespace,
             arrival=self.step_count,
         )
@@ -171,7 +167,8 @@ class Scheduler:
         return True, "cache flushed"
 
     def close(self) -> None:
-        """Finish background work that must not be lost (queued disk-tier writes)."""
+        """Finish background work that must not be lost (queued disk-tier writes); stop grammar workers."""
+        self.grammars.close()
         self.kv.close()
 
     def has_work(self) -> bool:
@@ -211,13 +208,14 @@ class Scheduler:
             self.runner.device,
         )
         fb.logits_indices = torch.tensor(plan.rows, dtype=torch.int64, device=self.runner.device)
-        logits = self.runner.forward(fb).cpu()  # [N, V]; N may be 0 for a middle chunk
+        # The logits stay on the model's device (sampled there); only host_rows are copied. N may be 0.
+        out = self.runner.forward(fb, plan.host_rows)
         self.counters.num_forward += 1
         self.counters.total_computed_tokens += len(input_ids)
         for r, n in batch:
             self.counters.total_computed_prompt_tokens += max(0, min(r.kv_len + n, len(r.input_ids)) - r.kv_len)
             r.kv_len += n
-        self.outputs.process(plan, logits)
+        self.outputs.process(plan, out)
         if mode is ForwardMode.EXTEND:
             for r, _ in batch:  # share computed prompts (and chunks) through the tree at once
                 if not r.finished:

@@ -80,6 +80,18 @@ CONFIGS = [
 @pytest.mark.parametrize("hq,hkv", [(4, 4), (8, 2)])
 def test_every_grouping_matches_the_reference(config, hq, hkv):
     """A mixed step: decodes of unequal contexts, fresh prompts, 1-token (BOS) hits, longer prefixes."""
+    _check_mixed_step(config, hq, hkv)
+
+
+@pytest.mark.slow  # torch.compile of the decode kernel takes tens of seconds on a cold cache
+@pytest.mark.parametrize("hq,hkv", [(4, 4), (8, 2)])
+def test_compiled_decode_matches_the_reference(hq, hkv):
+    """The decode groups through the kernel torch.compile generates (reads the pool in place)."""
+    _check_mixed_step(TorchAttnConfig(compile_decode=True), hq, hkv)
+    _check_mixed_step(TorchAttnConfig(compile_decode=True, bucket_ratio=0.0), hq, hkv)
+
+
+def _check_mixed_step(config: TorchAttnConfig, hq: int, hkv: int) -> None:
     kv, table = _setup(hq, hkv)
     prefix_lens = [0, 1, 1, 40, 17, 9, 0, 120, 33]
     extend = [12, 30, 5, 1, 1, 6, 1, 1, 9]

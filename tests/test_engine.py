@@ -64,6 +64,27 @@ def test_greedy_matches_transformers(arch_engine):
         assert out["meta_info"]["prompt_tokens"] == ids.shape[1]
 
 
+@pytest.mark.slow  # compiles the decode kernel (tens of seconds on a cold inductor cache)
+def test_compiled_decode_matches_transformers(make_model):
+    """--enable-torch-compile: greedy tokens identical to transformers, logprobs within 1e-4 (float32)."""
+    path = make_model("llama")
+    model, tok = _hf(path)
+    with Engine(model_path=path, dtype="float32", device="cpu", max_total_tokens=4096,
+                enable_torch_compile=True) as eng:
+        assert eng.scheduler.runner.attn_backend.config.compile_decode
+        outs = eng.generate(PROMPTS, {"temperature": 0, "max_new_tokens": 12}, return_logprob=True)
+        for prompt, out in zip(PROMPTS, outs):
+            ids = tok(prompt, return_tensors="pt").input_ids
+            with torch.no_grad():
+                ref = model.generate(ids, do_sample=False, max_new_tokens=12, attention_mask=torch.ones_like(ids),
+                                     output_scores=True, return_dict_in_generate=True)
+            assert out["output_ids"] == ref.sequences[0, ids.shape[1]:].tolist(), prompt
+            got = [lp for lp, _, _ in out["meta_info"]["output_token_logprobs"]]
+            want = [torch.log_softmax(sc[0].float(), -1)[t].item() for sc, t in zip(ref.scores, out["output_ids"])]
+            assert max(abs(a - b) for a, b in zip(got, want)) < 1e-4, prompt
+        eng.check_memory()
+
+
 def test_logprobs_match_transformers(arch_engine):
     _, path, eng = arch_engine
     model, tok = _hf(path)

@@ -84,10 +84,10 @@ def test_fault_in_sampling_fails_one_request(engine, solo, monkeypatch):
     sampler = engine.scheduler.outputs.sampler
     real = type(sampler).__call__
 
-    def faulty(self, logits, reqs, masks=None):
-        if any(fault.hit(r) for r in reqs):
+    def faulty(self, logits, sb):
+        if any(fault.hit(r) for r in sb.reqs):
             raise RuntimeError("injected sampler fault")
-        return real(self, logits, reqs, masks)
+        return real(self, logits, sb)
 
     monkeypatch.setattr(type(sampler), "__call__", faulty)
     _check(engine, solo, _run_together(engine, 1), fault, 1, "sampling")

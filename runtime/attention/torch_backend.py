@@ -43,6 +43,9 @@ class TorchAttnConfig:
     cascade_min_shared: int = 32  # shared KV slots below which the plain padded path is as cheap
     causal_max_prefix: int = 16  # cached tokens up to which an extend takes the causal path
     bucket_ratio: float = 0.75  # in a bucket, shortest context >= this x longest (1.0: equal lengths only)
+    # Decode groups read the pool in place through a kernel torch.compile generates (compiled_decode.py)
+    # instead of gathering each request's padded context per layer.
+    compile_decode: bool = False
 
 
 @dataclass
@@ -55,6 +58,7 @@ class _Group:
     q_flat: torch.Tensor  # [Tg] row of each token in the padded [Bg * Qmax] query layout
     batch: int
     qmax: int
+    valid: torch.Tensor | None = None  # [Bg, Lmax] bool, key j < seq_len (decode groups, compiled path)
 
 
 @dataclass
@@ -69,6 +73,11 @@ class TorchAttnBackend(AttentionBackend):
         self.config = config
         # Gather targets reused across layers and steps: [n, Hkv, D] each, grown on demand.
         self._k_ws = self._v_ws = None
+        self._decode_kernel = None
+        if config.compile_decode:
+            from radixlm.runtime.attention.compiled_decode import compiled_decode_attention
+
+            self._decode_kernel = compiled_decode_attention()
 
     def init_forward_metadata(self, fb: ForwardBatch) -> None:
         device = fb.input_ids.device
@@ -122,6 +131,9 @@ class TorchAttnBackend(AttentionBackend):
             return _Group(tokens, kv_idx, None, True, None, q_b * lmax + prefix_lens[q_b] + q_i, B, lmax)
         qmax = max(ext)
         q_flat = q_b * qmax + q_i
+        if self._decode_kernel is not None and shared is None and qmax == 1 and B >= 2 and lmax >= 2:
+            # Sizes of 1 would specialise the compiled graph: such groups stay on the eager path.
+            return _Group(tokens, kv_idx, None, False, None, q_flat, B, qmax, valid=j[None, :] < seq_lens[:, None])
         if shared is None and qmax == 1 and all(x == lmax for x in seq):
             return _Group(tokens, kv_idx, None, False, None, q_flat, B, qmax)
         i = torch.arange(qmax, device=device)  # [Qmax]
@@ -166,6 +178,9 @@ class TorchAttnBackend(AttentionBackend):
     def _attend(self, q: torch.Tensor, g: _Group, layer_id: int, sm_scale: float) -> torch.Tensor:
         """q [Tg, Hq, D] of one group → o [Tg, Hq, D]."""
         Hq, D = q.shape[1], q.shape[2]
+        if g.valid is not None:  # compiled decode: keys and values read from the pool in place
+            k_buf, v_buf = self.kv_pool.k_buffers[layer_id], self.kv_pool.v_buffers[layer_id]
+            return self._decode_kernel(q.contiguous(), k_buf, v_buf, g.kv_idx, g.valid, sm_scale)
         if g.shared is not None:
             o = self._cascade(self._pad(q, g), g, layer_id, sm_scale)  # [B, Qmax, Hq, D]
             return o[:, 0] if g.qmax == 1 else o.reshape(-1, Hq, D).index_select(0, g.q_flat)

@@ -22,7 +22,8 @@ from torch import nn
 
 from radixlm.runtime.attention.base import AttentionBackend
 from radixlm.runtime.forward_batch import ForwardBatch
-from radixlm.runtime.models.rope import RotaryEmbedding, apply_rope
+from radixlm.runtime.models.decoder_ops import EAGER, DecoderOps
+from radixlm.runtime.models.rope import RotaryEmbedding
 
 logger = logging.getLogger(__name__)
 
@@ -32,10 +33,10 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
+        self.ops: DecoderOps = EAGER
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # float32 statistics, cast back before the gain: the same rounding as transformers' LlamaRMSNorm.
-        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
+        return self.ops.rms_norm(x, self.weight, self.eps)
 
 
 class Attention(nn.Module):
@@ -50,12 +51,13 @@ class Attention(nn.Module):
         self.sm_scale = self.head_dim**-0.5
         self.qkv_proj = nn.Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=qkv_bias)
         self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=o_bias)
+        self.ops: DecoderOps = EAGER
 
     def forward(self, x, cos, sin, fb: ForwardBatch, attn: AttentionBackend) -> torch.Tensor:
         T = x.shape[0]
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = apply_rope(q.view(T, self.num_heads, self.head_dim), cos, sin)  # [T, Hq, D]
-        k = apply_rope(k.view(T, self.num_kv_heads, self.head_dim), cos, sin)  # [T, Hkv, D]
+        q = self.ops.rope(q.view(T, self.num_heads, self.head_dim), cos, sin)  # [T, Hq, D]
+        k = self.ops.rope(k.view(T, self.num_kv_heads, self.head_dim), cos, sin)  # [T, Hkv, D]
         v = v.view(T, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]
         o = attn.forward(q, k, v, self.layer_id, fb, self.sm_scale)  # [T, Hq, D]
         return self.o_proj(o.reshape(T, self.q_size))
@@ -69,10 +71,10 @@ class MLP(nn.Module):
         self.intermediate_size = config.intermediate_size
         self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=bias)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=bias)
+        self.ops: DecoderOps = EAGER
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)  # [T, I] each
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(self.ops.silu_mul(self.gate_up_proj(x)))  # [T, 2I] -> [T, I] -> [T, hidden]
 
 
 class DecoderLayer(nn.Module):

@@ -1,0 +1,63 @@
+"""The decoder's elementwise pieces (RMSNorm, rotary embedding, SiLU-and-multiply), eager or fused.
+
+Eager, each is several passes over a [tokens, hidden] tensor (a cast, the statistics, the scale, the
+gain; the rotate-half cat; the SiLU, the product). With ``--enable-torch-compile`` the model uses the
+same functions compiled by inductor (dynamic shapes), which fuses each into one loop. The arithmetic is
+the same float32 math, so outputs stay within rounding of the eager path (tests compare tokens and
+logprobs with transformers).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from radixlm.runtime.models.rope import apply_rope
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """float32 statistics, cast back before the gain: the same rounding as transformers' LlamaRMSNorm."""
+    return weight * F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype)
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """[T, 2I] (gate ++ up) → silu(gate) * up [T, I]."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+@dataclass(frozen=True)
+class DecoderOps:
+    rms_norm: Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]
+    silu_mul: Callable[[torch.Tensor], torch.Tensor]
+    rope: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+EAGER = DecoderOps(rms_norm, silu_mul, apply_rope)
+
+
+def compiled_ops() -> DecoderOps:
+    """The same three functions through torch.compile (each compiled on its first call)."""
+    c = lambda f: torch.compile(f, dynamic=True, fullgraph=True)  # noqa: E731
+    return DecoderOps(c(rms_norm), c(silu_mul), c(apply_rope))
+
+
+def install(model: torch.nn.Module, ops: DecoderOps) -> None:
+    """Make every module of ``model`` that has elementwise ops use ``ops``."""
+    for m in model.modules():
+        if isinstance(getattr(m, "ops", None), DecoderOps):
+            m.ops = ops
+
+
+def warm_up(ops: DecoderOps, config, num_heads: int, dtype: torch.dtype, device) -> None:
+    """Call each op once on small tensors of the model's widths, so compiling happens now."""
+    T, H, I = 3, config.hidden_size, config.intermediate_size
+    D = getattr(config, "head_dim", None) or H // config.num_attention_heads
+    ops.rms_norm(torch.ones((T, H), dtype=dtype, device=device), torch.ones(H, dtype=dtype, device=device),
+                 config.rms_norm_eps)
+    ops.silu_mul(torch.ones((T, 2 * I), dtype=dtype, device=device))
+    half = torch.ones((T, 1, D // 2), dtype=dtype, device=device)
+    ops.rope(torch.ones((T, num_heads, D), dtype=dtype, device=device), half, half)
