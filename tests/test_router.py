@@ -346,3 +346,13 @@ def test_dp_size_2_serves_and_equals_dp_1(workers, tiny_llama):
         ep.shutdown()
         for w in info["workers"]:
             check_kv_invariant(w["url"])
+
+
+def test_router_api_key(workers):
+    with router([w.url for w in workers], "round_robin", "--api-key", "router-key") as url:
+        assert requests.get(url + "/health", timeout=30).status_code == 200  # open, as on a server
+        r = requests.post(url + "/generate", json={"text": "hi", "sampling_params": GREEDY}, timeout=30)
+        assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
+        ok = requests.post(url + "/generate", json={"text": "hi", "sampling_params": GREEDY}, timeout=60,
+                           headers={"Authorization": "Bearer router-key"})
+        assert ok.status_code == 200 and ok.json()["meta_info"]["completion_tokens"] == 8
