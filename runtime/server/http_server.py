@@ -30,7 +30,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 import radixlm
 from radixlm.runtime.generate_request import GenerateReqInput
-from radixlm.runtime.server import openai_api, openai_tools
+from radixlm.runtime.server import openai_api, openai_tools, openapi_doc
 from radixlm.runtime.server.http_guard import GuardMiddleware, error_response, json_body, validation_error_response
 from radixlm.runtime.server.http_streaming import (
     SSE_HEADERS,
@@ -58,6 +58,13 @@ from radixlm.runtime.server_args import ServerArgs
 from radixlm.runtime.validation import RequestLimits, check_counts
 
 _ERRORS_503 = {503: {"description": "unhealthy (the message says why)"}}
+
+
+class AbortRequestBody(pydantic.BaseModel):
+    """POST /abort_request: the rid of a running request (or the user rid of a batch / n > 1 request)."""
+
+    model_config = pydantic.ConfigDict(extra="forbid")
+    rid: pydantic.StrictStr = pydantic.Field(min_length=1)
 
 
 def _precheck_counts(prompt: Any, n: int | None, limits: RequestLimits) -> None:
@@ -203,11 +210,8 @@ def create_app(ctx: ServerContext) -> FastAPI:
 
     @app.post("/abort_request")
     async def abort_request(request: Request) -> dict:
-        body = await json_body(request)
-        rid = body.get("rid")
-        if not isinstance(rid, str) or not rid:
-            raise RequestError("rid: a non-empty string is required", param="rid")
-        return {"success": tm.abort(rid)}
+        req = AbortRequestBody.model_validate(await json_body(request))
+        return {"success": tm.abort(req.rid)}
 
     @app.get("/metrics")
     async def metrics() -> Response:
@@ -314,4 +318,12 @@ def create_app(ctx: ServerContext) -> FastAPI:
         return StreamingResponse(sse_guard(stream(chain(first, handle)), handle),
                                  media_type="text/event-stream", headers=SSE_HEADERS)
 
+    openapi_doc.install(app, {
+        "/generate": GenerateReqInput,
+        "/abort_request": AbortRequestBody,
+        "/tokenize": [TokenizeRequest, TokenizeChatRequest],
+        "/detokenize": DetokenizeRequest,
+        "/v1/completions": CompletionRequest,
+        "/v1/chat/completions": ChatCompletionRequest,
+    })
     return app
