@@ -39,9 +39,13 @@ def Runtime(*args: Any, **kwargs: Any):
 
 
 def set_default_backend(backend: Any) -> None:
+    """Programs without ``backend=`` run on this. ``global_config.default_backend`` is the object given
+    (a ``Runtime`` keeps its ``.endpoint``, as in SGLang); it is checked here, resolved when used."""
     from radixlm.backend import as_backend
 
-    global_config.default_backend = as_backend(backend) if backend is not None else None
+    if backend is not None:
+        as_backend(backend)  # a ValueError now, not at the first program
+    global_config.default_backend = backend
 
 
 def _backend(backend: Any) -> Any:

@@ -231,6 +231,7 @@ class Router:
                            rids: list[str]) -> AsyncIterator[bytes]:
         it = resp.aiter_raw()
         failed = False
+        at_boundary = True  # the bytes so far end between two SSE events
         try:
             while True:
                 try:
@@ -240,8 +241,12 @@ class Router:
                 except (_TRANSPORT_ERRORS + (WorkerDied,)) as e:
                     failed = True  # the health checks decide whether the worker itself is gone
                     self.metrics.errors.labels(w.url).inc()
-                    yield _sse_error(f"worker {w.url} failed during the stream: {type(e).__name__}: {e}")
+                    # a torn event is ended first, so the error is an event of its own
+                    yield (b"" if at_boundary else b"\n\n") + _sse_error(
+                        f"worker {w.url} failed during the stream: {type(e).__name__}: {e}")
                     return
+                if chunk:
+                    at_boundary = chunk.endswith(b"\n\n")
                 yield chunk
         finally:
             await resp.aclose()

@@ -150,11 +150,8 @@ def cache_namespace(cache_salt: str | None, extra_key: str | None) -> str:
 
 def _validate_grammar(sp: SamplingParams) -> None:
     """Reject a bad regex / schema here, in the caller's thread, not on the scheduler's loop."""
-    if sp.regex is None and sp.json_schema is None:
-        return
-    from radixlm.runtime.constrained import validate_grammar
+    from radixlm.runtime.constrained import grammar_key, validate_grammar
 
-    if sp.regex is not None:
-        validate_grammar("regex", sp.regex)
-    else:
-        validate_grammar("json", sp.json_schema)
+    key = grammar_key(sp)
+    if key is not None:
+        validate_grammar(*key)

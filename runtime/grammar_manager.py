@@ -53,10 +53,6 @@ class GrammarSlot:
 _NO_CHECK = -1
 
 
-def _grammar_key(sp: SamplingParams) -> tuple[str, str]:
-    return ("regex", sp.regex) if sp.regex is not None else ("json", sp.json_schema)
-
-
 class GrammarManager:
     """Grammar handling for one scheduler (one tokenizer, one vocabulary)."""
 
@@ -79,6 +75,7 @@ class GrammarManager:
                 eos_token_ids=sorted(self.eos_ids),
                 json_whitespace_pattern=self.args.constrained_json_whitespace_pattern,
                 compile_limits=CompileLimits(self.args.grammar_compile_timeout, self.args.grammar_max_memory_mb),
+                engine=self.args.grammar_backend,
             )
         return self._backend
 
@@ -89,9 +86,10 @@ class GrammarManager:
 
     def submit(self, sp: SamplingParams) -> GrammarSlot | None:
         """Start the compile for a constrained request (None when it is free); never blocks."""
-        if sp.regex is None and sp.json_schema is None:
-            return None
-        return GrammarSlot(self.backend().submit(*_grammar_key(sp)))
+        from radixlm.runtime.constrained import grammar_key
+
+        key = grammar_key(sp)
+        return None if key is None else GrammarSlot(self.backend().submit(*key))
 
     def poll(self, waiting: list["Req"]) -> list["Req"]:
         """Turn finished compiles into matchers. Requests whose grammar did not compile leave ``waiting``

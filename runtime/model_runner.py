@@ -95,9 +95,9 @@ class ModelRunner:
             q_heads = cfg.num_attention_heads // (self.tp.world_size if self.tp else 1)
             ops = decoder_ops.compiled_ops()
             decoder_ops.install(self.model, ops)
-            decoder_ops.warm_up(ops, cfg, q_heads, self.dtype, self.device)
-            decoder_ops.warm_up(ops, cfg, self.num_kv_heads, self.dtype, self.device)  # rope on k
-            warm_up(q_heads, self.num_kv_heads, self.head_dim, self.dtype, self.device)
+            with torch.inference_mode():  # as forward runs: dynamo guards on the grad mode
+                decoder_ops.warm_up(ops, self.model, cfg, q_heads, self.num_kv_heads, self.dtype, self.device)
+                warm_up(q_heads, self.num_kv_heads, self.head_dim, self.dtype, self.device)
             logger.info("torch.compile: elementwise ops and decode attention ready in %.1f s", time.perf_counter() - t0)
         self.sampler = DeviceSampler(self.vocab_size, self.device, args.random_seed)
         self.forward_time = 0.0  # seconds spent in forward passes (for overhead accounting)

@@ -19,6 +19,7 @@ SCHEDULE_POLICIES = ("lpm", "dfs-weight", "fcfs", "lof", "random")
 HICACHE_WRITE_POLICIES = ("write_through", "write_through_selective", "write_back")
 HICACHE_COMPRESSION = ("auto", "none", "int8", "fp8")
 HICACHE_STORAGE_BACKENDS = (None, "file")
+GRAMMAR_BACKENDS = ("auto", "outlines", "xgrammar")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 DP_POLICIES = ("cache_aware", "round_robin", "power_of_two", "random")  # = radixlm.router.policy.POLICIES
 # Kept in step with runtime/parsers (a test checks): listed here so ServerArgs imports nothing heavy.
@@ -99,6 +100,9 @@ class ServerArgs:
         10.0, "seconds one grammar build may take in its worker process; longer: the request fails (400)"
     )
     grammar_max_memory_mb: int = arg(2048, "address-space limit of the grammar compile worker process, in MB")
+    grammar_backend: str = arg(
+        "auto", "grammar engine: outlines (regex, JSON schema), xgrammar (also ebnf, structural_tag), "
+        "or auto (outlines where it can, xgrammar for the rest)", GRAMMAR_BACKENDS)
     constrained_json_whitespace_pattern: Optional[str] = arg(
         None, "regex for whitespace between JSON tokens; default: outlines' (an optional space); '' = compact"
     )
@@ -131,6 +135,10 @@ class ServerArgs:
         "none", "split <think> reasoning into reasoning_content (DeepSeek-R1, Qwen3); none: off", REASONING_PARSERS
     )
     log_level: str = arg("info", "logging level of the server processes", LOG_LEVELS)
+    incremental_streaming_output: bool = arg(
+        False, "native /generate streams send each chunk's new text, ids and logprobs (SGLang's flag) "
+        "instead of everything so far")
+    stream_interval: int = arg(1, "streaming: send a chunk every this many tokens (a request may set its own)")
     log_interval_s: float = arg(10.0, "seconds between the scheduler's throughput log lines")
     max_request_body_bytes: int = arg(32 * 1024 * 1024, "largest HTTP body or ZeroMQ message (413 above it)")
     # Liveness (docs/reliability.md)
@@ -210,6 +218,8 @@ class ServerArgs:
             raise ValueError("dp_size > 1 with nnodes > 1 is not supported: run a router over one server per node")
         if self.dist_init_addr is not None:
             split_addr(self.dist_init_addr)
+        if self.stream_interval < 1:
+            raise ValueError("stream_interval must be >= 1")
         if self.base_gpu_id < 0:
             raise ValueError("base_gpu_id must be >= 0")
 

@@ -8,9 +8,9 @@ import re
 
 import pytest
 
-from radixlm.runtime.server.openai_api import constrained_sampling_fields, vllm_guided_fields
+from radixlm.runtime.server.openai_fields import constrained_sampling_fields, vllm_guided_fields
 from radixlm.runtime.server.openai_protocol import ResponseFormat
-from radixlm.runtime.server.tokenizer_manager import RequestError
+from radixlm.runtime.server.request_errors import RequestError
 
 
 def test_vllm_guided_fields_map_to_sampling_fields():

@@ -113,13 +113,14 @@ def test_every_policy_serves_native_openai_streaming_and_abort(workers, policy):
         batch = generate(url, {"text": ["Hello router", "Hello router, again"], "sampling_params": GREEDY})
         assert [b["text"] for b in batch][0] == direct["text"]
         # OpenAI completions and chat (plain and streaming)
-        c = requests.post(url + "/v1/completions", json={"model": "m", "prompt": "Hello router", "max_tokens": 8,
+        m = requests.get(url + "/v1/models", timeout=30).json()["data"][0]["id"]
+        c = requests.post(url + "/v1/completions", json={"model": m, "prompt": "Hello router", "max_tokens": 8,
                                                         "temperature": 0}, timeout=60).json()
         assert c["choices"][0]["text"] == direct["text"]
         msgs = [{"role": "user", "content": "Hi"}]
-        chat = requests.post(url + "/v1/chat/completions", json={"model": "m", "messages": msgs, "max_tokens": 6,
+        chat = requests.post(url + "/v1/chat/completions", json={"model": m, "messages": msgs, "max_tokens": 6,
                                                                 "temperature": 0}, timeout=60).json()
-        r = requests.post(url + "/v1/chat/completions", json={"model": "m", "messages": msgs, "max_tokens": 6,
+        r = requests.post(url + "/v1/chat/completions", json={"model": m, "messages": msgs, "max_tokens": 6,
                                                              "temperature": 0, "stream": True}, timeout=60)
         streamed = "".join(e["choices"][0]["delta"].get("content") or "" for e in sse(r) if e.get("choices"))
         assert streamed == chat["choices"][0]["message"]["content"]
@@ -335,12 +336,21 @@ def test_dp_size_2_serves_and_equals_dp_1(workers, tiny_llama):
         assert got == expected
         served = [w["requests_total"] for w in rt.get("/list_workers")["workers"]]
         assert min(served) >= 1, served  # distinct prompts: cache misses spread over both replicas
-        c = requests.post(rt.url + "/v1/completions", json={"model": "m", "prompt": prompts[0], "max_tokens": 8,
+        m = requests.get(rt.url + "/v1/models", timeout=30).json()["data"][0]["id"]
+        c = requests.post(rt.url + "/v1/completions", json={"model": m, "prompt": prompts[0], "max_tokens": 8,
                                                            "temperature": 0}, timeout=60).json()
         assert c["choices"][0]["text"] == expected[0]
-        ep = sgl.RuntimeEndpoint(rt.url)
-        state = fleet_program.run(question="What is up?", backend=ep, temperature=0.0)
-        assert state.error() is None
-        ep.shutdown()
+        state = fleet_program.run(question="What is up?", backend=rt, temperature=0.0)  # HTTP: no ZeroMQ door
+        assert state.error() is None and state["answer"] is not None
         for w in info["workers"]:
             check_kv_invariant(w["url"])
+
+
+def test_router_api_key(workers):
+    with router([w.url for w in workers], "round_robin", "--api-key", "router-key") as url:
+        assert requests.get(url + "/health", timeout=30).status_code == 200  # open, as on a server
+        r = requests.post(url + "/generate", json={"text": "hi", "sampling_params": GREEDY}, timeout=30)
+        assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
+        ok = requests.post(url + "/generate", json={"text": "hi", "sampling_params": GREEDY}, timeout=60,
+                           headers={"Authorization": "Bearer router-key"})
+        assert ok.status_code == 200 and ok.json()["meta_info"]["completion_tokens"] == 8

@@ -17,12 +17,24 @@ from typing import Any, Sequence
 from radixlm.runtime.constrained.grammar import CompiledGrammar
 from radixlm.runtime.constrained.json_schema import schema_to_regex
 from radixlm.runtime.constrained.compile_worker import CompileLimits, CompileWorker, GrammarLimitError, to_binary
-from radixlm.runtime.constrained.patterns import ascii_shorthands
+from radixlm.runtime.constrained.patterns import ascii_shorthands, strip_end_anchors
 from radixlm.runtime.constrained.regex_check import check_regex_cheap
 from radixlm.runtime.constrained.vocab import END_MARK, TokenizerVocab, build_vocab
 
-KINDS = ("regex", "json")
-_FIELD = {"regex": "regex", "json": "json_schema"}  # SamplingParams field names, for error messages
+KINDS = ("regex", "json", "ebnf", "structural_tag")
+# SamplingParams field names, for error messages
+_FIELD = {"regex": "regex", "json": "json_schema", "ebnf": "ebnf", "structural_tag": "structural_tag"}
+CFG_KINDS = ("ebnf", "structural_tag")  # need a context-free engine (xgrammar), not outlines-core
+ENGINES = ("auto", "outlines", "xgrammar")  # --grammar-backend; auto: outlines-core, xgrammar for CFGs
+
+
+def grammar_key(sp: Any) -> tuple[str, str] | None:
+    """(kind, pattern) of a request's grammar (SamplingParams allows at most one), or None."""
+    for kind, field in _FIELD.items():
+        value = getattr(sp, field, None)
+        if value is not None:
+            return kind, value
+    return None
 
 
 def _regex_error(field: str, pattern: str, err: BaseException) -> ValueError:
@@ -50,8 +62,12 @@ def validate_grammar(kind: str, pattern: str, json_whitespace_pattern: str | Non
     support, a size bound. ValueError naming the field if bad. Builds no automaton (microseconds for a
     regex; a schema costs its translation to a regex)."""
     GrammarBackend._check_args(kind, pattern)
-    if kind == "regex":
-        check_regex(ascii_shorthands(pattern))
+    if kind in CFG_KINDS:
+        from radixlm.runtime.constrained.cfg import validate_cfg
+
+        validate_cfg(kind, pattern)
+    elif kind == "regex":
+        check_regex(strip_end_anchors(ascii_shorthands(pattern)))
     else:
         regex, sub_patterns = schema_to_regex(pattern, json_whitespace_pattern)
         for p in sub_patterns:
@@ -70,10 +86,16 @@ class GrammarBackend:
 
     def __init__(self, tokenizer: Any, vocab_size: int, cache_size: int = 64, *,
                  eos_token_ids: Sequence[int] | None = None, json_whitespace_pattern: str | None = None,
-                 max_workers: int = 1, compile_limits: CompileLimits | None = None) -> None:
+                 max_workers: int = 1, compile_limits: CompileLimits | None = None, engine: str = "auto") -> None:
         if cache_size < 1:
             raise ValueError(f"cache_size must be >= 1, got {cache_size}")
+        if engine not in ENGINES:
+            raise ValueError(f"grammar_backend must be one of {list(ENGINES)}, got {engine!r}")
+        self.engine = engine
         self.vocab: TokenizerVocab = build_vocab(tokenizer, vocab_size, eos_token_ids)
+        self._tokenizer = tokenizer
+        self._vocab_size = vocab_size
+        self._xgrammar: Any = None  # XGrammarCompiler, made on first use
         self.cache_size = cache_size
         self.json_whitespace_pattern = json_whitespace_pattern
         self._cache: OrderedDict[tuple[str, str], Future[CompiledGrammar]] = OrderedDict()
@@ -146,10 +168,31 @@ class GrammarBackend:
         if not isinstance(pattern, str) or not pattern:
             raise ValueError(f"{_FIELD[kind]} must be a non-empty string, got {pattern!r}")
 
-    def _compile(self, kind: str, pattern: str) -> CompiledGrammar:
-        field = _FIELD[kind]
+    def _uses_xgrammar(self, kind: str) -> bool:
+        if kind in CFG_KINDS:
+            if self.engine == "outlines":
+                raise ValueError(f"{_FIELD[kind]}: this server runs --grammar-backend outlines, which has no "
+                                 "context-free grammars; start it with --grammar-backend xgrammar or auto")
+            return True
+        return self.engine == "xgrammar"
+
+    def _compile_xgrammar(self, kind: str, pattern: str) -> Any:
+        """In this process: xgrammar compiles CFGs in time linear in the grammar (no DFA blow-up)."""
+        with self._lock:
+            if self._xgrammar is None:
+                from radixlm.runtime.constrained.cfg import XGrammarCompiler
+
+                self._xgrammar = XGrammarCompiler(self._tokenizer, self._vocab_size, self.vocab.eos_token_ids)
         if kind == "regex":
-            regex = ascii_shorthands(pattern)
+            pattern = strip_end_anchors(ascii_shorthands(pattern))
+        return self._xgrammar.compile(kind, pattern)
+
+    def _compile(self, kind: str, pattern: str) -> Any:
+        field = _FIELD[kind]
+        if self._uses_xgrammar(kind):
+            return self._compile_xgrammar(kind, pattern)
+        if kind == "regex":
+            regex = strip_end_anchors(ascii_shorthands(pattern))
         else:
             regex, sub_patterns = schema_to_regex(pattern, self.json_whitespace_pattern)
             for p in sub_patterns:

@@ -206,6 +206,10 @@ class FrontDoorClient:
     def get_server_info(self) -> dict:
         return self.command("get_server_info")
 
+    def get_model_name(self) -> str:
+        """The served model's path, as SGLang's ``Runtime.endpoint.get_model_name()`` gives it."""
+        return self.get_model_info()["model_path"]
+
     def flush_cache(self) -> dict:
         return self.command("flush_cache")
 

@@ -51,6 +51,8 @@ from radixlm.runtime.server.openai_protocol import (
 )
 from radixlm.runtime.server.openai_tools import ChatConfig
 from radixlm.runtime.server.native_api import parse_generate_body
+from radixlm.runtime.server.native_stream import native_streamers
+from radixlm.runtime.server.sglang_routes import register_sglang_routes, sglang_model_info_keys, sglang_server_info_keys
 from radixlm.runtime.server.request_errors import RequestError
 from radixlm.runtime.server.tokenizer_manager import TokenizerManager
 from radixlm.runtime.prompt_format import prompt_format_info
@@ -60,13 +62,6 @@ from radixlm.runtime.validation import RequestLimits, check_counts
 _ERRORS_503 = {503: {"description": "unhealthy (the message says why)"}}
 
 
-class AbortRequestBody(pydantic.BaseModel):
-    """POST /abort_request: the rid of a running request (or the user rid of a batch / n > 1 request)."""
-
-    model_config = pydantic.ConfigDict(extra="forbid")
-    rid: pydantic.StrictStr = pydantic.Field(min_length=1)
-
-
 def _precheck_counts(prompt: Any, n: int | None, limits: RequestLimits) -> None:
     """Prompt count and n of an OpenAI request, before its prompts are tokenized (400 naming the field)."""
     num = len(prompt) if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int) else 1
@@ -74,6 +69,7 @@ def _precheck_counts(prompt: Any, n: int | None, limits: RequestLimits) -> None:
         check_counts(num, [n or 1] * num, limits, "prompt")
     except ValueError as e:
         raise RequestError(str(e)) from None
+
 
 logger = logging.getLogger("radixlm.http")
 
@@ -105,9 +101,10 @@ class ServerContext:
         if self._prompt_format is None:  # derived once: it renders the chat template a few times
             eos = list(self.tm.model_info.get("eos_token_ids", []))
             self._prompt_format = prompt_format_info(self.tm.tokenizer, self.chat_template, eos)
-        return {"model_path": a.model_path, "tokenizer_path": a.tokenizer_path or a.model_path,
-                "is_generation": True, "served_model_name": self.model_name, **self.tm.model_info,
-                **self._prompt_format}
+        return sglang_model_info_keys({
+            "model_path": a.model_path, "tokenizer_path": a.tokenizer_path or a.model_path,
+            "is_generation": True, "served_model_name": self.model_name, **self.tm.model_info,
+            **self._prompt_format})
 
     async def server_info(self) -> dict:
         """Server args (minus the key), addresses, pids, model info and the scheduler's live stats."""
@@ -126,7 +123,7 @@ class ServerContext:
             ipc_dir=tm.ipc.dir,
         )
         info["scheduler_stats"] = await tm.get_stats()
-        return info
+        return sglang_server_info_keys(info)
 
 
 # --------------------------------------------------------------------------- errors
@@ -208,11 +205,6 @@ def create_app(ctx: ServerContext) -> FastAPI:
         out = await tm.flush_cache()
         return JSONResponse({"success": out.success, "message": out.message}, status_code=200 if out.success else 400)
 
-    @app.post("/abort_request")
-    async def abort_request(request: Request) -> dict:
-        req = AbortRequestBody.model_validate(await json_body(request))
-        return {"success": tm.abort(req.rid)}
-
     @app.get("/metrics")
     async def metrics() -> Response:
         try:
@@ -240,7 +232,7 @@ def create_app(ctx: ServerContext) -> FastAPI:
         if gone:
             return Response(status_code=499)
         return StreamingResponse(
-            sse_guard(native_stream(chain(first, handle), len(handle.reqs), single), handle),
+            sse_guard(native_stream(chain(first, handle), native_streamers(ctx.args, handle.reqs), single), handle),
             media_type="text/event-stream", headers=SSE_HEADERS,
         )
 
@@ -274,13 +266,14 @@ def create_app(ctx: ServerContext) -> FastAPI:
         body = await json_body(request)
         req = (TokenizeChatRequest if isinstance(body, dict) and "messages" in body else TokenizeRequest).model_validate(body)
         openai_api.check_model(req.model, model_names)
-        return openai_api.tokenize(req, tm.tokenizer, ctx.chat, tm.model_info)
+        return await tm.run_cpu(openai_api.tokenize, req, tm.tokenizer, ctx.chat, tm.model_info)
 
     @app.post("/detokenize")
     async def detokenize(request: Request) -> dict:
         req = DetokenizeRequest.model_validate(await json_body(request))
         openai_api.check_model(req.model, model_names)
-        return openai_api.detokenize(req, tm.tokenizer, int(tm.model_info.get("vocab_size") or len(tm.tokenizer)))
+        return await tm.run_cpu(openai_api.detokenize, req, tm.tokenizer,
+                                int(tm.model_info.get("vocab_size") or len(tm.tokenizer)))
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
@@ -318,9 +311,10 @@ def create_app(ctx: ServerContext) -> FastAPI:
         return StreamingResponse(sse_guard(stream(chain(first, handle)), handle),
                                  media_type="text/event-stream", headers=SSE_HEADERS)
 
+    # /abort_request (abort_all), /concate_and_append_request, /encode, /model_info, /v1/(de)tokenize, ...
+    register_sglang_routes(app, ctx, json_body)
     openapi_doc.install(app, {
         "/generate": GenerateReqInput,
-        "/abort_request": AbortRequestBody,
         "/tokenize": [TokenizeRequest, TokenizeChatRequest],
         "/detokenize": DetokenizeRequest,
         "/v1/completions": CompletionRequest,

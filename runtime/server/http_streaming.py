@@ -12,9 +12,8 @@ from typing import Any, AsyncIterator
 
 from fastapi import Request
 
-from radixlm.runtime.server.native_api import StreamAccumulator
 from radixlm.runtime.server.request_errors import RequestError
-from radixlm.runtime.server.tokenizer_manager import GenEvent, RequestHandle
+from radixlm.runtime.server.request_handle import GenEvent, RequestHandle
 
 
 async def _wait_disconnect(request: Request) -> None:
@@ -93,11 +92,13 @@ async def sse_guard(gen: AsyncIterator[str], handle: RequestHandle) -> AsyncIter
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
-async def native_stream(events: AsyncIterator[GenEvent], num: int, single: bool) -> AsyncIterator[str]:
-    """SGLang's /generate stream: cumulative text (and meta_info) per chunk, then [DONE]."""
-    accs = [StreamAccumulator() for _ in range(num)]
+async def native_stream(events: AsyncIterator[GenEvent], streamers: list, single: bool) -> AsyncIterator[str]:
+    """SGLang's /generate stream, one ``NativeStreamer`` per sequence (cumulative or incremental chunks,
+    stream_interval; runtime/server/native_stream.py), then [DONE]."""
     async for ev in events:
-        chunk = accs[ev.index].add(ev.data)
+        chunk = streamers[ev.index].add(ev.data)
+        if chunk is None:
+            continue
         if not single:
             chunk["index"] = ev.index
         yield f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"

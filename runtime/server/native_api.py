@@ -9,12 +9,18 @@ import re
 from typing import Any
 
 from radixlm.runtime.generate_request import GenerateReqInput
+from radixlm.runtime.sglang_compat import split_sglang_extras
 from radixlm.runtime.server.request_errors import RequestError
 
 
 def parse_generate_body(body: Any) -> GenerateReqInput:
     """A ``/generate`` body (JSON from HTTP or a ZeroMQ client) → GenerateReqInput; RequestError (400,
     naming the field) for a wrong shape, type or field name."""
+    if isinstance(body, dict):
+        try:
+            body = split_sglang_extras(body)  # SGLang-only fields: null ones dropped, others a 400
+        except ValueError as e:
+            raise RequestError(str(e), param=str(e).split(":", 1)[0]) from None
     try:
         return GenerateReqInput.from_dict(body)
     except ValueError as e:

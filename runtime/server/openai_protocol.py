@@ -70,6 +70,20 @@ class _SamplingExtras(_Body):
     # KV cache namespace (vLLM's cache_salt, SGLang's extra_key): prefixes are shared only within it
     cache_salt: Optional[StrictStr] = None
     extra_key: Optional[StrictStr] = None
+    # SGLang / vLLM extras that change the output (runtime/server/openai_extras.py maps them)
+    stop_regex: Optional[Union[str, list[str]]] = None
+    ebnf: Optional[str] = None
+    sampling_seed: Optional[int] = None
+    # (vLLM's guided_* / structured_outputs stay extras: openai_fields.vllm_guided_fields reads them)
+    include_stop_str_in_output: bool = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def _refuse_unsupported_extras(cls, data: Any) -> Any:
+        from radixlm.runtime.server.openai_extras import check_refused
+
+        check_refused(data)  # an extra that would change the output is refused, never ignored
+        return data
 
     @field_validator("stop")
     @classmethod

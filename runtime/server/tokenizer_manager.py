@@ -9,6 +9,8 @@ which releases its KV at the scheduler's next step.
 If the scheduler or detokenizer process dies, every waiting caller gets a ``ServerDeadError`` at
 once and the ``on_dead`` callbacks run (the launcher stops the server). The errors themselves are in
 ``request_errors``; the native body parsing and stream chunks both front doors share, in ``native_api``.
+
+What a caller holds (``RequestHandle``, ``GenEvent``) is in ``request_handle``.
 """
 
 from __future__ import annotations
@@ -18,7 +20,6 @@ import logging
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Callable
 
 import msgspec
@@ -44,31 +45,11 @@ from radixlm.runtime.protocol import (
 from radixlm.runtime.server.ipc import IpcNames
 from radixlm.runtime.server.metrics import ServerMetrics
 from radixlm.runtime.server.request_errors import RequestError, ServerDeadError
+from radixlm.runtime.server.request_handle import GenEvent, RequestHandle, Track
 from radixlm.runtime.server_args import ServerArgs
 from radixlm.runtime.validation import RequestLimits, check_admission, check_requests
 
 logger = logging.getLogger("radixlm.tokenizer_manager")
-
-
-@dataclass
-class GenEvent:
-    """One sequence's progress: ``data`` is a delta for streaming requests, the result once finished
-    for non-streaming ones (see detokenizer_process)."""
-
-    index: int  # position in the normalized (batch × n) request list
-    data: dict
-    finished: bool
-
-
-@dataclass
-class _Track:
-    rid: str
-    index: int
-    queue: asyncio.Queue
-    created: float = field(default_factory=time.monotonic)
-    first_token: float | None = None
-    last_token: float | None = None
-    finished: bool = False
 
 
 class TokenizerManager:
@@ -81,7 +62,7 @@ class TokenizerManager:
         self.scheduler_pid: int | None = None
         self.dead_reason: str | None = None
         self.on_dead: list[Callable[[str], None]] = []
-        self._tracks: dict[str, _Track] = {}
+        self._tracks: dict[str, Track] = {}
         self._limits: RequestLimits | None = None
         self.last_heartbeat: float | None = None  # monotonic time of the scheduler's last HeartbeatOut
         self.heartbeat: HeartbeatOut | None = None
@@ -262,7 +243,7 @@ class TokenizerManager:
             if r.rid in self._tracks:
                 raise RequestError(f"rid: a request with id {r.rid!r} is already running", param="rid")
         queue: asyncio.Queue = asyncio.Queue()
-        tracks = [_Track(rid=r.rid, index=i, queue=queue) for i, r in enumerate(reqs)]
+        tracks = [Track(rid=r.rid, index=i, queue=queue) for i, r in enumerate(reqs)]
         group = obj.rid if isinstance(obj.rid, str) and (len(reqs) > 1 or obj.rid != reqs[0].rid) else None
         for t, r, (register, request) in zip(tracks, reqs, frames):
             self._tracks[r.rid] = t
@@ -296,6 +277,22 @@ class TokenizerManager:
                 found = True
                 self._send_abort(r)
         return found
+
+    def release(self, tracks: list[Track], group: str | None) -> None:
+        """A handle closed: abort its unfinished sequences (their KV is freed at the next step) and
+        forget its group."""
+        for t in tracks:
+            if not t.finished and self._tracks.pop(t.rid, None) is not None:
+                self._send_abort(t.rid)
+        if group:
+            self._groups.pop(group, None)
+
+    def abort_all(self) -> int:
+        """Abort every running request (SGLang's ``abort_all``); returns how many."""
+        rids = list(self._tracks)
+        for r in rids:
+            self._send_abort(r)
+        return len(rids)
 
     def _send_abort(self, rid: str) -> None:
         if self.dead_reason is None and not self._closed:
@@ -373,7 +370,7 @@ class TokenizerManager:
             if self._ready is not None and not self._ready.done():
                 self._ready.set_result(None)
 
-    def _observe(self, t: _Track, n_new: int, now: float) -> None:
+    def _observe(self, t: Track, n_new: int, now: float) -> None:
         if n_new <= 0 or self.metrics is None:
             return
         if t.first_token is None:
@@ -382,70 +379,6 @@ class TokenizerManager:
         elif t.last_token is not None:
             self.metrics.observe_itl((now - t.last_token) / n_new)
         t.last_token = now
-
-
-class RequestHandle:
-    """The sequences of one submitted GenerateReqInput; async-iterate for GenEvents in arrival order."""
-
-    def __init__(self, tm: TokenizerManager, reqs: list[TokenizedGenerateReq], tracks: list[_Track],
-                 queue: asyncio.Queue, group: str | None, timeout: float | None = None):
-        self.tm = tm
-        self.reqs = reqs
-        self._tracks = tracks
-        self._queue = queue
-        self._group = group
-        self._remaining = len(reqs)
-        self._closed = False
-        self._timeout = timeout
-        self._deadline = None if timeout is None else time.monotonic() + timeout
-
-    @property
-    def rids(self) -> list[str]:
-        return [r.rid for r in self.reqs]
-
-    def __aiter__(self) -> "RequestHandle":
-        return self
-
-    async def __anext__(self) -> GenEvent:
-        if self._remaining == 0 or self._closed:
-            raise StopAsyncIteration
-        if self._deadline is None:
-            ev = await self._queue.get()
-        else:
-            try:
-                ev = await asyncio.wait_for(self._queue.get(), max(self._deadline - time.monotonic(), 0.0))
-            except asyncio.TimeoutError:
-                self._remaining = 0
-                self.close()  # aborts what is still running: its KV is released at the next step
-                raise RequestError(f"the request took longer than --request-timeout ({self._timeout:g} s)",
-                                   status=504) from None
-        if isinstance(ev, BaseException):
-            self._remaining = 0
-            raise ev
-        if ev.finished:
-            self._remaining -= 1
-            err = (ev.data.get("meta_info") or {}).get("error")
-            if err:
-                self._remaining = 0
-                raise RequestError(str(err))
-        return ev
-
-    def close(self) -> None:
-        """Abort every sequence that has not finished (idempotent)."""
-        if self._closed:
-            return
-        self._closed = True
-        for t in self._tracks:
-            if not t.finished and self.tm._tracks.pop(t.rid, None) is not None:
-                self.tm._send_abort(t.rid)
-        if self._group:
-            self.tm._groups.pop(self._group, None)
-
-    async def __aenter__(self) -> "RequestHandle":
-        return self
-
-    async def __aexit__(self, *exc: Any) -> None:
-        self.close()
 
 
 def _resolve(waiters: deque, value: Any) -> None:

@@ -1,5 +1,6 @@
-"""The package's import structure: the runtime starts without the DSL, and no two project modules
-import each other at module level (directly or around a longer loop)."""
+"""The package's structure: the runtime starts without the DSL, no two project modules import each
+other at module level (directly or around a longer loop), and no runtime module grows long without
+saying why."""
 
 from __future__ import annotations
 
@@ -126,6 +127,25 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
             if found:
                 return found
     return None
+
+
+# "~400 lines": the bound, with a tenth of slack so a small fix need not split a module.
+MAX_RUNTIME_MODULE_LINES = 440
+LENGTH_REASON = "Length:"  # a module docstring line that says why this module is longer
+
+
+def test_no_long_runtime_module_without_a_reason():
+    too_long = []
+    for name, path in project_modules().items():
+        if not name.startswith("radixlm.runtime"):
+            continue
+        with open(path, encoding="utf-8") as f:
+            src = f.read()
+        n = src.count("\n")
+        if n > MAX_RUNTIME_MODULE_LINES and LENGTH_REASON not in (ast.get_docstring(ast.parse(src)) or ""):
+            too_long.append(f"{os.path.relpath(path, ROOT)} ({n} lines)")
+    assert not too_long, (f"over {MAX_RUNTIME_MODULE_LINES} lines: split by job, or say why in a "
+                          f"'{LENGTH_REASON}' line of the module docstring: {too_long}")
 
 
 def test_the_graph_sees_the_imports_it_must():
