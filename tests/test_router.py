@@ -340,9 +340,17 @@ def test_dp_size_2_serves_and_equals_dp_1(workers, tiny_llama):
         c = requests.post(rt.url + "/v1/completions", json={"model": m, "prompt": prompts[0], "max_tokens": 8,
                                                            "temperature": 0}, timeout=60).json()
         assert c["choices"][0]["text"] == expected[0]
-        ep = sgl.RuntimeEndpoint(rt.url)
-        state = fleet_program.run(question="What is up?", backend=ep, temperature=0.0)
-        assert state.error() is None
-        ep.shutdown()
+        state = fleet_program.run(question="What is up?", backend=rt, temperature=0.0)  # HTTP: no ZeroMQ door
+        assert state.error() is None and state["answer"] is not None
         for w in info["workers"]:
             check_kv_invariant(w["url"])
+
+
+def test_router_api_key(workers):
+    with router([w.url for w in workers], "round_robin", "--api-key", "router-key") as url:
+        assert requests.get(url + "/health", timeout=30).status_code == 200  # open, as on a server
+        r = requests.post(url + "/generate", json={"text": "hi", "sampling_params": GREEDY}, timeout=30)
+        assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
+        ok = requests.post(url + "/generate", json={"text": "hi", "sampling_params": GREEDY}, timeout=60,
+                           headers={"Authorization": "Bearer router-key"})
+        assert ok.status_code == 200 and ok.json()["meta_info"]["completion_tokens"] == 8

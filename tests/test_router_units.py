@@ -205,3 +205,17 @@ def test_trees_are_bounded_without_summaries():
         tree.insert(f"{i:02d}" * 50)
     ws.bound_trees()
     assert tree.size <= 900 and tree.match("29" * 50) == 100
+
+
+def test_dp_replicas_get_their_own_port_devices_and_rendezvous():
+    from radixlm.runtime.distributed.data_parallel import replica_args
+    from radixlm.runtime.server_args import ServerArgs
+
+    a = ServerArgs(model_path="m", dp_size=3, tp_size=2, base_gpu_id=1, host="0.0.0.0", port=8000,
+                   dist_init_addr="127.0.0.1:29500", api_key="k")
+    reps = [replica_args(a, i, 9000 + i) for i in range(3)]
+    assert [r.base_gpu_id for r in reps] == [1, 3, 5]  # tp ranks of replica i: base + i * tp_size ...
+    assert all(r.dp_size == 1 and r.tp_size == 2 and r.host == "127.0.0.1" for r in reps)
+    assert [r.port for r in reps] == [9000, 9001, 9002]
+    assert all(r.dist_init_addr is None for r in reps)  # each picks its own free rendezvous port
+    assert all(r.api_key == "k" for r in reps)  # the front door passes the client's key on
