@@ -23,7 +23,6 @@ import argparse
 import os
 import random
 import statistics
-import sys
 import time
 
 import torch
@@ -32,8 +31,7 @@ from transformers import AutoTokenizer
 from benchmarks.common import model_dir
 from radixlm.runtime.constrained import GrammarBackend
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
-from constrained_cases import JSON_SCHEMA_CASES, REGEX_CASES, Walker, schema_json  # noqa: E402
+from tests.constrained_cases import JSON_SCHEMA_CASES, REGEX_CASES, Walker, schema_json
 
 EOS_IDS = (2, 4)  # tiny models: </s> and <|im_end|> (generation_config.json)
 

@@ -15,11 +15,13 @@ from radixlm.ir import (
     SglRoleBegin,
     SglRoleEnd,
     SglSelect,
+    SglSeparateReasoning,
     _as_expr,
     check_regex,
     normalize_dtype,
     validate_overrides,
 )
+from radixlm.runtime.protocol import LogprobOptions
 
 
 def function(func: Optional[Callable] = None, num_api_spec_tokens: Optional[int] = None):
@@ -37,9 +39,13 @@ def Runtime(*args: Any, **kwargs: Any):
 
 
 def set_default_backend(backend: Any) -> None:
+    """Programs without ``backend=`` run on this. ``global_config.default_backend`` is the object given
+    (a ``Runtime`` keeps its ``.endpoint``, as in SGLang); it is checked here, resolved when used."""
     from radixlm.backend import as_backend
 
-    global_config.default_backend = as_backend(backend) if backend is not None else None
+    if backend is not None:
+        as_backend(backend)  # a ValueError now, not at the first program
+    global_config.default_backend = backend
 
 
 def _backend(backend: Any) -> Any:
@@ -110,6 +116,7 @@ def gen(
     overrides = validate_overrides({k: v for k, v in sampling.items() if v is not None})
     logprob = {k: v for k, v in zip(LOGPROB_FIELDS, (return_logprob, logprob_start_len, top_logprobs_num,
                                                       return_text_in_logprobs)) if v is not None}
+    LogprobOptions.from_dict(logprob)  # checked at the call, like the sampling fields
     if name is not None and not isinstance(name, str):
         raise ValueError(f"gen: name must be a string, got {type(name).__name__}")
     return SglGen(name, overrides, dtype_name, logprob)
@@ -147,6 +154,19 @@ def select(
 
 
 # --------------------------------------------------------------------------- roles
+def separate_reasoning(expr: Any = None, model_type: Optional[str] = None) -> SglExprList:
+    """``expr`` followed by splitting the reasoning off what it generated (SGLang's API): after
+    ``s += separate_reasoning(gen("a"), model_type="deepseek-r1")``, ``s["a"]`` is the answer and
+    ``s["a_reasoning_content"]`` the reasoning. ``model_type`` is a ``--reasoning-parser`` name."""
+    from radixlm.runtime.parsers.reasoning import REASONING_PARSER_NAMES
+
+    if model_type not in REASONING_PARSER_NAMES:
+        raise ValueError(f"separate_reasoning: model_type must be one of {list(REASONING_PARSER_NAMES)}, "
+                         f"got {model_type!r}")
+    inner = _as_expr(expr) if expr is not None else None
+    return SglExprList(([inner] if inner is not None else []) + [SglSeparateReasoning(model_type, inner)])
+
+
 def _role(role: str, expr: Any = None) -> SglExprList:
     if expr is None:
         return SglExprList([SglRoleBegin(role), SglRoleEnd(role)])

@@ -31,6 +31,7 @@ from radixlm.ir import (
     SglRoleEnd,
     SglSamplingParams,
     SglSelect,
+    SglSeparateReasoning,
     SglVarScopeBegin,
     SglVarScopeEnd,
     _as_expr,
@@ -111,8 +112,7 @@ class StreamExecutor:
         with self._lock:
             self._check_roles(expr)
             for e in flatten(expr):
-                name = _var_name(e)
-                if name is not None:
+                for name in _var_names(e):
                     self._pending[name] = self._pending.get(name, 0) + 1
                     ev = self.variable_event.setdefault(name, threading.Event())
                     if self.error_ is None:
@@ -242,6 +242,8 @@ class StreamExecutor:
                 self.backend.commit_lazy_operations(self)
         elif isinstance(e, SglConcateAndAppend):
             self._execute_concatenate_and_append(e)
+        elif isinstance(e, SglSeparateReasoning):
+            self._execute_separate_reasoning(e)
         elif isinstance(e, SglRaise):
             raise e.error
         else:
@@ -269,10 +271,8 @@ class StreamExecutor:
         if self.chat_template.stop_token_ids:
             ids = list(merged.get("stop_token_ids") or [])
             merged["stop_token_ids"] = ids + [t for t in self.chat_template.stop_token_ids if t not in ids]
-        logprob = {k: expr.logprob.get(k, getattr(base, k)) for k in
-                   ("return_logprob", "logprob_start_len", "top_logprobs_num", "return_text_in_logprobs")}
-        logprob = {k: (v if v is not None else getattr(base, k)) for k, v in logprob.items()}
-        return SglSamplingParams(SamplingParams.from_dict(merged), dtype=expr.dtype, **logprob)
+        return SglSamplingParams(SamplingParams.from_dict(merged), base.logprob.replace(**expr.logprob),
+                                 dtype=expr.dtype)
 
     def _execute_gen(self, expr: SglGen) -> None:
         sp = self.resolve_sampling_params(expr)
@@ -308,6 +308,34 @@ class StreamExecutor:
             self.variables[expr.name] = decision.decision
             self.meta_info[expr.name] = decision.meta_info
             self._done(expr.name)
+
+    def _execute_separate_reasoning(self, expr: SglSeparateReasoning) -> None:
+        from radixlm.runtime.parsers.reasoning import get_reasoning_parser
+
+        parser = get_reasoning_parser(expr.model_type)
+        for name in expr.targets:
+            value = self.variables.get(name, "")
+            split = parser.split(value if isinstance(value, str) else "", final=True)
+            with self._cond:
+                self._replace_span(name, split.content)
+                self.variables[name] = split.content
+                self.variables[expr.reasoning_name(name)] = split.reasoning
+                self._cond.notify_all()
+            self._done(name)
+            self._done(expr.reasoning_name(name))
+
+    def _replace_span(self, name: str, text: str) -> None:
+        """Put ``text`` where variable ``name``'s latest generation sits in the program text."""
+        for k in range(len(self.spans) - 1, -1, -1):
+            sp = self.spans[k]
+            if sp.name == name and sp.kind in ("gen", "select"):
+                delta = len(text) - (sp.end - sp.start)
+                self.text_ = self.text_[: sp.start] + text + self.text_[sp.end :]
+                self.spans[k] = Span(sp.start, sp.start + len(text), sp.kind, sp.name)
+                for j in range(k + 1, len(self.spans)):
+                    o = self.spans[j]
+                    self.spans[j] = Span(o.start + delta, o.end + delta, o.kind, o.name)
+                return
 
     def _execute_role_begin(self, role: str) -> None:
         if not self.messages_ and role != "system" and self.chat_template.default_system_prompt:
@@ -404,12 +432,13 @@ class StreamExecutor:
         return kids
 
 
-def _var_name(e: SglExpr) -> Any:
-    if isinstance(e, (SglGen, SglSelect)):
-        return e.name
-    if isinstance(e, SglVarScopeEnd):
-        return e.name
-    return None
+def _var_names(e: SglExpr) -> list[str]:
+    """Variables ``e`` sets when it runs (readers wait for them)."""
+    if isinstance(e, (SglGen, SglSelect, SglVarScopeEnd)):
+        return [e.name] if e.name is not None else []
+    if isinstance(e, SglSeparateReasoning):  # rewrites its targets and adds their reasoning
+        return [n for t in e.targets for n in (t, e.reasoning_name(t))]
+    return []
 
 
 # --------------------------------------------------------------------------- running programs

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Optional, Union
 
 from radixlm.choices import ChoicesSamplingMethod
+from radixlm.runtime.protocol import LogprobOptions
 from radixlm.runtime.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
@@ -31,7 +32,7 @@ _DTYPES: dict[str, tuple[str, tuple[str, ...]]] = {
     "bool": (REGEX_BOOL, ()),
 }
 SAMPLING_FIELDS: frozenset[str] = frozenset(SamplingParams.__struct_fields__)
-LOGPROB_FIELDS = ("return_logprob", "logprob_start_len", "top_logprobs_num", "return_text_in_logprobs")
+LOGPROB_FIELDS: tuple[str, ...] = LogprobOptions.FIELDS
 
 
 def normalize_dtype(dtype: Any) -> Optional[str]:
@@ -80,22 +81,22 @@ def validate_overrides(overrides: dict[str, Any]) -> dict[str, Any]:
 # --------------------------------------------------------------------------- resolved parameters
 @dataclass
 class SglSamplingParams:
-    """What one generation call sends: a validated ``SamplingParams`` plus request-level options.
+    """What one generation call sends: a validated ``SamplingParams`` plus the request-level
+    ``LogprobOptions``.
 
-    Attribute access falls through to the SamplingParams (``sp.max_new_tokens``, ``sp.stop`` ...), as
-    SGLang's object of the same name allows.
+    Attribute access falls through to both (``sp.max_new_tokens``, ``sp.stop``, ``sp.return_logprob``
+    ...), as SGLang's object of the same name allows.
     """
 
     sampling: SamplingParams = field(default_factory=SamplingParams)
-    return_logprob: Optional[bool] = None
-    logprob_start_len: Optional[int] = None
-    top_logprobs_num: Optional[int] = None
-    return_text_in_logprobs: Optional[bool] = None
+    logprob: LogprobOptions = field(default_factory=LogprobOptions)
     dtype: Optional[str] = None
 
     def __getattr__(self, name: str) -> Any:
         if name in SAMPLING_FIELDS:
             return getattr(self.sampling, name)
+        if name in LOGPROB_FIELDS:
+            return getattr(self.logprob, name)
         raise AttributeError(name)
 
     def to_srt_kwargs(self) -> dict[str, Any]:
@@ -103,8 +104,8 @@ class SglSamplingParams:
         return {k: v for k, v in self.sampling.to_dict().items() if v is not None}
 
     def logprob_kwargs(self) -> dict[str, Any]:
-        """The request-level logprob fields that are set."""
-        return {k: getattr(self, k) for k in LOGPROB_FIELDS if getattr(self, k) is not None}
+        """The request-level logprob fields a ``/generate`` body must carry (those off their defaults)."""
+        return self.logprob.to_dict()
 
     def to_openai_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for ``openai`` ``completions.create`` / ``chat.completions.create``.
@@ -204,7 +205,7 @@ class SglGen(SglExpr):
         self.name = name
         self.overrides = overrides
         self.dtype = dtype
-        self.logprob = logprob or {}
+        self.logprob = logprob or {}  # the LogprobOptions fields the call set (already validated)
 
     def __repr__(self) -> str:
         return f"Gen({self.name!r})"
@@ -220,6 +221,30 @@ class SglSelect(SglExpr):
 
     def __repr__(self) -> str:
         return f"Select({self.name!r}, choices={self.choices}, choices_method={self.choices_method})"
+
+
+class SglSeparateReasoning(SglExpr):
+    """After ``expr`` ran: split the reasoning off each variable it generated (SGLang's names): ``name``
+    keeps the answer, ``name + "_reasoning_content"`` gets the reasoning, and the program text keeps
+    only the answer."""
+
+    def __init__(self, model_type: str, expr: Optional[SglExpr]):
+        self.model_type = model_type
+        self.expr = expr
+
+    @property
+    def targets(self) -> list[str]:
+        """The variables ``expr`` generates (gen and select with a name)."""
+        if self.expr is None:
+            return []
+        return [e.name for e in flatten(self.expr) if isinstance(e, (SglGen, SglSelect)) and e.name is not None]
+
+    @staticmethod
+    def reasoning_name(name: str) -> str:
+        return f"{name}_reasoning_content"
+
+    def __repr__(self) -> str:
+        return f"SeparateReasoning({self.model_type!r}, {self.targets})"
 
 
 class SglRoleBegin(SglExpr):
@@ -349,7 +374,7 @@ class SglFunction:
         sids = sampling.get("stop_token_ids")
         if sids is not None and not sids:
             sampling = {k: v for k, v in sampling.items() if k != "stop_token_ids"}
-        return SglSamplingParams(SamplingParams.from_dict(sampling), **{k: v for k, v in logprob.items()})
+        return SglSamplingParams(SamplingParams.from_dict(sampling), LogprobOptions.from_dict(logprob))
 
     def _batch_kwargs(self, batch_kwargs: Any) -> list[dict[str, Any]]:
         if not isinstance(batch_kwargs, (list, tuple)):

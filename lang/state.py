@@ -151,17 +151,28 @@ class ProgramState(_RoleMethods):
                 return
 
     async def text_async_iter(self, var_name: Any = None, return_meta_data: bool = False) -> AsyncIterator[Any]:
+        """Like ``text_iter``; with ``return_meta_data`` each chunk comes with the variable's meta_info.
+        Against a server that streams deltas (``--incremental-streaming-output``) the logprob lists of
+        that meta_info hold only the entries new since the previous chunk, as SGLang's frontend gives."""
         loop = asyncio.get_running_loop()
         it = self.text_iter(var_name)
         end = object()
+        incremental = bool(getattr(self.stream_executor.backend, "incremental_stream", False))
+        sent: dict[str, int] = {}
         while True:
             chunk = await loop.run_in_executor(None, next, it, end)
             if chunk is end:
                 return
-            if return_meta_data:
-                yield chunk, self.stream_executor.meta_info.get(var_name)
-            else:
+            if not return_meta_data:
                 yield chunk
+                continue
+            meta = self.stream_executor.meta_info.get(var_name)
+            if incremental and isinstance(meta, dict):
+                meta = dict(meta)
+                for k, v in meta.items():
+                    if k.endswith("_logprobs") and isinstance(v, list):
+                        meta[k], sent[k] = v[sent.get(k, 0):], len(v)
+            yield chunk, meta
 
     # display
     def __repr__(self) -> str:
@@ -215,6 +226,11 @@ class ProgramStateGroup:
 
     def __getitem__(self, i: int) -> ProgramState:
         return self.states[i]
+
+    def __setitem__(self, i: int, value: ProgramState) -> None:
+        """Only what ``forks[i] += expr`` does: ``+=`` returns the same state, which is stored back."""
+        if value is not self.states[i]:
+            raise TypeError("a fork group's states cannot be replaced; use forks[i] += expr")
 
     def __len__(self) -> int:
         return len(self.states)

@@ -3,8 +3,9 @@
 * ``/generate``, ``/v1/completions``, ``/v1/chat/completions`` (and any other POST whose body has a
   ``text``/``prompt``/``messages``): the policy picks a worker by the request's routing key; the body is
   forwarded byte for byte; a streaming answer is passed through chunk by chunk.
-* **Failover**: a worker that refuses the connection or answers 503 (its scheduler is gone) before
-  anything was sent to the client is taken out and the request goes to the next worker. A worker that
+* **Failover**: a worker that refuses the connection or answers 503 (its scheduler is gone) is taken
+  out, and the request goes to the next worker; so does a request whose connection failed in any other
+  way before the answer began (nothing had reached the client). A worker that
   fails after it started answering ends that request with an error: a 502 body, or for a stream an SSE
   error event and ``[DONE]``. A request in flight on a worker that the health checks take out fails at
   once; nothing waits on a dead worker. No healthy worker: 503.
@@ -50,7 +51,7 @@ class WorkerDied(Exception):
 
 def error_response(status: int, message: str, param: Optional[str] = None) -> JSONResponse:
     err_type = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-                502: "bad_gateway", 503: "service_unavailable"}.get(status, "server_error")
+                502: "bad_gateway", 503: "service_unavailable", 504: "gateway_timeout"}.get(status, "server_error")
     return JSONResponse({"error": {"message": message, "type": err_type, "param": param, "code": status}},
                         status_code=status)
 
@@ -125,12 +126,13 @@ class Router:
         self.args = args
         self.client = httpx.AsyncClient(
             timeout=httpx.Timeout(args.request_timeout_s, connect=args.connect_timeout_s),
-            limits=httpx.Limits(max_connections=None, max_keepalive_connections=256),
+            # idle connections are dropped before a worker's own keep-alive timeout (5 s) closes them
+            limits=httpx.Limits(max_connections=None, max_keepalive_connections=256, keepalive_expiry=2.0),
         )
         key = args.effective_worker_api_key
         self.worker_headers = {"Authorization": f"Bearer {key}"} if key else {}
         self.workers = WorkerSet(args.worker_urls, self.client, self.worker_headers,
-                                 args.health_check_interval_s, args.health_failure_threshold)
+                                 args.health_check_interval_s, args.health_failure_threshold, args.max_tree_chars)
         self.policy = make_policy(args.policy, args.cache_aware, args.seed)
         self.metrics = RouterMetrics()
         self.rids: dict[str, Worker] = {}
@@ -175,17 +177,25 @@ class Router:
                 dead = w.dead
                 try:
                     resp = await _race(dead, self.client.send(req, stream=True), lambda: w.last_error)
-                except (httpx.ConnectError, httpx.ConnectTimeout, WorkerDied) as e:
+                except httpx.TimeoutException as e:
+                    if not isinstance(e, httpx.ConnectTimeout):
+                        return error_response(504, f"worker {w.url} did not answer in time: {type(e).__name__}")
                     w.mark_down(f"{type(e).__name__}: {e}")
-                    w.errors_total += 1
-                    self.metrics.errors.labels(w.url).inc()
-                    self.metrics.failovers.inc()
-                    continue  # nothing reached the worker's model: try the next one
-                if resp.status_code == 503:
+                    self._failed_attempt(w)
+                    continue
+                except (httpx.TransportError, WorkerDied) as e:
+                    # Connection refused: the worker is gone. Any other failure before the answer's
+                    # headers (e.g. the connection dropped): nothing reached the client, so the request
+                    # goes to the next worker, and the health checks judge this one.
+                    if isinstance(e, httpx.ConnectError):
+                        w.mark_down(f"{type(e).__name__}: {e}")
+                    self._failed_attempt(w)
+                    continue
+                if resp.status_code == 503:  # its scheduler is gone (or not up yet)
                     body = await resp.aread()
                     await resp.aclose()
                     w.mark_down(f"answered 503: {body[:200]!r}")
-                    self.metrics.failovers.inc()
+                    self._failed_attempt(w)
                     continue
                 if stream and resp.status_code == 200:
                     done = True  # the stream's generator now owns the bookkeeping
@@ -200,11 +210,15 @@ class Router:
                 if not done:
                     self._finish(w, key, rids, failed=False)
 
+    def _failed_attempt(self, w: Worker) -> None:
+        w.errors_total += 1
+        self.metrics.errors.labels(w.url).inc()
+        self.metrics.failovers.inc()
+
     async def _read(self, w: Worker, dead: asyncio.Event, resp: httpx.Response) -> Response:
         try:
             content = await _race(dead, resp.aread(), lambda: w.last_error)
         except (_TRANSPORT_ERRORS + (WorkerDied,)) as e:
-            w.mark_down(f"{type(e).__name__}: {e}")
             w.errors_total += 1
             self.metrics.errors.labels(w.url).inc()
             return error_response(502, f"worker {w.url} failed while answering: {type(e).__name__}: {e}")
@@ -217,6 +231,7 @@ class Router:
                            rids: list[str]) -> AsyncIterator[bytes]:
         it = resp.aiter_raw()
         failed = False
+        at_boundary = True  # the bytes so far end between two SSE events
         try:
             while True:
                 try:
@@ -224,11 +239,14 @@ class Router:
                 except StopAsyncIteration:
                     return
                 except (_TRANSPORT_ERRORS + (WorkerDied,)) as e:
-                    failed = True
-                    w.mark_down(f"{type(e).__name__}: {e}")
+                    failed = True  # the health checks decide whether the worker itself is gone
                     self.metrics.errors.labels(w.url).inc()
-                    yield _sse_error(f"worker {w.url} failed during the stream: {type(e).__name__}: {e}")
+                    # a torn event is ended first, so the error is an event of its own
+                    yield (b"" if at_boundary else b"\n\n") + _sse_error(
+                        f"worker {w.url} failed during the stream: {type(e).__name__}: {e}")
                     return
+                if chunk:
+                    at_boundary = chunk.endswith(b"\n\n")
                 yield chunk
         finally:
             await resp.aclose()
@@ -249,7 +267,8 @@ class Router:
                 r = await self.client.request(method, w.url + path, content=raw or None, headers=self._headers(request),
                                               params=request.query_params, timeout=30.0)
             except httpx.TransportError as e:
-                w.mark_down(f"{type(e).__name__}: {e}")
+                if isinstance(e, httpx.ConnectError):
+                    w.mark_down(f"{type(e).__name__}: {e}")
                 continue
             return Response(r.content, status_code=r.status_code,
                             media_type=r.headers.get("content-type", "application/json"))
@@ -263,7 +282,8 @@ class Router:
             try:
                 return w, await self.client.post(w.url + path, json=body, headers=self._headers(request), timeout=30.0)
             except httpx.TransportError as e:
-                w.mark_down(f"{type(e).__name__}: {e}")
+                if isinstance(e, httpx.ConnectError):
+                    w.mark_down(f"{type(e).__name__}: {e}")
                 return w, None
 
         return list(await asyncio.gather(*(one(w) for w in ws)))

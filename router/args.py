@@ -39,6 +39,7 @@ class RouterArgs:
     health_failure_threshold: int = 2
     connect_timeout_s: float = 5.0
     request_timeout_s: Optional[float] = None
+    max_tree_chars: int = 1 << 24
     seed: Optional[int] = None
     log_level: str = "info"
     cache_aware: CacheAwareConfig = field(init=False, repr=False, compare=False, default=CacheAwareConfig())
@@ -55,6 +56,8 @@ class RouterArgs:
             raise ValueError("health_check_interval_s must be > 0")
         if self.health_failure_threshold < 1:
             raise ValueError("health_failure_threshold must be >= 1")
+        if self.max_tree_chars < 1:
+            raise ValueError("max_tree_chars must be >= 1")
         if self.connect_timeout_s <= 0:
             raise ValueError("connect_timeout_s must be > 0")
         if self.request_timeout_s is not None and self.request_timeout_s <= 0:
@@ -81,6 +84,7 @@ _HELP = {
     "health_failure_threshold": "failed health checks in a row before a worker is taken out",
     "connect_timeout_s": "seconds to connect to a worker before failing over",
     "request_timeout_s": "seconds a worker may take to answer one request (default: no limit)",
+    "max_tree_chars": "bound on each worker's tree (least recently used text goes first), whatever its summaries say",
     "seed": "seed of the random and power_of_two policies",
     "log_level": "logging level",
 }
@@ -107,7 +111,8 @@ def make_parser() -> argparse.ArgumentParser:
         elif f.name in ("cache_threshold", "balance_rel_threshold", "health_check_interval_s", "connect_timeout_s",
                         "request_timeout_s"):
             kw["type"] = float
-        elif f.name in ("balance_abs_threshold", "spread_threshold", "port", "health_failure_threshold", "seed"):
+        elif f.name in ("balance_abs_threshold", "spread_threshold", "port", "health_failure_threshold", "seed",
+                        "max_tree_chars"):
             kw["type"] = int
         p.add_argument(flag, **kw)
     return p

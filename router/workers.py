@@ -1,8 +1,9 @@
 """The router's workers: their state, health checks, and the correction of their approximate trees.
 
-Every ``health_check_interval_s`` the router reads each worker's ``/get_server_info`` (its scheduler's
-stats are the cache summary: how many tokens its radix tree holds, evictable + locked). A worker that
-fails ``health_failure_threshold`` checks in a row, or refuses a connection, is taken out: no new
+Every ``health_check_interval_s`` the router asks each worker's ``/health`` and reads its
+``/get_server_info`` (its scheduler's stats are the cache summary: how many tokens its radix tree
+holds, evictable + locked). A worker that fails ``health_failure_threshold`` liveness checks in a row,
+or refuses a connection, is taken out: no new
 requests, and the requests in flight on it fail at once with an error (``Worker.dead`` wakes them), so
 no client waits on a dead worker. A check that succeeds again puts it back.
 
@@ -130,12 +131,13 @@ class WorkerSet:
     """The workers, in the order they were added, and the loop that checks them."""
 
     def __init__(self, urls: tuple[str, ...], client: httpx.AsyncClient, headers: dict[str, str],
-                 interval_s: float, failure_threshold: int):
+                 interval_s: float, failure_threshold: int, max_tree_chars: int = 1 << 24):
         self.workers: dict[str, Worker] = {}
         self._client = client
         self._headers = headers
         self.interval_s = interval_s
         self.failure_threshold = failure_threshold
+        self.max_tree_chars = max_tree_chars
         self._task: Optional[asyncio.Task] = None
         for u in urls:
             self.add(u)
@@ -166,13 +168,14 @@ class WorkerSet:
         return [w for w in self.workers.values() if w.available]
 
     async def check(self, w: Worker) -> bool:
+        """Liveness from ``/health`` (answered by the worker's front process, which itself watches its
+        scheduler), then the cache summary from ``/get_server_info``. Only liveness failures count
+        against the worker: a summary that is slow because the scheduler is busy is merely skipped."""
         try:
-            r = await self._client.get(w.url + "/get_server_info", headers=self._headers,
-                                       timeout=max(self.interval_s * 2, 5.0))
+            r = await self._client.get(w.url + "/health", timeout=max(self.interval_s, 2.0))
             if r.status_code != 200:
-                raise RuntimeError(f"/get_server_info answered {r.status_code}")
-            info = r.json()
-        except (httpx.HTTPError, RuntimeError, ValueError) as e:
+                raise RuntimeError(f"/health answered {r.status_code}")
+        except (httpx.HTTPError, RuntimeError) as e:
             w.failures_in_row += 1
             reason = f"health check failed: {type(e).__name__}: {e}"
             w.last_error = reason
@@ -181,8 +184,25 @@ class WorkerSet:
             return False
         finally:
             w.last_check = time.monotonic()
+        try:
+            r = await self._client.get(w.url + "/get_server_info", headers=self._headers, timeout=10.0)
+            info = r.json() if r.status_code == 200 else None
+        except (httpx.HTTPError, ValueError):
+            info = None
+        if info is None:
+            if not w.healthy:  # a worker is taken in only once it answers fully (a wrong key shows here)
+                w.last_error = "/get_server_info failed"
+                return False
+            w.failures_in_row = 0
+            return True
         w.apply_info(info)
         return True
+
+    def bound_trees(self) -> None:
+        """Keep every tree under ``max_tree_chars`` (to 90% of it), summaries or not."""
+        for w in self.workers.values():
+            if w.tree.size > self.max_tree_chars:
+                w.tree.evict(w.tree.size - int(self.max_tree_chars * 0.9))
 
     async def check_all(self) -> None:
         await asyncio.gather(*(self.check(w) for w in list(self.workers.values())))
@@ -203,6 +223,7 @@ class WorkerSet:
             await asyncio.sleep(self.interval_s)
             try:
                 await self.check_all()
+                self.bound_trees()
             except Exception:  # noqa: BLE001 - the loop must survive anything one check does
                 logger.exception("health check loop")
 

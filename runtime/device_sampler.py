@@ -125,7 +125,7 @@ class SamplingBatch:
                 ban_t += ids
         ban = (dev(ban_r, torch.int64), dev(ban_t, torch.int64)) if ban_r else None
 
-        return cls(reqs, dev(rows, torch.int64), [i for i, r in enumerate(reqs) if r.return_logprob], sample,
+        return cls(reqs, dev(rows, torch.int64), [i for i, r in enumerate(reqs) if r.logprob.return_logprob], sample,
                    temp, top_k, top_p, min_p, needs_filter, pen_rows, rep, freq, pres, seen, counts, bias,
                    g_rows, g_mask, ban)
 

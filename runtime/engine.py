@@ -17,7 +17,8 @@ from typing import Any, Callable, Iterator
 
 from radixlm.runtime.generate_request import GenerateReqInput
 from radixlm.runtime.request_state import RequestState
-from radixlm.runtime.protocol import AbortReq, ErrorOut, ReqOutput
+from radixlm.runtime.protocol import AbortReq, ErrorOut, ReqOutput, TokenizedGenerateReq
+from radixlm.runtime.sampling_params import SamplingParams
 from radixlm.runtime.scheduler import Scheduler
 from radixlm.runtime.server_args import ServerArgs
 from radixlm.runtime.validation import check_admission, check_requests
@@ -140,9 +141,13 @@ class Engine:
     ) -> dict | list[dict] | Iterator[dict]:
         """SGLang's Engine.generate: a dict for one prompt (n=1), else a list; an iterator if stream.
 
+        The arguments are a ``/generate`` body (``prompt`` is its ``text``): they become the same
+        ``GenerateReqInput`` the server builds, with the same checks (ValueError naming the field).
         ``cache_salt`` / ``extra_key``: a KV cache namespace; the request reuses (and leaves) cached
         prefixes only among requests with the same values (see ``generate_request.cache_namespace``)."""
-        obj = GenerateReqInput(
+        if isinstance(sampling_params, SamplingParams):
+            sampling_params = sampling_params.to_dict()
+        obj = GenerateReqInput.from_dict(dict(
             text=prompt,
             input_ids=input_ids,
             sampling_params=sampling_params,
@@ -154,18 +159,18 @@ class Engine:
             stream=stream,
             cache_salt=cache_salt,
             extra_key=extra_key,
-        )
+        ))
         check_admission(obj, self.limits)
         reqs = obj.normalize(self.tokenizer)
         check_requests(reqs, self.limits)
         single = not obj.is_batch and len(reqs) == 1
-        states = self._submit(reqs, return_text_in_logprobs)
+        states = self._submit(reqs)
         if stream:
             return self._stream(states, single)
         results = self._wait_all(states)
         return results[0] if single else results
 
-    def _submit(self, reqs, return_text_in_logprobs: bool) -> list[tuple[RequestState, queue.Queue]]:
+    def _submit(self, reqs: list[TokenizedGenerateReq]) -> list[tuple[RequestState, queue.Queue]]:
         self._check_alive()
         entries = []
         with self._lock:
@@ -173,7 +178,7 @@ class Engine:
                 if r.rid in self._states:
                     raise ValueError(f"rid: a request with id {r.rid!r} is already running")
             for r in reqs:
-                entry = (RequestState(r, self.tokenizer, return_text_in_logprobs), queue.Queue())
+                entry = (RequestState(r, self.tokenizer), queue.Queue())
                 self._states[r.rid] = entry
                 entries.append(entry)
         for r in reqs:

@@ -1,25 +1,32 @@
-"""GenerateReqInput: SGLang's /generate body (single or batch, text or ids), shared by the Engine and
-both server front doors.
+"""GenerateReqInput: SGLang's /generate body (single or batch, text or ids) — the one request model
+of the native HTTP route, the ZeroMQ front door and the Engine (the OpenAI routes build one too).
 
-``normalize`` turns it into validated ``TokenizedGenerateReq``s (batch and ``n`` expanded), raising
-ValueError naming the field.
+It is a msgspec Struct: ``from_dict`` (untrusted JSON, or the Engine's keyword arguments) checks every
+field's type and rejects unknown fields, by name; ``normalize`` then checks values and turns it into
+validated ``TokenizedGenerateReq``s (batch and ``n`` expanded). Both raise ValueError naming the field.
+The four logprob fields stay flat here because that is SGLang's body; ``normalize`` folds them into one
+``LogprobOptions`` per sequence.
 """
 
 from __future__ import annotations
 
 import uuid
-from dataclasses import dataclass
 from typing import Any
 
-from radixlm.runtime.protocol import TokenizedGenerateReq
+import msgspec
+
+from radixlm.runtime.protocol import LogprobOptions, TokenizedGenerateReq, field_error_message
 from radixlm.runtime.sampling_params import SamplingParams
 
 
-@dataclass
-class GenerateReqInput:
+class GenerateReqInput(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """SGLang's ``/generate`` body. A batch gives ``text`` (or ``input_ids``) as a list, and may give
+    any per-prompt field as a list of the same length; anything else is shared by the batch."""
+
     text: str | list[str] | None = None
-    input_ids: list[int] | list[list[int]] | None = None
-    sampling_params: dict | list[dict] | SamplingParams | None = None
+    # ids of one prompt, or one list of ids per prompt (msgspec allows one array type in a union)
+    input_ids: list[int | list[int]] | None = None
+    sampling_params: dict[str, Any] | list[dict[str, Any]] | None = None
     rid: str | list[str] | None = None
     return_logprob: bool | list[bool] = False
     logprob_start_len: int | list[int] | None = None
@@ -31,12 +38,14 @@ class GenerateReqInput:
     extra_key: str | list[str] | None = None  # SGLang's name
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "GenerateReqInput":
-        known = set(cls.__dataclass_fields__)
-        unknown = sorted(k for k in d if k not in known)
-        if unknown:
-            raise ValueError(f"unknown field(s) in generate request: {unknown}")
-        return cls(**d)
+    def from_dict(cls, d: Any) -> "GenerateReqInput":
+        """Untrusted input → GenerateReqInput; ValueError naming the field on a wrong type or name."""
+        if not isinstance(d, dict):
+            raise ValueError(f"the generate body must be an object, got {type(d).__name__}")
+        try:
+            return msgspec.convert(d, cls)
+        except msgspec.ValidationError as e:
+            raise ValueError(field_error_message(e)) from None
 
     @property
     def is_batch(self) -> bool:
@@ -83,9 +92,13 @@ class GenerateReqInput:
             raise ValueError("rid: a single request takes a single rid")
         if not all(r is None or (isinstance(r, str) and r) for r in rids):
             raise ValueError("rid must be a non-empty string (or a list of them for a batch)")
-        rlp = per(self.return_logprob, "return_logprob")
-        starts = per(self.logprob_start_len, "logprob_start_len")
-        tops = per(self.top_logprobs_num, "top_logprobs_num")
+        logprob = [
+            LogprobOptions.from_dict({"return_logprob": rlp, "logprob_start_len": start, "top_logprobs_num": top,
+                                      "return_text_in_logprobs": self.return_text_in_logprobs})
+            for rlp, start, top in zip(per(self.return_logprob, "return_logprob"),
+                                       per(self.logprob_start_len, "logprob_start_len"),
+                                       per(self.top_logprobs_num, "top_logprobs_num"))
+        ]
         salts = per(self.cache_salt, "cache_salt")
         extras = per(self.extra_key, "extra_key")
         namespaces = [cache_namespace(salts[i], extras[i]) for i in range(nb)]
@@ -95,10 +108,6 @@ class GenerateReqInput:
             sp = SamplingParams.from_dict(sp_list[i])
             _validate_grammar(sp)
             base = rids[i] or uuid.uuid4().hex
-            start = -1 if starts[i] is None else int(starts[i])
-            if start < -1:
-                raise ValueError("logprob_start_len must be >= -1")
-            top = int(tops[i] or 0)
             for j in range(sp.n):
                 spj = sp.replace(n=1)
                 if sp.n > 1 and sp.seed is not None:
@@ -108,9 +117,7 @@ class GenerateReqInput:
                         rid=base if sp.n == 1 else f"{base}-{j}",
                         input_ids=ids_list[i],
                         sampling_params=spj,
-                        return_logprob=bool(rlp[i]),
-                        logprob_start_len=start,
-                        top_logprobs_num=top,
+                        logprob=logprob[i],
                         stream=self.stream,
                         cache_namespace=namespaces[i],
                     )
@@ -143,11 +150,8 @@ def cache_namespace(cache_salt: str | None, extra_key: str | None) -> str:
 
 def _validate_grammar(sp: SamplingParams) -> None:
     """Reject a bad regex / schema here, in the caller's thread, not on the scheduler's loop."""
-    if sp.regex is None and sp.json_schema is None:
-        return
-    from radixlm.runtime.constrained import validate_grammar
+    from radixlm.runtime.constrained import grammar_key, validate_grammar
 
-    if sp.regex is not None:
-        validate_grammar("regex", sp.regex)
-    else:
-        validate_grammar("json", sp.json_schema)
+    key = grammar_key(sp)
+    if key is not None:
+        validate_grammar(*key)

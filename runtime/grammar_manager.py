@@ -53,10 +53,6 @@ class GrammarSlot:
 _NO_CHECK = -1
 
 
-def _grammar_key(sp: SamplingParams) -> tuple[str, str]:
-    return ("regex", sp.regex) if sp.regex is not None else ("json", sp.json_schema)
-
-
 class GrammarManager:
     """Grammar handling for one scheduler (one tokenizer, one vocabulary)."""
 
@@ -70,6 +66,7 @@ class GrammarManager:
     def backend(self) -> "GrammarBackend":
         if self._backend is None:
             from radixlm.runtime.constrained import GrammarBackend
+            from radixlm.runtime.constrained.compile_worker import CompileLimits
 
             self._backend = GrammarBackend(
                 self.tokenizer,
@@ -77,14 +74,22 @@ class GrammarManager:
                 cache_size=self.args.grammar_cache_size,
                 eos_token_ids=sorted(self.eos_ids),
                 json_whitespace_pattern=self.args.constrained_json_whitespace_pattern,
+                compile_limits=CompileLimits(self.args.grammar_compile_timeout, self.args.grammar_max_memory_mb),
+                engine=self.args.grammar_backend,
             )
         return self._backend
 
+    def close(self) -> None:
+        """Stop the compile threads and their worker processes."""
+        if self._backend is not None:
+            self._backend.shutdown(wait=False)
+
     def submit(self, sp: SamplingParams) -> GrammarSlot | None:
         """Start the compile for a constrained request (None when it is free); never blocks."""
-        if sp.regex is None and sp.json_schema is None:
-            return None
-        return GrammarSlot(self.backend().submit(*_grammar_key(sp)))
+        from radixlm.runtime.constrained import grammar_key
+
+        key = grammar_key(sp)
+        return None if key is None else GrammarSlot(self.backend().submit(*key))
 
     def poll(self, waiting: list["Req"]) -> list["Req"]:
         """Turn finished compiles into matchers. Requests whose grammar did not compile leave ``waiting``
@@ -132,7 +137,7 @@ class GrammarManager:
         greedy = sp.is_greedy
         if greedy and (sp.frequency_penalty or sp.presence_penalty or sp.repetition_penalty != 1.0):
             return  # verification below does not replay penalties; such requests simply decode
-        held = greedy or r.return_logprob  # tokens wait in r.forced for the logits that score them
+        held = greedy or r.logprob.return_logprob  # tokens wait in r.forced for the logits that score them
         matcher = r.grammar.matcher
         state = matcher.state
         jf = matcher.jump_forward(r.output_ids[-1] if r.output_ids else None, allow_rollback=not greedy)
@@ -147,7 +152,7 @@ class GrammarManager:
             g = matcher.grammar
             matcher.reset_to(g.walk(g.walk(g.initial_state, r.output_ids), tokens))
         for i, tok in enumerate(tokens):
-            scored_now = i == 0 and jf.num_rollback > 0 and r.return_logprob
+            scored_now = i == 0 and jf.num_rollback > 0 and r.logprob.return_logprob
             if greedy:
                 r.forced.append((r.seq_len, state))
                 state = matcher.grammar.next_state(state, tok)
@@ -158,11 +163,11 @@ class GrammarManager:
             if scored_now:
                 assert lp_row is not None, "a sampled token with logprobs comes with its row"
                 r.new_output_token_logprobs.append(TokenLogprob(float(lp_row[tok]), tok))
-                if r.top_logprobs_num:
-                    r.new_output_top_logprobs.append(top_logprobs(lp_row, r.top_logprobs_num))
-            elif r.return_logprob:  # placeholders, replaced in verify_forced before anything is sent
+                if r.logprob.top_logprobs_num:
+                    r.new_output_top_logprobs.append(top_logprobs(lp_row, r.logprob.top_logprobs_num))
+            elif r.logprob.return_logprob:  # placeholders, replaced in verify_forced before anything is sent
                 r.new_output_token_logprobs.append(TokenLogprob(None, tok))
-                if r.top_logprobs_num:
+                if r.logprob.top_logprobs_num:
                     r.new_output_top_logprobs.append([])
         if not held:
             reason = out.check_finish(r, r.output_ids[-1])
@@ -175,7 +180,7 @@ class GrammarManager:
         ``checks`` holds (index in all_ids, grammar state before it or ``_NO_CHECK``, logits row).
         A sampled request's tokens (``_NO_CHECK``) are only scored."""
         n_in = len(r.input_ids)
-        lp = torch.log_softmax(logits[[row for _, _, row in checks]], dim=-1) if r.return_logprob else None
+        lp = torch.log_softmax(logits[[row for _, _, row in checks]], dim=-1) if r.logprob.return_logprob else None
         for k, (idx, state, row) in enumerate(checks):
             out_pos = idx - n_in
             forced_tok = r.output_ids[out_pos]
@@ -183,18 +188,18 @@ class GrammarManager:
             if choice != forced_tok:
                 out.truncate(r, idx)
                 r.grammar.matcher.reset_to(state)
-                if r.return_logprob:
+                if r.logprob.return_logprob:
                     r.new_output_token_logprobs.append(TokenLogprob(float(lp[k][choice]), choice))
-                    if r.top_logprobs_num:
-                        r.new_output_top_logprobs.append(top_logprobs(lp[k], r.top_logprobs_num))
+                    if r.logprob.top_logprobs_num:
+                        r.new_output_top_logprobs.append(top_logprobs(lp[k], r.logprob.top_logprobs_num))
                 out.append_token(r, choice, lp[k] if lp is not None else None)
                 return
             r.forced.pop(0)
-            if r.return_logprob:
+            if r.logprob.return_logprob:
                 off = out_pos - r.sent_len
                 r.new_output_token_logprobs[off] = TokenLogprob(float(lp[k][forced_tok]), forced_tok)
-                if r.top_logprobs_num:
-                    r.new_output_top_logprobs[off] = top_logprobs(lp[k], r.top_logprobs_num)
+                if r.logprob.top_logprobs_num:
+                    r.new_output_top_logprobs[off] = top_logprobs(lp[k], r.logprob.top_logprobs_num)
             reason = out.check_finish(r, forced_tok, upto=out_pos + 1)
             if reason is None and not r.forced and r.grammar.matcher.is_finished():
                 reason = {"type": "stop", "matched": None}

@@ -15,37 +15,15 @@ import torch
 
 from radixlm.runtime.attention import create_attention_backend
 from radixlm.runtime.device_sampler import DeviceSampler
+from radixlm.runtime.dtypes import dtype_name, resolve_dtype
 from radixlm.runtime.forward_batch import ForwardBatch
 from radixlm.runtime.memory_pool import KVPool, ReqToTokenPool
 from radixlm.runtime.server_args import ServerArgs
 
 logger = logging.getLogger(__name__)
 
-_DTYPES = {
-    "float32": torch.float32,
-    "float": torch.float32,
-    "fp32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-    "float16": torch.float16,
-    "half": torch.float16,
-    "fp16": torch.float16,
-}
 # A CPU pool sized from 24 GiB of RAM for a tiny model would be absurd; cap what "auto" picks.
 _CPU_AUTO_MAX_TOKENS = 1 << 18
-
-
-def resolve_dtype(name: str, config) -> torch.dtype:
-    if name != "auto":
-        return _DTYPES[name]
-    cfg = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
-    if isinstance(cfg, torch.dtype):
-        return cfg
-    return _DTYPES.get(str(cfg), torch.float32)
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).replace("torch.", "")
 
 
 @dataclass
@@ -75,14 +53,14 @@ class ModelRunner:
         hf_config = AutoConfig.from_pretrained(args.model_path)
         self.dtype = resolve_dtype(args.dtype, hf_config)
         t0 = time.perf_counter()
-        logger.info("loading %s (%s, %s) ...", args.model_path, _dtype_name(self.dtype), self.device)
+        logger.info("loading %s (%s, %s) ...", args.model_path, dtype_name(self.dtype), self.device)
         self.model = load_model(args.model_path, self.dtype, "cpu" if self.tp else self.device)
         self.config = self.model.config
         n_params = sum(p.numel() for p in self.model.parameters())
         n_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
         logger.info(
             "loaded %s: %.1fM parameters, %.1f MB of %s weights, in %.1f s",
-            args.model_path, n_params / 1e6, n_bytes / 1e6, _dtype_name(self.dtype), time.perf_counter() - t0,
+            args.model_path, n_params / 1e6, n_bytes / 1e6, dtype_name(self.dtype), time.perf_counter() - t0,
         )
         if self.tp:
             from radixlm.runtime.distributed.sharding import shard_model

@@ -144,13 +144,13 @@ class OutputProcessor:
                                  self.grammars.masks(reqs))
         res = self.sampler(logits, sb)
         lp = iter(res.logprobs) if res.logprobs is not None else iter(())
-        return [(r, tok, next(lp) if r.return_logprob else None) for r, tok in zip(reqs, res.next_ids)]
+        return [(r, tok, next(lp) if r.logprob.return_logprob else None) for r, tok in zip(reqs, res.next_ids)]
 
     def _accept(self, r: Req, tok: int, lp_row: torch.Tensor | None) -> None:
         if lp_row is not None:
             r.new_output_token_logprobs.append(TokenLogprob(float(lp_row[tok]), tok))
-            if r.top_logprobs_num:
-                r.new_output_top_logprobs.append(top_logprobs(lp_row, r.top_logprobs_num))
+            if r.logprob.top_logprobs_num:
+                r.new_output_top_logprobs.append(top_logprobs(lp_row, r.logprob.top_logprobs_num))
         self.append_token(r, tok, lp_row)
 
     def guarded(self, r: Req, stage: str, fn: Any, *args: Any) -> Any:
@@ -175,10 +175,10 @@ class OutputProcessor:
             self.running.remove(r)
 
     def _input_logprobs(self, r: Req, lp: torch.Tensor, row0: int, pos0: int, n: int) -> None:
-        start, n_in = r.logprob_start_len, len(r.input_ids)
+        start, n_in = r.logprob.logprob_start_len, len(r.input_ids)
         if pos0 == 0 and start == 0:
             r.new_input_token_logprobs.append(TokenLogprob(None, r.input_ids[0]))
-            if r.top_logprobs_num:
+            if r.logprob.top_logprobs_num:
                 r.new_input_top_logprobs.append(None)
         for j in range(n):
             nxt = pos0 + j + 1  # the logits at position p score the token at p + 1
@@ -186,8 +186,8 @@ class OutputProcessor:
                 row = lp[row0 + j]
                 tok = r.input_ids[nxt]
                 r.new_input_token_logprobs.append(TokenLogprob(float(row[tok]), tok))
-                if r.top_logprobs_num:
-                    r.new_input_top_logprobs.append(top_logprobs(row, r.top_logprobs_num))
+                if r.logprob.top_logprobs_num:
+                    r.new_input_top_logprobs.append(top_logprobs(row, r.logprob.top_logprobs_num))
         if pos0 + n >= n_in:
             r.input_logprobs_done = True
 
@@ -249,10 +249,10 @@ class OutputProcessor:
         self.counters.total_generated -= len(r.output_ids) - out_pos
         del r.output_ids[out_pos:]
         r.forced = [f for f in r.forced if f[0] < idx]
-        if r.return_logprob:
+        if r.logprob.return_logprob:
             off = max(out_pos - r.sent_len, 0)
             del r.new_output_token_logprobs[off:]
-            if r.top_logprobs_num:
+            if r.logprob.top_logprobs_num:
                 del r.new_output_top_logprobs[off:]
 
     def finish(self, r: Req, reason: dict) -> None:
@@ -291,11 +291,11 @@ class OutputProcessor:
             error=r.error,
         )
         r.sent_len = visible
-        if r.return_logprob:
+        if r.logprob.return_logprob:
             out.input_token_logprobs, r.new_input_token_logprobs = r.new_input_token_logprobs, []
             out.output_token_logprobs = r.new_output_token_logprobs[:k]
             del r.new_output_token_logprobs[:k]
-            if r.top_logprobs_num:
+            if r.logprob.top_logprobs_num:
                 out.input_top_logprobs, r.new_input_top_logprobs = r.new_input_top_logprobs, []
                 out.output_top_logprobs = r.new_output_top_logprobs[:k]
                 del r.new_output_top_logprobs[:k]

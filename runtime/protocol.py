@@ -9,7 +9,8 @@ The in-process Engine uses the same Structs without encoding them.
 
 from __future__ import annotations
 
-from typing import Union
+import re
+from typing import Any, ClassVar, Union
 
 import msgspec
 
@@ -20,6 +21,70 @@ class _Msg(msgspec.Struct, tag=True, kw_only=True, omit_defaults=True):
     pass
 
 
+# --------------------------------------------------------------------------- logprob options
+class LogprobOptions(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """SGLang's four request-level logprob options: the one definition, used by the DSL (``gen``,
+    ``run``), ``GenerateReqInput.normalize``, the wire (``TokenizedGenerateReq``) and ``Req``.
+
+    ``logprob_start_len`` -1 (SGLang's ``None``) asks for output logprobs only; from ``k`` >= 0 the
+    prompt's tokens ``k..`` are scored too. ``top_logprobs_num`` > 0 adds that many alternatives per
+    position. ``return_text_in_logprobs`` adds each token's text to the entries (front end only).
+    """
+
+    return_logprob: bool = False
+    logprob_start_len: int = -1
+    top_logprobs_num: int = 0
+    return_text_in_logprobs: bool = False
+
+    FIELDS: ClassVar[tuple[str, ...]] = (
+        "return_logprob", "logprob_start_len", "top_logprobs_num", "return_text_in_logprobs")
+
+    def __post_init__(self) -> None:
+        if self.logprob_start_len < -1:
+            raise ValueError(f"logprob_start_len must be >= -1, got {self.logprob_start_len}")
+        if self.top_logprobs_num < 0:
+            raise ValueError(f"top_logprobs_num must be >= 0, got {self.top_logprobs_num}")
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any] | None) -> "LogprobOptions":
+        """User input (kwargs or a body's fields; ``None`` values mean unset) → validated options.
+        Raises ValueError naming the field."""
+        values = {k: v for k, v in (d or {}).items() if v is not None}
+        unknown = sorted(k for k in values if k not in cls.FIELDS)
+        if unknown:
+            raise ValueError(f"unknown logprob option(s) {unknown}")
+        try:
+            return msgspec.convert(values, cls)
+        except msgspec.ValidationError as e:
+            raise ValueError(field_error_message(e)) from None
+
+    def replace(self, **changes: Any) -> "LogprobOptions":
+        """A copy with ``changes`` applied (``None`` values keep the current value), validated."""
+        return LogprobOptions.from_dict({**self.to_dict(), **changes})
+
+    def to_dict(self) -> dict[str, Any]:
+        """The options that differ from the defaults (what a ``/generate`` body needs to carry)."""
+        return msgspec.to_builtins(self)
+
+    def for_scheduler(self) -> "LogprobOptions":
+        """What a ``Req`` keeps: without ``return_logprob`` the other options mean nothing."""
+        return self if self.return_logprob else LogprobOptions(return_text_in_logprobs=self.return_text_in_logprobs)
+
+
+def field_error_message(e: msgspec.ValidationError) -> str:
+    """msgspec's "Expected `int`, got `str` - at `$.top_logprobs_num[0]`" → "top_logprobs_num: Expected
+    `int`, got `str`", so the message names the field first, as every ValueError of the runtime does."""
+    msg = str(e)
+    head, sep, where = msg.partition(" - at ")
+    m = re.search(r"\$\.([A-Za-z_][A-Za-z0-9_]*)", where) if sep else None
+    if m:
+        return f"{m.group(1)}: {head}"
+    m = re.match(r"Object contains unknown field `([^`]+)`", msg)
+    if m:
+        return f"{m.group(1)}: unknown field"
+    return msg
+
+
 # --------------------------------------------------------------------------- requests to the scheduler
 class TokenizedGenerateReq(_Msg):
     """One sequence to generate. ``n`` > 1 is expanded by the front end into n of these."""
@@ -27,9 +92,7 @@ class TokenizedGenerateReq(_Msg):
     rid: str
     input_ids: list[int]
     sampling_params: SamplingParams
-    return_logprob: bool = False
-    logprob_start_len: int = -1  # -1: only output logprobs (SGLang's default)
-    top_logprobs_num: int = 0
+    logprob: LogprobOptions = LogprobOptions()
     stream: bool = False
     # The KV cache namespace (from cache_salt / extra_key, see generate_request.cache_namespace): the
     # request shares radix-tree nodes and disk blocks only with requests of the same namespace.
@@ -87,6 +150,18 @@ class StatsOut(_Msg):
     stats: dict
 
 
+class ProfileReq(_Msg):
+    """Start or stop the torch profiler in the scheduler (SGLang's /start_profile, /stop_profile)."""
+
+    action: str  # "start" | "stop"
+    output_dir: str = ""  # where "stop" writes the Chrome trace (start's value is kept)
+
+
+class ProfileOut(_Msg):
+    success: bool
+    message: str = ""
+
+
 class ErrorOut(_Msg, kw_only=True):
     """Answer to a request or message that could not be handled; rid empty if unknown."""
 
@@ -94,8 +169,17 @@ class ErrorOut(_Msg, kw_only=True):
     message: str
 
 
-SchedulerInput = Union[TokenizedGenerateReq, AbortReq, FlushCacheReq, GetStatsReq]
-SchedulerOutput = Union[BatchOut, FlushCacheOut, StatsOut, ErrorOut]
+class HeartbeatOut(_Msg):
+    """Scheduler process → front end (through the detokenizer) about once a second, idle or busy: the
+    loop is alive and has run ``step_count`` steps. /health fails when these stop (runtime/server)."""
+
+    step_count: int
+    num_running: int = 0
+    num_waiting: int = 0
+
+
+SchedulerInput = Union[TokenizedGenerateReq, AbortReq, FlushCacheReq, GetStatsReq, ProfileReq]
+SchedulerOutput = Union[BatchOut, FlushCacheOut, StatsOut, ErrorOut, HeartbeatOut, ProfileOut]
 
 _encoder = msgspec.msgpack.Encoder()
 _in_decoder = msgspec.msgpack.Decoder(SchedulerInput)
@@ -117,7 +201,7 @@ def decode_scheduler_output(data: bytes) -> SchedulerOutput:
 # =========================================================================== server plumbing (runtime/server)
 # Added for the multi-process server; the in-process Engine never sees these. Scheduler → detokenizer →
 # tokenizer manager is one ordered path, so control replies (stats, flush) keep their order.
-from typing import Any, Literal  # noqa: E402
+from typing import Literal  # noqa: E402
 
 
 class ReadyOut(_Msg):
@@ -132,7 +216,6 @@ class DetokRegister(_Msg):
     detokenizer needs to turn this rid's token ids into text (it owns the RequestState)."""
 
     req: TokenizedGenerateReq
-    return_text_in_logprobs: bool = False
 
 
 class DetokOut(msgspec.Struct, kw_only=True, omit_defaults=True):
@@ -150,8 +233,9 @@ class DetokBatchOut(_Msg):
     outputs: list[DetokOut]
 
 
-DetokenizerInput = Union[BatchOut, FlushCacheOut, StatsOut, ErrorOut, ReadyOut, DetokRegister]
-TokenizerManagerInput = Union[DetokBatchOut, FlushCacheOut, StatsOut, ErrorOut, ReadyOut]
+DetokenizerInput = Union[BatchOut, FlushCacheOut, StatsOut, ErrorOut, ReadyOut, DetokRegister, HeartbeatOut,
+                         ProfileOut]
+TokenizerManagerInput = Union[DetokBatchOut, FlushCacheOut, StatsOut, ErrorOut, ReadyOut, HeartbeatOut, ProfileOut]
 
 _detok_in_decoder = msgspec.msgpack.Decoder(DetokenizerInput)
 _tm_in_decoder = msgspec.msgpack.Decoder(TokenizerManagerInput)

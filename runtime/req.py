@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from radixlm.runtime.protocol import TokenLogprob
+from radixlm.runtime.protocol import LogprobOptions, TokenLogprob
 from radixlm.runtime.radix_cache import TreeNode
 from radixlm.runtime.sampling_params import SamplingParams
 
@@ -24,9 +24,7 @@ class Req:
     rid: str
     input_ids: list[int]
     sampling_params: SamplingParams
-    return_logprob: bool = False
-    logprob_start_len: int = -1
-    top_logprobs_num: int = 0
+    logprob: LogprobOptions = LogprobOptions()  # with return_logprob False, the others are defaults
     cache_namespace: str = ""  # radix-tree and disk-tier namespace (cache_salt / extra_key); "" is shared
     arrival: int = 0  # scheduler step at which it arrived (FCFS order and aging)
     output_ids: list[int] = field(default_factory=list)
@@ -84,14 +82,14 @@ class Req:
 
     @property
     def needs_input_logprobs(self) -> bool:
-        return self.return_logprob and self.logprob_start_len >= 0 and not self.input_logprobs_done
+        return self.logprob.return_logprob and self.logprob.logprob_start_len >= 0 and not self.input_logprobs_done
 
     @property
     def max_prefix_len(self) -> int:
         """Cached prefix usable at admission: input logprobs need the logits before the first scored token."""
         limit = self.seq_len - 1  # at least one token must be computed to get next-token logits
         if self.needs_input_logprobs:
-            limit = min(limit, max(self.logprob_start_len - 1, 0))
+            limit = min(limit, max(self.logprob.logprob_start_len - 1, 0))
         if self.forced:  # the logits that verify forced tokens must be computed, not cached
             limit = min(limit, self.forced[0][0] - 1)
         return max(limit, 0)

@@ -3,7 +3,9 @@ detokenizer process both use it, so the two front doors produce the same bytes).
 
 It folds the scheduler's per-step ``ReqOutput``s into SGLang-shaped results: text (incremental, UTF-8
 safe, stop strings trimmed), output ids, and ``meta_info`` with logprobs as
-``(logprob, token_id, text|None)``.
+``(logprob, token_id, text|None)``. ``meta_info`` is shaped in one place (``_meta_info``) for both
+kinds of answer: ``result()`` (everything so far: final results and the Engine's stream chunks) and
+``delta()`` (what one step added: the server's stream deltas).
 """
 
 from __future__ import annotations
@@ -23,7 +25,6 @@ class RequestState:
 
     req: TokenizedGenerateReq
     tokenizer: Any
-    return_text_in_logprobs: bool = False
     output_ids: list[int] = field(default_factory=list)
     finished: bool = False
     finish_reason: dict | None = None
@@ -100,15 +101,16 @@ class RequestState:
         return text[: len(text) - hold] if hold else text
 
     # ------------------------------------------------------------------ result
-    def _lp(self, entries) -> list:
-        if self.return_text_in_logprobs:
+    def _lp(self, entries: list[TokenLogprob] | None) -> list:
+        """SGLang's logprob entries: (logprob, token_id, text or None)."""
+        if not entries:
+            return []
+        if self.req.logprob.return_text_in_logprobs:
             return [(e.logprob, e.token_id, self.tokenizer.decode([e.token_id])) for e in entries]
         return [(e.logprob, e.token_id, None) for e in entries]
 
-    def _top(self, entries) -> list:
-        return [None if e is None else self._lp(e) for e in entries]
-
-    def result(self, streaming: bool = False) -> dict:
+    def _meta_info(self, input_lp, input_top, output_lp, output_top) -> dict[str, Any]:
+        """SGLang's ``meta_info`` with the given logprob entries (all so far, or one step's)."""
         meta: dict[str, Any] = {
             "id": self.rid,
             "finish_reason": self.finish_reason,
@@ -116,19 +118,33 @@ class RequestState:
             "completion_tokens": self.completion_tokens,
             "cached_tokens": self.cached_tokens,
         }
-        if self.req.return_logprob:
-            meta["input_token_logprobs"] = self._lp(self.input_token_logprobs)
-            meta["output_token_logprobs"] = self._lp(self.output_token_logprobs)
-            if self.req.top_logprobs_num:
-                meta["input_top_logprobs"] = self._top(self.input_top_logprobs)
-                meta["output_top_logprobs"] = self._top(self.output_top_logprobs)
+        opts = self.req.logprob
+        if opts.return_logprob:
+            meta["input_token_logprobs"] = self._lp(input_lp)
+            meta["output_token_logprobs"] = self._lp(output_lp)
+            if opts.top_logprobs_num:
+                meta["input_top_logprobs"] = [None if e is None else self._lp(e) for e in (input_top or ())]
+                meta["output_top_logprobs"] = [None if e is None else self._lp(e) for e in (output_top or ())]
         if self.error:
             meta["error"] = self.error
+        return meta
+
+    def result(self, streaming: bool = False) -> dict:
+        """Everything so far (``streaming``: text held back where a stop string may still match)."""
+        meta = self._meta_info(self.input_token_logprobs, self.input_top_logprobs,
+                               self.output_token_logprobs, self.output_top_logprobs)
         return {
             "text": self.stream_text() if streaming else self.text(),
             "output_ids": list(self.output_ids),
             "meta_info": meta,
         }
+
+    def delta(self, out: ReqOutput, sent: int) -> dict:
+        """What a streaming client has not seen after ``update(out)``: the text past ``sent`` characters
+        (``len(stream_text())`` before the update), ``out``'s ids and logprob entries."""
+        meta = self._meta_info(out.input_token_logprobs, out.input_top_logprobs,
+                               out.output_token_logprobs, out.output_top_logprobs)
+        return {"text": self.stream_text()[sent:], "output_ids": list(out.new_token_ids), "meta_info": meta}
 
 
 def _stopped_on_token(finish_reason: dict | None, sp: SamplingParams) -> bool:

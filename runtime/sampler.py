@@ -35,7 +35,7 @@ class Sampler:
     def __call__(self, logits: torch.Tensor, reqs: list[Req], masks: torch.Tensor | None = None) -> SampleOutput:
         """logits [B, V] float32 (one row per req); masks [B, V] bool (True = allowed) or None."""
         B, V = logits.shape
-        need_lp = any(r.return_logprob for r in reqs)
+        need_lp = any(r.logprob.return_logprob for r in reqs)
         logprobs = torch.log_softmax(logits, dim=-1) if need_lp else None
         logits = self._apply_penalties(logits, reqs)
         logits = apply_logit_bias(logits, [r.sampling_params for r in reqs])

@@ -27,12 +27,15 @@ from radixlm.runtime.grammar_manager import GrammarManager
 from radixlm.runtime.kv_manager import KVManager
 from radixlm.runtime.model_runner import ModelRunner
 from radixlm.runtime.output_processor import LogitsPlan, OutputProcessor
+from radixlm.runtime.profiler import SchedulerProfiler
 from radixlm.runtime.protocol import (
     AbortReq,
     ErrorOut,
     FlushCacheOut,
     FlushCacheReq,
     GetStatsReq,
+    ProfileOut,
+    ProfileReq,
     ReqOutput,
     SchedulerInput,
     SchedulerOutput,
@@ -53,6 +56,7 @@ logger = logging.getLogger("radixlm.scheduler")
 class Scheduler:
     def __init__(self, args: ServerArgs):
         self.args = args
+        self.profiler = SchedulerProfiler()  # /start_profile, /stop_profile
         if not os.path.isdir(args.model_path):
             raise ValueError(f"model_path: {args.model_path!r} is not a directory (radixlm never downloads models)")
         self.tokenizer = load_tokenizer(args.tokenizer_path or args.model_path)
@@ -112,6 +116,9 @@ class Scheduler:
             return [FlushCacheOut(success=ok, message=message)]
         if isinstance(msg, GetStatsReq):
             return [StatsOut(stats=self.get_stats())]
+        if isinstance(msg, ProfileReq):
+            ok, message = self.profiler.handle(msg.action, msg.output_dir)
+            return [ProfileOut(success=ok, message=message)]
         return [ErrorOut(message=f"unknown message {type(msg).__name__}")]
 
     def add_request(self, tr: TokenizedGenerateReq) -> None:
@@ -134,9 +141,7 @@ class Scheduler:
             rid=tr.rid,
             input_ids=list(tr.input_ids),
             sampling_params=sp,
-            return_logprob=tr.return_logprob,
-            logprob_start_len=tr.logprob_start_len if tr.return_logprob else -1,
-            top_logprobs_num=tr.top_logprobs_num if tr.return_logprob else 0,
+            logprob=tr.logprob.for_scheduler(),
             cache_namespace=tr.cache_namespace,
             arrival=self.step_count,
         )
@@ -169,7 +174,8 @@ class Scheduler:
         return True, "cache flushed"
 
     def close(self) -> None:
-        """Finish background work that must not be lost (queued disk-tier writes)."""
+        """Finish background work that must not be lost (queued disk-tier writes); stop grammar workers."""
+        self.grammars.close()
         self.kv.close()
 
     def has_work(self) -> bool:

@@ -13,12 +13,15 @@ import os
 from dataclasses import dataclass
 from typing import Any, Optional
 
+from radixlm.runtime.dtypes import DTYPE_CHOICES
+
 SCHEDULE_POLICIES = ("lpm", "dfs-weight", "fcfs", "lof", "random")
-DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16", "half", "float", "bf16", "fp16", "fp32")
 HICACHE_WRITE_POLICIES = ("write_through", "write_through_selective", "write_back")
 HICACHE_COMPRESSION = ("auto", "none", "int8", "fp8")
 HICACHE_STORAGE_BACKENDS = (None, "file")
+GRAMMAR_BACKENDS = ("auto", "outlines", "xgrammar")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+DP_POLICIES = ("cache_aware", "round_robin", "power_of_two", "random")  # = radixlm.router.policy.POLICIES
 # Kept in step with runtime/parsers (a test checks): listed here so ServerArgs imports nothing heavy.
 TOOL_CALL_PARSERS = ("auto", "hermes", "qwen25", "qwen", "llama3", "mistral")
 REASONING_PARSERS = ("none", "deepseek-r1", "qwen3")
@@ -93,12 +96,22 @@ class ServerArgs:
     )
     enable_jump_forward: bool = arg(True, "append text a grammar forces without sampling it")
     grammar_cache_size: int = arg(64, "compiled grammars kept (LRU)")
+    grammar_compile_timeout: float = arg(
+        10.0, "seconds one grammar build may take in its worker process; longer: the request fails (400)"
+    )
+    grammar_max_memory_mb: int = arg(2048, "address-space limit of the grammar compile worker process, in MB")
+    grammar_backend: str = arg(
+        "auto", "grammar engine: outlines (regex, JSON schema), xgrammar (also ebnf, structural_tag), "
+        "or auto (outlines where it can, xgrammar for the rest)", GRAMMAR_BACKENDS)
     constrained_json_whitespace_pattern: Optional[str] = arg(
         None, "regex for whitespace between JSON tokens; default: outlines' (an optional space); '' = compact"
     )
     # Parallelism (runtime/distributed; SGLang's flag names)
     tp_size: int = arg(1, "tensor-parallel ranks: attention heads and the MLP are sharded over them")
     dp_size: int = arg(1, "data-parallel replicas behind one front door, routed cache-aware (serve only)")
+    load_balance_method: str = arg(
+        "cache_aware", "how --dp-size routes requests to its replicas (the router's policies)", DP_POLICIES
+    )
     nnodes: int = arg(1, "machines the tensor-parallel ranks span (tp_size is split evenly over them)")
     node_rank: int = arg(0, "this machine's index among --nnodes; node 0 runs the scheduler and HTTP")
     dist_init_addr: Optional[str] = arg(
@@ -122,8 +135,19 @@ class ServerArgs:
         "none", "split <think> reasoning into reasoning_content (DeepSeek-R1, Qwen3); none: off", REASONING_PARSERS
     )
     log_level: str = arg("info", "logging level of the server processes", LOG_LEVELS)
+    incremental_streaming_output: bool = arg(
+        False, "native /generate streams send each chunk's new text, ids and logprobs (SGLang's flag) "
+        "instead of everything so far")
+    stream_interval: int = arg(1, "streaming: send a chunk every this many tokens (a request may set its own)")
     log_interval_s: float = arg(10.0, "seconds between the scheduler's throughput log lines")
     max_request_body_bytes: int = arg(32 * 1024 * 1024, "largest HTTP body or ZeroMQ message (413 above it)")
+    # Liveness (docs/reliability.md)
+    health_stall_timeout: float = arg(
+        30.0, "/health fails once the scheduler has sent no heartbeat (made no progress) for this many seconds"
+    )
+    request_timeout: Optional[float] = arg(
+        None, "seconds a request may take from arrival to its last output; over it: aborted, 504 (default: none)"
+    )
     # Admission limits (runtime/validation.py): a request over one is a 400 naming the field
     max_n: int = arg(128, "largest n (samples per prompt) one request may ask for")
     max_prompts_per_request: int = arg(1024, "most prompts in one batch request, and most sequences (prompts x n)")
@@ -155,6 +179,10 @@ class ServerArgs:
             raise ValueError("hicache_size must be >= 0")
         if self.hicache_storage_backend == "file" and not self.hicache_storage_dir:
             raise ValueError("hicache_storage_dir is required with hicache_storage_backend='file'")
+        if self.enable_hierarchical_cache and self.tp_size > 1:
+            # Each rank holds its own shard of the KV; the tiers move rank 0's pool only.
+            raise ValueError("enable_hierarchical_cache: the KV tiers support tp_size 1 only (got tp_size "
+                             f"{self.tp_size}); use --dp-size replicas, which may share --hicache-storage-dir")
         if self.hicache_storage_dir and not self.enable_hierarchical_cache:
             raise ValueError("hicache_storage_dir needs enable_hierarchical_cache (the disk tier sits behind the host tier)")
         if self.hicache_storage_size_gb <= 0:
@@ -166,6 +194,14 @@ class ServerArgs:
         for name in ("max_n", "max_prompts_per_request", "max_tokens_default_cap"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
+        if self.health_stall_timeout <= 0:
+            raise ValueError("health_stall_timeout must be > 0")
+        if self.request_timeout is not None and self.request_timeout <= 0:
+            raise ValueError("request_timeout must be > 0 (or unset)")
+        if self.grammar_compile_timeout <= 0:
+            raise ValueError("grammar_compile_timeout must be > 0")
+        if self.grammar_max_memory_mb < 256:
+            raise ValueError("grammar_max_memory_mb must be >= 256 (the worker's interpreter needs some)")
         if self.max_prompt_tokens < 0:
             raise ValueError("max_prompt_tokens must be >= 0 (0: the context length)")
         if self.tp_size < 1:
@@ -182,6 +218,8 @@ class ServerArgs:
             raise ValueError("dp_size > 1 with nnodes > 1 is not supported: run a router over one server per node")
         if self.dist_init_addr is not None:
             split_addr(self.dist_init_addr)
+        if self.stream_interval < 1:
+            raise ValueError("stream_interval must be >= 1")
         if self.base_gpu_id < 0:
             raise ValueError("base_gpu_id must be >= 0")
 

@@ -106,12 +106,44 @@ def check_token_ids(ids: Iterable[Any], field: str, vocab_size: int | None) -> N
         raise ValueError(f"{field}: token id {_short(bad)} is out of the vocabulary [0, {hi + 1})")
 
 
+def check_json_strings(value: Any, field: str = "") -> None:
+    """Every string (and key) in a decoded JSON document is encodable: JSON's ``"\\ud800"`` escapes decode
+    to lone surrogates that no tokenizer or encoder accepts. Iterative (no recursion limit to hit)."""
+    stack = [(value, field)]
+    while stack:
+        v, path = stack.pop()
+        if isinstance(v, str):
+            check_str(v, path or "body")
+        elif isinstance(v, dict):
+            for k, x in v.items():
+                key = f"{path}.{k}" if path else str(k)
+                if isinstance(k, str):
+                    check_str(k, f"{path or 'body'} key")
+                stack.append((x, key))
+        elif isinstance(v, list):
+            stack.extend((x, f"{path}[{i}]") for i, x in enumerate(v))
+
+
 def _short(v: Any) -> str:
     s = repr(v)
     return s if len(s) <= 40 else s[:37] + "..."
 
 
 # --------------------------------------------------------------------------- before normalize
+def check_counts(num_prompts: int, ns: list[int], limits: RequestLimits, field: str = "text") -> None:
+    """Prompts per request, ``n`` of each, and the sequences they expand to (prompts × n)."""
+    if num_prompts > limits.max_prompts_per_request:
+        raise ValueError(f"{field}: {num_prompts} prompts in one request, over the limit of "
+                         f"{limits.max_prompts_per_request} (--max-prompts-per-request)")
+    for n in ns:
+        if n > limits.max_n:
+            raise ValueError(f"n: {n} is over the limit of {limits.max_n} (--max-n)")
+    total = sum(max(n, 1) for n in ns)
+    if total > limits.max_sequences_per_request:
+        raise ValueError(f"n: the request expands to {total} sequences (prompts × n), over the limit of "
+                         f"{limits.max_sequences_per_request} (--max-prompts-per-request)")
+
+
 def _n_of(sp: Any) -> Any:
     if isinstance(sp, dict):
         return sp.get("n", 1)
@@ -169,9 +201,7 @@ def check_admission(obj: "GenerateReqInput", limits: RequestLimits) -> None:
         field = "input_ids"
     else:
         num, field = 1, "text" if obj.text is not None else "input_ids"
-    if num > limits.max_prompts_per_request:
-        raise ValueError(f"{field}: {num} prompts in one request, over the limit of {limits.max_prompts_per_request} "
-                         "(--max-prompts-per-request)")
+    check_counts(num, [], limits, field)  # first: the checks below are linear in the prompt count
     if isinstance(obj.text, str):
         check_str(obj.text, "text")
     elif isinstance(obj.text, list):
@@ -179,25 +209,21 @@ def check_admission(obj: "GenerateReqInput", limits: RequestLimits) -> None:
             if isinstance(t, str):
                 check_str(t, f"text[{i}]")
     sps = obj.sampling_params if isinstance(obj.sampling_params, list) else [obj.sampling_params] * num
-    total = 0
-    for sp in sps[:num] if len(sps) >= num else sps:
+    ns = []
+    for sp in sps[:num]:
         n = _n_of(sp)
         if n is None:
             n = 1
         if isinstance(n, bool) or not isinstance(n, int):
             raise ValueError(f"n must be an integer, got {type(n).__name__}")
-        if n > limits.max_n:
-            raise ValueError(f"n: {n} is over the limit of {limits.max_n} (--max-n)")
-        total += max(n, 1)
-    if len(sps) < num:  # a shorter list is normalize's error; count the rest as n=1
-        total += num - len(sps)
-    if total > limits.max_sequences_per_request:
-        raise ValueError(f"n: the request expands to {total} sequences (prompts × n), over the limit of "
-                         f"{limits.max_sequences_per_request} (--max-prompts-per-request)")
-    rids = obj.rid if isinstance(obj.rid, list) else [obj.rid]
-    for r in rids:
-        if isinstance(r, str):
-            check_str(r, "rid", MAX_RID_CHARS)
+        ns.append(n)
+    ns += [1] * (num - len(ns))  # a shorter list is normalize's error; count the rest as n=1
+    check_counts(num, ns, limits, field)
+    for name in ("rid", "cache_salt", "extra_key"):
+        value = getattr(obj, name, None)
+        for r in value if isinstance(value, list) else [value]:
+            if isinstance(r, str):
+                check_str(r, name, MAX_RID_CHARS)
 
 
 # --------------------------------------------------------------------------- after normalize
@@ -221,9 +247,9 @@ def check_request(r: "TokenizedGenerateReq", limits: RequestLimits) -> None:
         raise ValueError(f"input_ids: the prompt has {n_in} tokens, over the limit of {limits.max_prompt_tokens} "
                          "(--max-prompt-tokens / the context length)")
     check_token_ids(r.input_ids, "input_ids", vocab)
-    check_int(r.logprob_start_len, "logprob_start_len", -1, n_in - 1)
+    check_int(r.logprob.logprob_start_len, "logprob_start_len", -1, n_in - 1)
     top_hi = MAX_TOP_LOGPROBS if vocab is None else min(MAX_TOP_LOGPROBS, vocab)
-    check_int(r.top_logprobs_num, "top_logprobs_num", 0, top_hi)
+    check_int(r.logprob.top_logprobs_num, "top_logprobs_num", 0, top_hi)
     check_sampling_params(r.sampling_params, limits)
 
 

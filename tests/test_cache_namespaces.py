@@ -145,9 +145,10 @@ def test_every_server_door_takes_the_namespace(tiny_llama):
 
         oai = openai.OpenAI(base_url=rt.url + "/v1", api_key="none", max_retries=0, timeout=60)
         prompt = "the same long system prompt " * 6
+        model = oai.models.list().data[0].id
 
         def completion(**extra) -> int:
-            c = oai.completions.create(model="m", prompt=prompt, max_tokens=2, temperature=0, extra_body=extra)
+            c = oai.completions.create(model=model, prompt=prompt, max_tokens=2, temperature=0, extra_body=extra)
             return c.usage.prompt_tokens_details.cached_tokens
 
         assert completion(cache_salt="t1") == 0
@@ -156,7 +157,7 @@ def test_every_server_door_takes_the_namespace(tiny_llama):
         msgs = [{"role": "system", "content": prompt}, {"role": "user", "content": "hi"}]
 
         def chat(**extra) -> int:
-            c = oai.chat.completions.create(model="m", messages=msgs, max_tokens=2, temperature=0, extra_body=extra)
+            c = oai.chat.completions.create(model=model, messages=msgs, max_tokens=2, temperature=0, extra_body=extra)
             return c.usage.prompt_tokens_details.cached_tokens
 
         assert chat(extra_key="u1") == 0

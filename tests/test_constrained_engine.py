@@ -12,7 +12,7 @@ from radixlm.runtime.protocol import TokenizedGenerateReq
 from radixlm.runtime.sampling_params import SamplingParams
 from radixlm.runtime.scheduler import Scheduler
 from radixlm.runtime.server_args import ServerArgs
-from constrained_cases import BAD_REGEXES, BAD_SCHEMAS, JSON_SCHEMA_CASES, REGEX_CASES, output_is_valid, schema_json
+from tests.constrained_cases import BAD_REGEXES, BAD_SCHEMAS, JSON_SCHEMA_CASES, REGEX_CASES, output_is_valid, schema_json
 
 SAMPLES = 100
 

@@ -12,7 +12,7 @@ import zlib
 import pytest
 import torch
 
-from constrained_cases import (BAD_REGEXES, BAD_SCHEMAS, JSON_SCHEMA_CASES, REGEX_CASES, Walker,
+from tests.constrained_cases import (BAD_REGEXES, BAD_SCHEMAS, JSON_SCHEMA_CASES, REGEX_CASES, Walker,
                                output_is_valid, schema_json)
 from radixlm.runtime.constrained import JSON_OBJECT_SCHEMA, CompiledGrammar, GrammarBackend, build_vocab
 from radixlm.runtime.constrained.json_schema import bounded_number_regex, integer_range_regex

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from radixlm.runtime.device_sampler import DeviceSampler, SamplingBatch, pack_bitmask, unpack_bitmask
+from radixlm.runtime.protocol import LogprobOptions
 from radixlm.runtime.req import Req
 from radixlm.runtime.sampler import Sampler
 from radixlm.runtime.sampling_params import SamplingParams
@@ -35,7 +36,7 @@ class _Slot:
 
 def _req(i: int, output_ids=(), grammar=None, return_logprob=False, **sp) -> Req:
     r = Req(rid=str(i), input_ids=[3, 5, 11 + i, 40 + i], sampling_params=SamplingParams(**sp),
-            return_logprob=return_logprob, output_ids=list(output_ids))
+            logprob=LogprobOptions(return_logprob=return_logprob), output_ids=list(output_ids))
     if grammar is not None:
         r.grammar = _Slot(grammar)
     return r
@@ -96,7 +97,7 @@ def test_same_tokens_as_host_reference():
         host, dev = _both(reqs, logits, rows)
         assert dev.next_ids == host.next_ids
         # Logprob rows: only the requests that asked, equal to the reference's rows.
-        asked = [i for i, r in enumerate(reqs) if r.return_logprob]
+        asked = [i for i, r in enumerate(reqs) if r.logprob.return_logprob]
         assert dev.logprobs.shape == (len(asked), V)
         torch.testing.assert_close(dev.logprobs, host.logprobs[asked], rtol=0, atol=0)
 

@@ -12,7 +12,7 @@ import subprocess
 import sys
 
 import pytest
-from test_lang_support import shared_runtime
+from tests.lang_helpers import shared_runtime
 
 pytestmark = pytest.mark.slow  # starts servers or subprocesses: not in the fast tier
 

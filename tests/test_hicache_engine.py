@@ -183,6 +183,8 @@ def test_hicache_settings_are_validated_by_name(tiny_llama, tmp_path):
         _engine(tiny_llama, hicache_storage_dir=str(tmp_path))
     with pytest.raises(ValueError, match="hicache_ratio"):
         _engine(tiny_llama, enable_hierarchical_cache=True, hicache_ratio=0)
+    with pytest.raises(ValueError, match="enable_hierarchical_cache.*tp_size"):
+        _engine(tiny_llama, enable_hierarchical_cache=True, tp_size=2)
 
 
 @pytest.mark.slow
@@ -222,7 +224,7 @@ def test_admission_counts_the_tier_load_and_defers_a_load_that_cannot_fit(tiny_l
     for i, f in enumerate(fillers):  # push the prefix out of the device pool (it stays in the host tier)
         run(f"f{i}", f)
         drain()
-    assert sched.kv.match(type("R", (), {"all_ids": prefix, "max_prefix_len": 64})()).host_len == 64
+    assert sched.cache.match_prefix(prefix).host_len == 64
     run("long", long_prompt, max_new=60)
     for _ in range(3):
         sched.step()
@@ -312,3 +314,41 @@ def test_disk_directory_is_bounded_and_keeps_the_recent_prefixes(tiny_llama, voc
         newest = eng.generate(input_ids=prompts[-1], sampling_params=GREEDY)
         oldest = eng.generate(input_ids=prompts[0], sampling_params=GREEDY)
     assert newest["meta_info"]["cached_tokens"] == 32 and oldest["meta_info"]["cached_tokens"] == 0
+
+
+@pytest.mark.slow
+def test_a_step_loads_at_most_max_prefill_tokens_from_the_tiers(tiny_llama, vocab):
+    """Two requests with 64-token host hits and max_prefill_tokens 80: the first load is the step's
+    first admission and goes; the second would exceed the step's load budget and waits one step."""
+    from radixlm.runtime.protocol import TokenizedGenerateReq
+    from radixlm.runtime.sampling_params import SamplingParams
+    from radixlm.runtime.scheduler import Scheduler
+    from radixlm.runtime.server_args import ServerArgs
+
+    rng = random.Random(12)
+    prefixes = [[rng.randrange(3, vocab) for _ in range(64)] for _ in range(2)]
+    filler = [rng.randrange(3, vocab) for _ in range(150)]
+    args = ServerArgs(model_path=tiny_llama, dtype="float32", device="cpu", max_total_tokens=200,
+                      max_prefill_tokens=80, enable_hierarchical_cache=True, hicache_compression="none",
+                      hicache_ratio=4)
+    sched = Scheduler(args)
+    sp = SamplingParams(temperature=0, max_new_tokens=2, ignore_eos=True)
+
+    def drain() -> None:
+        while sched.has_work():
+            sched.step()
+
+    for i, ids in enumerate(prefixes + [filler]):  # the filler pushes both prefixes to the host tier
+        sched.add_request(TokenizedGenerateReq(rid=f"w{i}", input_ids=ids, sampling_params=sp))
+        drain()
+    assert [sched.cache.match_prefix(p).host_len for p in prefixes] == [64, 64]
+    sp8 = SamplingParams(temperature=0, max_new_tokens=8, ignore_eos=True)
+    for i, p in enumerate(prefixes):
+        sched.add_request(TokenizedGenerateReq(rid=f"h{i}", input_ids=p + [5, 6], sampling_params=sp8))
+    sched.step()
+    assert [r.rid for r in sched.running] == ["h0"] and sched.get_stats()["hicache_loaded_tokens"] == 64
+    sched.step()
+    assert {r.rid for r in sched.running} == {"h0", "h1"} and sched.get_stats()["hicache_loaded_tokens"] == 128
+    drain()
+    sched.check_memory()
+    sched.close()

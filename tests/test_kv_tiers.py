@@ -312,6 +312,7 @@ def test_truncated_or_corrupt_block_is_a_miss_and_is_rewritten(tmp_path):
     d.close()
 
 
+@pytest.mark.slow  # kills a writer subprocess
 def test_writer_killed_mid_write_leaves_a_miss_never_a_block(tmp_path):
     """A replica killed while writing (here: stopped inside the write, before the rename) publishes
     nothing under the block's name; a reader sees a miss and the stale temporary file is cleaned up."""

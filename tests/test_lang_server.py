@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 
 import pytest
-from test_lang_support import scheduler_stats, shared_runtime
+from tests.lang_helpers import scheduler_stats, shared_runtime
 
 import radixlm as sgl
 from radixlm.interpreter import ProgramError

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from radixlm.runtime.engine import Engine
-from constrained_cases import REGEX_CASES, schema_json
+from tests.constrained_cases import REGEX_CASES, schema_json
 
 PROMPT = "Answer: "
 
@@ -62,3 +62,23 @@ def test_logprobs_do_not_change_what_is_sampled(engine):
     with_lp = engine.generate(PROMPT, sp, return_logprob=True)
     without = engine.generate(PROMPT, sp)
     assert [o["output_ids"] for o in with_lp] == [o["output_ids"] for o in without]
+
+
+def test_dsl_meta_info_and_streamed_native_logprobs_are_numbers(engine):
+    import radixlm as sgl
+    from radixlm.backend.engine_backend import EngineBackend
+
+    @sgl.function
+    def prog(s):
+        s += PROMPT + sgl.gen("x", json_schema=schema_json("person"), max_tokens=48, temperature=1.0,
+                              return_logprob=True, top_logprobs_num=2)
+
+    for seed in range(4):
+        st = prog.run(backend=EngineBackend(engine), seed=seed)
+        meta = st.get_meta_info("x")
+        assert meta["output_token_logprobs"] and all(isinstance(e[0], float) for e in meta["output_token_logprobs"])
+        assert all(t and all(isinstance(x[0], float) for x in t) for t in meta["output_top_logprobs"])
+    chunks = list(engine.generate(PROMPT, {"regex": REGEX_CASES["forced_sentence"], "temperature": 1.0,
+                                           "max_new_tokens": 48, "seed": 2}, return_logprob=True, stream=True))
+    lps = [e for c in chunks for e in c["meta_info"]["output_token_logprobs"]]
+    assert lps and all(isinstance(e[0], float) for e in lps)

@@ -104,3 +104,15 @@ def test_offsets_without_echo_and_batched_prompts(engine):
         assert len(c["logprobs"]["tokens"]) == 6 or c["finish_reason"] == "stop"
     echo = _complete(engine, prompt=["naïve 日本", "🙂🙂"], echo=True, max_tokens=2, temperature=0)
     assert [c["text"][: len(p)] for c, p in zip(echo["choices"], ["naïve 日本", "🙂🙂"])] == ["naïve 日本", "🙂🙂"]
+
+
+def test_echo_with_max_tokens_0_scores_the_prompt_and_generates_nothing(engine, hf_model):
+    """lm-eval's loglikelihood request shape (echo, logprobs, max_tokens=0): the prompt alone, scored."""
+    out = _complete(engine, prompt=PROMPT, echo=True, logprobs=1, max_tokens=0)
+    c = out["choices"][0]
+    assert c["text"] == PROMPT and out["usage"]["completion_tokens"] == 0
+    _check_offsets(c)
+    plain = engine.tokenizer(PROMPT, add_special_tokens=False).input_ids
+    bos = engine.tokenizer.bos_token_id
+    assert c["logprobs"]["token_logprobs"] == pytest.approx(_hf_scores(hf_model, [bos] + plain), abs=1e-4)
+    assert c["finish_reason"] == "length"

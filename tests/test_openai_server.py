@@ -62,3 +62,32 @@ def test_echo_streamed_equals_whole(oai):
     assert tokens == whole.logprobs.tokens and "".join(tokens) == text
     assert offsets == whole.logprobs.text_offset
     assert all(isinstance(x, float) for x in whole.logprobs.token_logprobs)
+
+
+def test_nothing_silently_ignored(rt, oai):
+    msgs = [{"role": "user", "content": "x"}]
+    for field, value in [("audio", {"voice": "alloy", "format": "wav"}), ("modalities", ["text", "audio"]),
+                         ("prediction", {"type": "content", "content": "x"}), ("reasoning_effort", "low")]:
+        with pytest.raises(openai.BadRequestError) as e:
+            oai.chat.completions.create(model="default", messages=msgs, max_tokens=2, extra_body={field: value})
+        assert e.value.response.json()["error"]["param"] == field
+    with pytest.raises(openai.BadRequestError) as e:
+        oai.chat.completions.create(model="default", messages=msgs, max_tokens=2, store=True)
+    assert e.value.response.json()["error"]["param"] == "store"
+    with pytest.raises(openai.BadRequestError) as e:
+        oai.completions.create(model="default", prompt="x", max_tokens=2, stream_options={"include_usage": True})
+    assert e.value.response.json()["error"]["param"] == "stream_options"
+    ok = oai.chat.completions.create(model="default", messages=msgs, max_tokens=2, modalities=["text"],
+                                     metadata={"k": "v"}, user="u1", extra_body={"not_a_field": 1})
+    assert ok.choices[0].message.content is not None
+
+
+def test_continuous_usage_stats(oai):
+    chunks = list(oai.chat.completions.create(
+        model="default", messages=[{"role": "user", "content": "x"}], max_tokens=6, temperature=0, stream=True,
+        stream_options={"include_usage": True, "continuous_usage_stats": True}))
+    usages = [c.usage for c in chunks]
+    assert all(u is not None for u in usages)
+    completion = [u.completion_tokens for u in usages]
+    assert completion == sorted(completion) and completion[-1] == 6 and not chunks[-1].choices
+    assert len({u.prompt_tokens for u in usages}) == 1

@@ -172,3 +172,50 @@ def test_worker_tree_is_trimmed_to_the_workers_cache_and_cleared_on_flush_or_res
     w.tree.insert("abc")
     w.apply_info(_info(20, 10, pid=8))  # a new scheduler process
     assert w.tree.size == 0
+
+
+def test_dp_policies_are_the_routers_and_the_cli_has_a_router(capsys):
+    from radixlm.router.policy import POLICIES
+    from radixlm.runtime.cli import main
+    from radixlm.runtime.server_args import DP_POLICIES, ServerArgs
+
+    assert DP_POLICIES == POLICIES
+    with pytest.raises(ValueError, match="load_balance_method"):
+        ServerArgs(model_path="m", load_balance_method="shortest_queue")
+    with pytest.raises(SystemExit) as e:
+        main(["router", "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    for flag in ("--worker-urls", "--policy", "--cache-threshold", "--balance-abs-threshold",
+                 "--balance-rel-threshold", "--spread-threshold"):
+        assert flag in out
+    with pytest.raises(SystemExit) as e:
+        main(["router", "--worker-urls", "nowhere"])
+    assert e.value.code == 2 and "url" in capsys.readouterr().err
+
+
+def test_trees_are_bounded_without_summaries():
+    import httpx
+
+    from radixlm.router.workers import WorkerSet
+
+    ws = WorkerSet(("http://w:1",), httpx.AsyncClient(), {}, 1.0, 1, max_tree_chars=1000)
+    tree = ws.workers["http://w:1"].tree
+    for i in range(30):
+        tree.insert(f"{i:02d}" * 50)
+    ws.bound_trees()
+    assert tree.size <= 900 and tree.match("29" * 50) == 100
+
+
+def test_dp_replicas_get_their_own_port_devices_and_rendezvous():
+    from radixlm.runtime.distributed.data_parallel import replica_args
+    from radixlm.runtime.server_args import ServerArgs
+
+    a = ServerArgs(model_path="m", dp_size=3, tp_size=2, base_gpu_id=1, host="0.0.0.0", port=8000,
+                   dist_init_addr="127.0.0.1:29500", api_key="k")
+    reps = [replica_args(a, i, 9000 + i) for i in range(3)]
+    assert [r.base_gpu_id for r in reps] == [1, 3, 5]  # tp ranks of replica i: base + i * tp_size ...
+    assert all(r.dp_size == 1 and r.tp_size == 2 and r.host == "127.0.0.1" for r in reps)
+    assert [r.port for r in reps] == [9000, 9001, 9002]
+    assert all(r.dist_init_addr is None for r in reps)  # each picks its own free rendezvous port
+    assert all(r.api_key == "k" for r in reps)  # the front door passes the client's key on

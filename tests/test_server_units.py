@@ -13,6 +13,7 @@ from radixlm.runtime.protocol import (
     BatchOut,
     DetokRegister,
     ErrorOut,
+    LogprobOptions,
     ReqOutput,
     StatsOut,
     TokenizedGenerateReq,
@@ -22,11 +23,11 @@ from radixlm.runtime.protocol import (
 )
 from radixlm.runtime.sampling_params import SamplingParams
 from radixlm.runtime.server.detokenizer_process import DetokenizerManager
-from radixlm.runtime.server.native_protocol import parse_generate_body
 from radixlm.runtime.server.openai_api import constrained_sampling_fields
 from radixlm.runtime.server.openai_protocol import ResponseFormat
 from radixlm.runtime.server.runtime_handle import server_args_to_argv
-from radixlm.runtime.server.tokenizer_manager import RequestError, StreamAccumulator
+from radixlm.runtime.server.native_api import StreamAccumulator, parse_generate_body
+from radixlm.runtime.server.request_errors import RequestError
 from radixlm.runtime.server_args import ServerArgs
 
 
@@ -95,8 +96,9 @@ def test_output_before_registration_waits(tokenizer):
                       completion_tokens=len(ids),
                       output_token_logprobs=[TokenLogprob(-0.5, t) for t in ids])
     assert detok.handle_bytes(encode(BatchOut(outputs=[early]))) is None
-    req = TokenizedGenerateReq(rid="e", input_ids=[1], sampling_params=SamplingParams(), return_logprob=True)
-    data = detok.handle_bytes(encode(DetokRegister(req=req, return_text_in_logprobs=True)))
+    req = TokenizedGenerateReq(rid="e", input_ids=[1], sampling_params=SamplingParams(),
+                               logprob=LogprobOptions(return_logprob=True, return_text_in_logprobs=True))
+    data = detok.handle_bytes(encode(DetokRegister(req=req)))
     (out,) = decode_tokenizer_manager_input(data).outputs
     assert out.data["text"] == "hi"
     assert [e[1] for e in out.data["meta_info"]["output_token_logprobs"]] == ids

@@ -141,3 +141,48 @@ def test_tool_grammar_compiles_and_opens_a_call_in_one_token(make_model):
         assert m.is_accepting() and mask[tok("\n", add_special_tokens=False).input_ids[0]]
     finally:
         be.shutdown()
+
+
+CALL_TEXT = '<tool_call>\n{"name": "noop", "arguments": {}}\n</tool_call>'
+
+
+@pytest.mark.parametrize("parser, text, ok", [
+    ("qwen3", CALL_TEXT, True),  # the block is optional for Qwen3
+    ("qwen3", "<think>\nI could write <tool_call> here\n</think>\n\n" + CALL_TEXT, True),
+    ("qwen3", "<think>\nstill thinking", False),
+    ("qwen3", "prose", False),  # required: an answer is calls
+    ("deepseek-r1", "I could write <tool_call> here\n</think>\n\n" + CALL_TEXT, True),
+    ("deepseek-r1", CALL_TEXT, False),  # the prompt opened the block: a call inside it is no call
+    ("deepseek-r1", "thinking </think>", False),
+])
+def test_reasoning_models_reason_before_required_calls(parser, text, ok):
+    """With a reasoning parser, tool_choice=required lets the model reason (tool-call markers included: they
+    are not calls there), then requires the calls; the parse of every accepted output has the calls."""
+    from radixlm.runtime.server.openai_tools import ToolPlan, parse_choice
+
+    rp = get_reasoning_parser(parser)
+    hermes = get_parser("hermes")
+    regex = rp.wrap_grammar(hermes.calls_regex(TOOLS, True), prose_first=False)
+    assert bool(re.fullmatch(regex, text)) is ok
+    if ok:
+        parsed = parse_choice(text, ToolPlan("required", TOOLS, TOOLS, True, False, hermes), rp)
+        assert [c.name for c in parsed.calls] == ["noop"]
+
+
+def test_reasoning_grammar_compiles_on_a_real_vocabulary(make_model):
+    from radixlm.runtime.constrained import GrammarBackend
+    from radixlm.runtime.hf_tokenizer import load_tokenizer
+
+    tok = load_tokenizer(make_model("qwen2", family="qwen3"))
+    be = GrammarBackend(tok, vocab_size=len(tok), eos_token_ids=[2, 4])
+    try:
+        for parser in ("qwen3", "deepseek-r1"):
+            rp = get_reasoning_parser(parser)
+            regex = rp.wrap_grammar(get_parser("hermes").calls_regex(TOOLS, False), prose_first=False)
+            m = be.compile("regex", regex).new_matcher()
+            text = ("<think>\n" if parser == "qwen3" else "") + "a <tool_call> b\n</think>\n\n" + CALL_TEXT
+            for t in tok(text, add_special_tokens=False).input_ids:
+                m.accept_token(t)
+            assert m.is_accepting()
+    finally:
+        be.shutdown()

@@ -169,5 +169,5 @@ def test_fuzz_only_value_errors_and_accepted_requests_run(tok, body):
     for r in reqs:
         msgspec.msgpack.decode(encode(r))  # the encoder accepts everything validation accepted
         req = Req(rid=r.rid, input_ids=r.input_ids, sampling_params=r.sampling_params,
-                  return_logprob=r.return_logprob)
+                  logprob=r.logprob)
         sampler(torch.randn(1, vocab), [req])  # the two crashes of the issue lived here

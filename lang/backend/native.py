@@ -41,6 +41,8 @@ def _mean(values: list[float]) -> float:
 
 class NativeBackend(BaseBackend):
     support_concate_and_append = False
+    # The server streams deltas (radixlm or SGLang with --incremental-streaming-output).
+    incremental_stream = False
 
     # ------------------------------------------------------------------ transport (subclasses)
     def _request(self, data: dict[str, Any]) -> Union[dict, list[dict]]:
@@ -69,15 +71,27 @@ class NativeBackend(BaseBackend):
         data = self._body(s, sampling_params)
         data["stream"] = True
         sent = ""
+        meta: dict[str, Any] = {}
         for chunk in self._request_stream(data):
             if chunk.get("index", 0) != 0:
                 continue  # n > 1: the program's text follows the first sequence
             text = chunk.get("text", "")
-            # Chunks carry the text so far (SGLang semantics); tolerate deltas as well.
-            new = text[len(sent):] if text.startswith(sent) else text
-            sent = text if text.startswith(sent) else sent + text
-            if new or chunk.get("meta_info", {}).get("finish_reason") is not None:
-                yield new, chunk.get("meta_info", {})
+            delta_meta = chunk.get("meta_info", {})
+            if self.incremental_stream:  # --incremental-streaming-output: chunks are deltas
+                new = text
+                for k, v in delta_meta.items():
+                    if k.endswith("_logprobs") and isinstance(v, list):
+                        meta.setdefault(k, []).extend(v)
+                    else:
+                        meta[k] = v
+            else:  # chunks carry everything so far (SGLang's default)
+                new = text[len(sent):] if text.startswith(sent) else text
+                meta = delta_meta
+            sent += new
+            if new or delta_meta.get("finish_reason") is not None:
+                # Always cumulative (the program's meta_info is the whole result); a snapshot, since
+                # the lists keep growing.
+                yield new, {k: list(v) if isinstance(v, list) else v for k, v in meta.items()}
 
     def select(
         self,

@@ -37,6 +37,7 @@ class RuntimeEndpoint(NativeBackend):
             self._http.headers["Authorization"] = f"Bearer {api_key}"
         self.model_info = self._get("/get_model_info")
         info = self._get("/get_server_info")
+        self.incremental_stream = bool(info.get("incremental_streaming_output"))
         self._client = None
         address = info.get("zmq_frontdoor") if use_zmq else None
         if address:

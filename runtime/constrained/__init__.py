@@ -12,7 +12,7 @@ Typical use in the scheduler::
     if matcher.is_finished(): ...                               # only EOS can follow: end the request
 """
 
-from radixlm.runtime.constrained.backend import GrammarBackend, validate_grammar
+from radixlm.runtime.constrained.backend import GrammarBackend, grammar_key, validate_grammar
 from radixlm.runtime.constrained.grammar import CompiledGrammar, GrammarMatcher, JumpForward
 from radixlm.runtime.constrained.json_schema import JSON_OBJECT_SCHEMA, schema_to_regex
 from radixlm.runtime.constrained.vocab import TokenizerVocab, build_vocab
@@ -20,6 +20,7 @@ from radixlm.runtime.constrained.vocab import TokenizerVocab, build_vocab
 __all__ = [
     "GrammarBackend",
     "validate_grammar",
+    "grammar_key",
     "CompiledGrammar",
     "GrammarMatcher",
     "JumpForward",

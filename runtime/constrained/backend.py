@@ -1,8 +1,8 @@
 """GrammarBackend: compiles regexes and JSON schemas for one tokenizer, off the scheduler's critical path.
 
 One backend per tokenizer (so the cache key is just (kind, pattern)). ``submit`` returns a Future at once;
-compiles run in a small thread pool (outlines-core releases the GIL while it builds an Index, so the
-scheduler keeps decoding meanwhile). Compiled grammars — and compile errors, which are deterministic —
+compiles run in a small thread pool, each thread handing the build to its own bounded worker process
+(``compile_worker.py``: a time and a memory limit; the scheduler keeps decoding meanwhile). Compiled grammars — and compile errors, which are deterministic —
 stay in an LRU cache; concurrent requests for the same pattern share one compile.
 """
 
@@ -14,18 +14,27 @@ from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Sequence
 
-from outlines_core import Index, Vocabulary
-
 from radixlm.runtime.constrained.grammar import CompiledGrammar
 from radixlm.runtime.constrained.json_schema import schema_to_regex
-from radixlm.runtime.constrained.patterns import ascii_shorthands
+from radixlm.runtime.constrained.compile_worker import CompileLimits, CompileWorker, GrammarLimitError, to_binary
+from radixlm.runtime.constrained.patterns import ascii_shorthands, strip_end_anchors
+from radixlm.runtime.constrained.regex_check import check_regex_cheap
 from radixlm.runtime.constrained.vocab import END_MARK, TokenizerVocab, build_vocab
 
-KINDS = ("regex", "json")
-_FIELD = {"regex": "regex", "json": "json_schema"}  # SamplingParams field names, for error messages
+KINDS = ("regex", "json", "ebnf", "structural_tag")
+# SamplingParams field names, for error messages
+_FIELD = {"regex": "regex", "json": "json_schema", "ebnf": "ebnf", "structural_tag": "structural_tag"}
+CFG_KINDS = ("ebnf", "structural_tag")  # need a context-free engine (xgrammar), not outlines-core
+ENGINES = ("auto", "outlines", "xgrammar")  # --grammar-backend; auto: outlines-core, xgrammar for CFGs
 
-# Every byte as its own token: checks regex syntax with the same engine as the real compile, cheaply.
-_BYTE_VOCAB = Vocabulary(256, {bytes([b]): [b] for b in range(256)})
+
+def grammar_key(sp: Any) -> tuple[str, str] | None:
+    """(kind, pattern) of a request's grammar (SamplingParams allows at most one), or None."""
+    for kind, field in _FIELD.items():
+        value = getattr(sp, field, None)
+        if value is not None:
+            return kind, value
+    return None
 
 
 def _regex_error(field: str, pattern: str, err: BaseException) -> ValueError:
@@ -42,25 +51,28 @@ def _regex_error(field: str, pattern: str, err: BaseException) -> ValueError:
 
 
 def check_regex(pattern: str, field: str = "regex") -> None:
-    """Raise ValueError if outlines-core cannot build an automaton for ``pattern`` (cost: building it)."""
-    try:
-        Index(pattern, _BYTE_VOCAB)
-    except BaseException as e:  # ValueError from outlines-core, or a Rust panic (a BaseException)
-        if isinstance(e, (KeyboardInterrupt, SystemExit)):
-            raise
-        raise _regex_error(field, pattern, e) from None
+    """Raise ValueError if ``pattern`` is malformed, uses what a DFA cannot do, or is far too large.
+
+    Cheap (a parse, no automaton): the real build happens once, in the bounded compile worker."""
+    check_regex_cheap(pattern, field)
 
 
 def validate_grammar(kind: str, pattern: str, json_whitespace_pattern: str | None = None) -> None:
     """Early check without a tokenizer (e.g. in the front-end process): regex syntax, JSON parsing, schema
-    support. ValueError naming the field if bad. Costs building the byte-level automaton for regexes."""
+    support, a size bound. ValueError naming the field if bad. Builds no automaton (microseconds for a
+    regex; a schema costs its translation to a regex)."""
     GrammarBackend._check_args(kind, pattern)
-    if kind == "regex":
-        check_regex(ascii_shorthands(pattern))
+    if kind in CFG_KINDS:
+        from radixlm.runtime.constrained.cfg import validate_cfg
+
+        validate_cfg(kind, pattern)
+    elif kind == "regex":
+        check_regex(strip_end_anchors(ascii_shorthands(pattern)))
     else:
-        _, sub_patterns = schema_to_regex(pattern, json_whitespace_pattern)
+        regex, sub_patterns = schema_to_regex(pattern, json_whitespace_pattern)
         for p in sub_patterns:
             check_regex(p, field="json_schema pattern")
+        check_regex(regex, field="json_schema")
 
 
 class GrammarBackend:
@@ -74,15 +86,27 @@ class GrammarBackend:
 
     def __init__(self, tokenizer: Any, vocab_size: int, cache_size: int = 64, *,
                  eos_token_ids: Sequence[int] | None = None, json_whitespace_pattern: str | None = None,
-                 max_workers: int = 1) -> None:
+                 max_workers: int = 1, compile_limits: CompileLimits | None = None, engine: str = "auto") -> None:
         if cache_size < 1:
             raise ValueError(f"cache_size must be >= 1, got {cache_size}")
+        if engine not in ENGINES:
+            raise ValueError(f"grammar_backend must be one of {list(ENGINES)}, got {engine!r}")
+        self.engine = engine
         self.vocab: TokenizerVocab = build_vocab(tokenizer, vocab_size, eos_token_ids)
+        self._tokenizer = tokenizer
+        self._vocab_size = vocab_size
+        self._xgrammar: Any = None  # XGrammarCompiler, made on first use
         self.cache_size = cache_size
         self.json_whitespace_pattern = json_whitespace_pattern
         self._cache: OrderedDict[tuple[str, str], Future[CompiledGrammar]] = OrderedDict()
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="radixlm-grammar")
+        # Each compile thread drives its own bounded worker process (compile_worker.py): the Index is
+        # never built in this process, so no pattern can take its memory or abort it.
+        self.compile_limits = compile_limits or CompileLimits()
+        self._vocab_binary: bytes | None = None
+        self._local = threading.local()
+        self._workers: list[CompileWorker] = []
 
     # ------------------------------------------------------------------ public API
     def validate(self, kind: str, pattern: str) -> None:
@@ -115,8 +139,22 @@ class GrammarBackend:
         return self.submit(kind, pattern).result()
 
     def shutdown(self, wait: bool = False) -> None:
-        """Stop the compile threads (pending compiles still finish when ``wait``)."""
+        """Stop the compile threads (pending compiles still finish when ``wait``) and their workers."""
         self._pool.shutdown(wait=wait, cancel_futures=not wait)
+        with self._lock:
+            workers, self._workers = self._workers, []
+        for w in workers:
+            w.close()
+
+    def _worker(self) -> CompileWorker:
+        w = getattr(self._local, "worker", None)
+        if w is None:
+            with self._lock:
+                if self._vocab_binary is None:
+                    self._vocab_binary = to_binary(self.vocab.outlines)
+                w = self._local.worker = CompileWorker(self._vocab_binary, self.compile_limits)
+                self._workers.append(w)
+        return w
 
     def cache_info(self) -> dict[str, int]:
         with self._lock:
@@ -130,22 +168,44 @@ class GrammarBackend:
         if not isinstance(pattern, str) or not pattern:
             raise ValueError(f"{_FIELD[kind]} must be a non-empty string, got {pattern!r}")
 
-    def _compile(self, kind: str, pattern: str) -> CompiledGrammar:
-        field = _FIELD[kind]
+    def _uses_xgrammar(self, kind: str) -> bool:
+        if kind in CFG_KINDS:
+            if self.engine == "outlines":
+                raise ValueError(f"{_FIELD[kind]}: this server runs --grammar-backend outlines, which has no "
+                                 "context-free grammars; start it with --grammar-backend xgrammar or auto")
+            return True
+        return self.engine == "xgrammar"
+
+    def _compile_xgrammar(self, kind: str, pattern: str) -> Any:
+        """In this process: xgrammar compiles CFGs in time linear in the grammar (no DFA blow-up)."""
+        with self._lock:
+            if self._xgrammar is None:
+                from radixlm.runtime.constrained.cfg import XGrammarCompiler
+
+                self._xgrammar = XGrammarCompiler(self._tokenizer, self._vocab_size, self.vocab.eos_token_ids)
         if kind == "regex":
-            regex = ascii_shorthands(pattern)
+            pattern = strip_end_anchors(ascii_shorthands(pattern))
+        return self._xgrammar.compile(kind, pattern)
+
+    def _compile(self, kind: str, pattern: str) -> Any:
+        field = _FIELD[kind]
+        if self._uses_xgrammar(kind):
+            return self._compile_xgrammar(kind, pattern)
+        if kind == "regex":
+            regex = strip_end_anchors(ascii_shorthands(pattern))
         else:
             regex, sub_patterns = schema_to_regex(pattern, self.json_whitespace_pattern)
             for p in sub_patterns:
                 check_regex(p, field="json_schema pattern")
+        check_regex(regex, field=field)  # cheap; also the size bound, for callers that skipped validate()
         try:
-            index = Index(f"(?:{regex}){END_MARK}", self.vocab.outlines)
-        except BaseException as e:  # ValueError from outlines-core, or a Rust panic (a BaseException)
-            if isinstance(e, (KeyboardInterrupt, SystemExit)):
-                raise
-            if kind == "regex":
-                check_regex(regex)  # a syntax error gets the clearer message
+            index = self._worker().build(f"(?:{regex}){END_MARK}", field)
+        except GrammarLimitError:
+            raise
+        except ValueError as e:  # outlines-core refused the pattern
             msg = str(e)
+            if kind == "regex" and not ("incompatible" in msg or "no transitions" in msg.lower()):
+                raise _regex_error(field, pattern, e) from None
             if "incompatible" in msg or "no transitions" in msg.lower():
                 raise ValueError(f"{field}: the tokenizer's vocabulary cannot spell this pattern ({msg})") from None
             raise ValueError(f"{field}: cannot compile {pattern[:200]!r}: {msg}") from None

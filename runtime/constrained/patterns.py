@@ -42,3 +42,51 @@ def ascii_shorthands(pattern: str) -> str:
         out.append(c)
         i += 1
     return "".join(out)
+
+
+def _top_level_alternatives(pattern: str) -> list[str]:
+    """``pattern`` split at its top-level ``|`` (outside groups, classes and escapes)."""
+    parts, start, depth, in_class, i = [], 0, 0, False, 0
+    while i < len(pattern):
+        c = pattern[i]
+        if c == "\\":
+            i += 2
+            continue
+        if in_class:
+            if c == "]":
+                in_class = False
+        elif c == "[":
+            in_class = True
+            if pattern[i + 1:i + 2] == "^":
+                i += 1
+            if pattern[i + 1:i + 2] == "]":  # a ']' first in a class is a literal
+                i += 1
+        elif c == "(":
+            depth += 1
+        elif c == ")":
+            depth -= 1
+        elif c == "|" and depth == 0:
+            parts.append(pattern[start:i])
+            start = i + 1
+        i += 1
+    parts.append(pattern[start:])
+    return parts
+
+
+def strip_end_anchors(pattern: str) -> str:
+    """Drop ``^`` at the start and ``$`` at the end of each top-level alternative.
+
+    A constrained output must match the whole pattern anyway, so SGLang (whose engines anchor every
+    grammar) gives these anchors no meaning; outlines-core refuses them. Anchors anywhere else are
+    left alone (and refused by the compiler), since they would mean something else.
+    """
+    out = []
+    for alt in _top_level_alternatives(pattern):
+        if alt.startswith("^"):
+            alt = alt[1:]
+        if alt.endswith("$"):
+            backslashes = len(alt) - 1 - len(alt[:-1].rstrip("\\"))
+            if backslashes % 2 == 0:  # an unescaped '$'
+                alt = alt[:-1]
+        out.append(alt)
+    return "|".join(out)

@@ -15,10 +15,10 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from radixlm.runtime.dtypes import resolve_dtype
 from radixlm.runtime.models import MODEL_REGISTRY
 from radixlm.runtime.models.rope import RotaryEmbedding
 
-_DTYPE_NAMES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Tensors some checkpoints carry that are derived, not learned.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
@@ -29,18 +29,6 @@ def resolve_model_class(config) -> type[nn.Module]:
         if arch in MODEL_REGISTRY:
             return MODEL_REGISTRY[arch]
     raise ValueError(f"architectures {archs} not supported; supported: {sorted(MODEL_REGISTRY)}")
-
-
-def _resolve_dtype(dtype: torch.dtype | str | None, config) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype in (None, "auto"):
-        dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or "float32"
-        if isinstance(dtype, torch.dtype):
-            return dtype
-    if str(dtype) not in _DTYPE_NAMES:
-        raise ValueError(f"dtype must be one of {sorted(_DTYPE_NAMES)} or 'auto', got {dtype!r}")
-    return _DTYPE_NAMES[str(dtype)]
 
 
 def checkpoint_files(model_path: str) -> list[str]:
@@ -109,7 +97,7 @@ def load_model(model_path: str, dtype: torch.dtype | str = "auto", device: torch
 
     config = AutoConfig.from_pretrained(model_path)
     cls = resolve_model_class(config)
-    torch_dtype = _resolve_dtype(dtype, config)
+    torch_dtype = resolve_dtype(dtype, config)
     with torch.device("meta"):
         model = cls(config, device="meta")
     model = model.to(dtype=torch_dtype).to_empty(device=device)

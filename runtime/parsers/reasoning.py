@@ -11,9 +11,10 @@ calls, ``split(text, final=False)`` returns only what more text cannot change, s
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
-from radixlm.runtime.parsers.tool_calls.base import held_prefix
+from radixlm.runtime.parsers.text_regex import held_prefix, text_without  # pure: the DSL imports this module
 
 _WS = " \t\n\r\f\v"
 
@@ -30,6 +31,20 @@ class ReasoningParser:
     start = "<think>"
     end = "</think>"
     starts_inside = False
+
+    def wrap_grammar(self, grammar: str, prose_first: bool) -> str:
+        """The output regex of a reasoning model whose answer must match ``grammar`` (tool calls): the
+        reasoning block is free text (anything but the end marker, tool-call markers included: they are
+        not calls there), then the answer. ``prose_first`` (tool_choice "auto"): the answer may be prose,
+        which may itself begin with the start marker, so a family whose block is optional leaves it to
+        the prose rather than make the two readings compete."""
+        after = f"{re.escape(self.end)}[ \t\n]{{0,4}}(?:{grammar})"
+        block = text_without(self.end, after, then_required=True)
+        if self.starts_inside:
+            return block
+        if prose_first:
+            return grammar
+        return f"(?:{re.escape(self.start)}{block})|(?:{grammar})"
 
     def split(self, text: str, final: bool = True) -> ReasoningSplit:
         body = text.lstrip(_WS)

@@ -14,7 +14,7 @@ def _cls(chars: str) -> str:
     return "[^" + "".join("\\" + c if c in "\\]^-[" else c for c in dict.fromkeys(chars)) + "]"
 
 
-def text_without(marker: str, then: str | None = None) -> str:
+def text_without(marker: str, then: str | None = None, then_required: bool = False) -> str:
     """Regex for every string (newlines and any Unicode included) that does not contain ``marker``.
 
     Requires the marker's first character not to recur in it (``<tool_call>``, ``[TOOL_CALLS]``): then the
@@ -24,7 +24,8 @@ def text_without(marker: str, then: str | None = None) -> str:
     ``then``: a regex that may follow the text (it starts with the marker), giving "prose, then optionally
     ``then``". The alternatives are ordered so that every accepting path has the lowest priority: outlines-core
     builds its automaton with leftmost-first semantics, which drops lower-priority paths once one accepts, so
-    "prose may end here" must never outrank "a call starts here".
+    "prose may end here" must never outrank "a call starts here". ``then_required``: the text must be
+    followed by ``then`` (a reasoning block that has to close before the answer).
     """
     if len(marker) < 2 or marker[0] in marker[1:]:
         raise ValueError(f"text_without: marker {marker!r} must have 2+ characters and a unique first one")
@@ -42,4 +43,14 @@ def text_without(marker: str, then: str | None = None) -> str:
     if not then:
         return f"{loop}*(?:{tail}|)"
     # Prose may end inside a partial marker ("[[" before "[TOOL_CALLS]"), so ``then`` may follow the tail too.
+    if then_required:
+        return f"{loop}*(?:{then}|{tail}{then})"
     return f"{loop}*(?:{then}|{tail}(?:{then}|)|)"
+
+
+def held_prefix(text: str, marker: str) -> int:
+    """Length of the longest suffix of ``text`` that is a proper prefix of ``marker`` (it may still become it)."""
+    for n in range(min(len(marker) - 1, len(text)), 0, -1):
+        if marker.startswith(text[-n:]):
+            return n
+    return 0

@@ -5,12 +5,19 @@ own client identity); ``AsyncFrontDoorClient`` serves one asyncio event loop. Bo
 /generate bodies; answers are the same dicts /generate returns. Errors raise ``FrontDoorError``.
 Closing a stream early (``break`` out of the iterator) aborts the request on the server; so does
 closing the client or exiting the process (the server sees the connection drop).
+
+Liveness: ``FrontDoorClient`` never waits on a dead server. Its sockets use ZeroMQ heartbeats (a PING
+every ``HEARTBEAT_IVL_S``; no answer within ``HEARTBEAT_TIMEOUT_S`` drops the connection, which catches a
+stopped or unreachable host), and a socket monitor turns a dropped connection (a killed server is seen at
+once) into ``FrontDoorError`` status 503 for every waiting call; a server that cannot be reached at all
+is an error after ``connect_timeout`` seconds.
 """
 
 from __future__ import annotations
 
 import asyncio
 import threading
+import time
 import uuid
 from typing import Any, AsyncIterator, Iterator
 
@@ -43,15 +50,63 @@ def _body(body: dict | None, fields: dict[str, Any], stream: bool | None) -> dic
     return out
 
 
+HEARTBEAT_IVL_S = 1.0
+HEARTBEAT_TIMEOUT_S = 5.0
+CONNECT_TIMEOUT_S = 10.0
+
+
+def _liveness_options(s: zmq.Socket) -> None:
+    s.setsockopt(zmq.HEARTBEAT_IVL, int(HEARTBEAT_IVL_S * 1000))
+    s.setsockopt(zmq.HEARTBEAT_TIMEOUT, int(HEARTBEAT_TIMEOUT_S * 1000))
+    s.setsockopt(zmq.HEARTBEAT_TTL, int(HEARTBEAT_TIMEOUT_S * 1000))
+
+
+class _Conn:
+    """One thread's DEALER socket and what its monitor says about the connection."""
+
+    def __init__(self, ctx: zmq.Context, address: str) -> None:
+        self.sock = ctx.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        _liveness_options(self.sock)
+        self.monitor = self.sock.get_monitor_socket(
+            zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED
+        )
+        self.sock.connect(address)
+        self.created = time.monotonic()
+        self.connected = False
+        self.lost = False  # the connection dropped: calls in flight are lost, new ones reconnect
+
+    def events(self) -> None:
+        from zmq.utils.monitor import recv_monitor_message
+
+        while self.monitor.poll(0):
+            ev = recv_monitor_message(self.monitor)["event"]
+            if ev in (zmq.EVENT_CONNECTED, zmq.EVENT_HANDSHAKE_SUCCEEDED):
+                self.connected, self.lost = True, False
+            elif ev == zmq.EVENT_DISCONNECTED:
+                self.connected, self.lost = False, True
+
+    def close(self) -> None:
+        try:
+            self.sock.disable_monitor()
+        except zmq.ZMQError:
+            pass
+        self.monitor.close(0)
+        self.sock.close(0)
+
+
 class FrontDoorClient:
-    def __init__(self, address: str, api_key: str | None = None, timeout: float | None = None):
-        """``timeout``: seconds to wait for each reply (None: forever)."""
+    def __init__(self, address: str, api_key: str | None = None, timeout: float | None = None,
+                 connect_timeout: float = CONNECT_TIMEOUT_S):
+        """``timeout``: seconds to wait for each reply (None: as long as the server is alive and
+        connected; a dead or unreachable server is an error within seconds either way)."""
         self.address = address
         self.api_key = api_key
         self.timeout = timeout
+        self.connect_timeout = connect_timeout
         self._ctx = zmq.Context()
         self._local = threading.local()
-        self._sockets: list[zmq.Socket] = []
+        self._sockets: list[_Conn] = []
         self._lock = threading.Lock()
         self._closed = False
 
@@ -59,21 +114,39 @@ class FrontDoorClient:
     def _sock(self) -> zmq.Socket:
         if self._closed:
             raise FrontDoorError("client is closed")
-        s = getattr(self._local, "sock", None)
-        if s is None:
-            s = self._ctx.socket(zmq.DEALER)
-            s.setsockopt(zmq.LINGER, 0)
-            s.connect(self.address)
-            self._local.sock = s
+        c = getattr(self._local, "conn", None)
+        if c is not None:
+            c.events()
+            if c.lost:  # start the next call on a fresh connection (nothing stale in its queue)
+                with self._lock:
+                    self._sockets.remove(c)
+                c.close()
+                c = None
+        if c is None:
+            c = _Conn(self._ctx, self.address)
+            self._local.conn = c
             with self._lock:
-                self._sockets.append(s)
-        return s
+                self._sockets.append(c)
+        return c.sock
 
     def _recv(self, sock: zmq.Socket, req_id: str) -> ClientChunk:
-        timeout_ms = None if self.timeout is None else int(self.timeout * 1000)
+        conn: _Conn = self._local.conn
+        deadline = None if self.timeout is None else time.monotonic() + self.timeout
         while True:
-            if not sock.poll(timeout_ms):
-                raise TimeoutError(f"no reply from {self.address} within {self.timeout} s")
+            wait_ms = 250  # wake up to look at the connection's state
+            if deadline is not None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError(f"no reply from {self.address} within {self.timeout} s")
+                wait_ms = min(wait_ms, int(left * 1000) + 1)
+            if not sock.poll(wait_ms):
+                conn.events()
+                if conn.lost:
+                    raise FrontDoorError(f"the connection to the server at {self.address} was lost", 503)
+                if not conn.connected and time.monotonic() - conn.created > self.connect_timeout:
+                    raise FrontDoorError(f"cannot reach the server at {self.address} "
+                                         f"(no connection within {self.connect_timeout:g} s)", 503)
+                continue
             try:
                 msg = decode_front_door_reply(sock.recv())
             except msgspec.DecodeError as e:
@@ -133,6 +206,10 @@ class FrontDoorClient:
     def get_server_info(self) -> dict:
         return self.command("get_server_info")
 
+    def get_model_name(self) -> str:
+        """The served model's path, as SGLang's ``Runtime.endpoint.get_model_name()`` gives it."""
+        return self.get_model_info()["model_path"]
+
     def flush_cache(self) -> dict:
         return self.command("flush_cache")
 
@@ -147,8 +224,8 @@ class FrontDoorClient:
             return
         self._closed = True
         with self._lock:
-            for s in self._sockets:
-                s.close(0)
+            for c in self._sockets:
+                c.close()
             self._sockets.clear()
         self._ctx.term()
 

@@ -8,8 +8,8 @@ registration (they travel on different sockets), it waits in ``pending`` until t
 arrives.
 
 What goes to the tokenizer manager per request and step (``DetokOut.data``):
-  * streaming request: a *delta* — ``{"text": new text, "output_ids": new ids, "meta_info": {counts,
-    finish_reason, new logprob entries}}``; the tokenizer manager accumulates it into SGLang's
+  * streaming request: a *delta* (``RequestState.delta``) — ``{"text": new text, "output_ids": new ids,
+    "meta_info": {counts, finish_reason, new logprob entries}}``; the tokenizer manager accumulates it into SGLang's
     cumulative stream chunks or OpenAI deltas, so no step re-sends the whole text;
   * non-streaming request: nothing until it finishes, then ``RequestState.result()``.
 Other scheduler messages (stats, flush replies, errors, ready) are forwarded unchanged.
@@ -31,11 +31,10 @@ from radixlm.runtime.protocol import (
     DetokRegister,
     ErrorOut,
     ReqOutput,
-    TokenLogprob,
     decode_detokenizer_input,
     encode,
 )
-from radixlm.runtime.server.ipc import IpcNames, parent_alive, setup_child_process
+from radixlm.runtime.server.ipc import IpcNames, ParentGone, parent_alive, send_while_parent_alive, setup_child_process
 from radixlm.runtime.server_args import ServerArgs
 
 logger = logging.getLogger("radixlm.detokenizer")
@@ -63,7 +62,9 @@ def run_detokenizer_process(server_args: ServerArgs, ipc: IpcNames, parent_pid: 
             data = recv.recv()
             out = detok.handle_bytes(data)
             if out is not None:
-                send.send(out)
+                send_while_parent_alive(send, out, parent_pid)
+    except ParentGone:
+        logger.warning("parent process is gone; detokenizer exiting")
     except Exception:
         logger.exception("detokenizer crashed")
         sys.exit(1)
@@ -102,7 +103,7 @@ class DetokenizerManager:
         from radixlm.runtime.request_state import RequestState
 
         rid = msg.req.rid
-        self.states[rid] = RequestState(msg.req, self.tokenizer, return_text_in_logprobs=msg.return_text_in_logprobs)
+        self.states[rid] = RequestState(msg.req, self.tokenizer)
         early = self.pending.pop(rid, None)
         return self.process(early) if early else []
 
@@ -119,40 +120,8 @@ class DetokenizerManager:
             if out.finished:
                 del self.states[out.rid]
             if state.req.stream:
-                data: dict | None = self._delta(state, out, sent)
+                data: dict | None = state.delta(out, sent)
             else:
                 data = state.result() if out.finished else None
             result.append(DetokOut(rid=out.rid, num_new_tokens=n_new, finished=out.finished, data=data))
         return result
-
-    def _delta(self, state, out: ReqOutput, sent: int) -> dict:
-        """What a streaming client has not seen yet (text past ``sent`` characters, new ids and logprobs)."""
-        text = state.stream_text()
-        meta: dict[str, Any] = {
-            "id": state.rid,
-            "finish_reason": state.finish_reason,
-            "prompt_tokens": state.prompt_tokens,
-            "completion_tokens": state.completion_tokens,
-            "cached_tokens": state.cached_tokens,
-        }
-        req = state.req
-        if req.return_logprob:
-            with_text = state.return_text_in_logprobs
-            meta["input_token_logprobs"] = self._entries(out.input_token_logprobs, with_text)
-            meta["output_token_logprobs"] = self._entries(out.output_token_logprobs, with_text)
-            if req.top_logprobs_num:
-                meta["input_top_logprobs"] = [
-                    None if t is None else self._entries(t, with_text) for t in (out.input_top_logprobs or [])
-                ]
-                meta["output_top_logprobs"] = [self._entries(t, with_text) for t in (out.output_top_logprobs or [])]
-        if state.error:
-            meta["error"] = state.error
-        return {"text": text[sent:], "output_ids": list(out.new_token_ids), "meta_info": meta}
-
-    def _entries(self, entries: list[TokenLogprob] | None, with_text: bool) -> list:
-        """SGLang's logprob entry shape, (logprob, token_id, text or None), as RequestState.result() gives."""
-        if not entries:
-            return []
-        if with_text:
-            return [(e.logprob, e.token_id, self.tokenizer.decode([e.token_id])) for e in entries]
-        return [(e.logprob, e.token_id, None) for e in entries]

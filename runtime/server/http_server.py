@@ -1,25 +1,27 @@
 """The HTTP front door: a FastAPI app with SGLang's native routes and the OpenAI-compatible ones.
 
 Native: /generate, /get_model_info, /get_server_info (= /server_info), /health, /health_generate,
-/flush_cache, /abort_request, /metrics, /parse_function_call, /separate_reasoning. OpenAI: /v1/models, /v1/completions, /v1/chat/completions.
+/flush_cache, /abort_request, /metrics, /parse_function_call, /separate_reasoning. OpenAI: /v1/models,
+/v1/models/{id}, /v1/completions, /v1/chat/completions; vLLM's /tokenize and /detokenize.
 
 Errors always have OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``: 400 for bad input
 (malformed JSON, wrong types, invalid UTF-8, values out of range — the message names the field), 401
 without the API key, 413 for a body over the limit, 503 once the scheduler is gone. A client that
 disconnects aborts its requests (streaming: Starlette cancels the stream; non-streaming: a watcher on
 the ASGI receive channel).
+
+This module holds the routes; the middleware, body parsing and error bodies are in ``http_guard``, and
+turning a request's events into a response (disconnects, SSE) in ``http_streaming``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
-import hmac
-import json
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator
+from typing import Any
 
 import pydantic
 from fastapi import FastAPI, Request
@@ -28,14 +30,46 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 import radixlm
 from radixlm.runtime.generate_request import GenerateReqInput
-from radixlm.runtime.server import openai_api, openai_tools
-from radixlm.runtime.server.native_protocol import parse_generate_body
+from radixlm.runtime.server import openai_api, openai_tools, openapi_doc
+from radixlm.runtime.server.http_guard import GuardMiddleware, error_response, json_body, validation_error_response
+from radixlm.runtime.server.http_streaming import (
+    SSE_HEADERS,
+    chain,
+    collect,
+    native_stream,
+    sse_guard,
+    start_stream,
+    until_disconnect,
+)
 from radixlm.runtime.server.metrics import CONTENT_TYPE_LATEST, ServerMetrics
-from radixlm.runtime.server.openai_protocol import ChatCompletionRequest, CompletionRequest
+from radixlm.runtime.server.openai_protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    TokenizeChatRequest,
+    TokenizeRequest,
+)
 from radixlm.runtime.server.openai_tools import ChatConfig
-from radixlm.runtime.server.tokenizer_manager import GenEvent, RequestError, RequestHandle, StreamAccumulator, TokenizerManager
+from radixlm.runtime.server.native_api import parse_generate_body
+from radixlm.runtime.server.native_stream import native_streamers
+from radixlm.runtime.server.sglang_routes import register_sglang_routes, sglang_model_info_keys, sglang_server_info_keys
+from radixlm.runtime.server.request_errors import RequestError
+from radixlm.runtime.server.tokenizer_manager import TokenizerManager
 from radixlm.runtime.prompt_format import prompt_format_info
 from radixlm.runtime.server_args import ServerArgs
+from radixlm.runtime.validation import RequestLimits, check_counts
+
+_ERRORS_503 = {503: {"description": "unhealthy (the message says why)"}}
+
+
+def _precheck_counts(prompt: Any, n: int | None, limits: RequestLimits) -> None:
+    """Prompt count and n of an OpenAI request, before its prompts are tokenized (400 naming the field)."""
+    num = len(prompt) if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int) else 1
+    try:
+        check_counts(num, [n or 1] * num, limits, "prompt")
+    except ValueError as e:
+        raise RequestError(str(e)) from None
+
 
 logger = logging.getLogger("radixlm.http")
 
@@ -67,9 +101,10 @@ class ServerContext:
         if self._prompt_format is None:  # derived once: it renders the chat template a few times
             eos = list(self.tm.model_info.get("eos_token_ids", []))
             self._prompt_format = prompt_format_info(self.tm.tokenizer, self.chat_template, eos)
-        return {"model_path": a.model_path, "tokenizer_path": a.tokenizer_path or a.model_path,
-                "is_generation": True, "served_model_name": self.model_name, **self.tm.model_info,
-                **self._prompt_format}
+        return sglang_model_info_keys({
+            "model_path": a.model_path, "tokenizer_path": a.tokenizer_path or a.model_path,
+            "is_generation": True, "served_model_name": self.model_name, **self.tm.model_info,
+            **self._prompt_format})
 
     async def server_info(self) -> dict:
         """Server args (minus the key), addresses, pids, model info and the scheduler's live stats."""
@@ -88,168 +123,16 @@ class ServerContext:
             ipc_dir=tm.ipc.dir,
         )
         info["scheduler_stats"] = await tm.get_stats()
-        return info
+        return sglang_server_info_keys(info)
 
 
 # --------------------------------------------------------------------------- errors
-def error_response(status: int, message: str, param: str | None = None, err_type: str | None = None,
-                   code: str | int | None = None) -> JSONResponse:
-    if err_type is None:
-        err_type = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-                    413: "invalid_request_error", 503: "service_unavailable"}.get(status, "server_error")
-    body = {"error": {"message": message, "type": err_type, "param": param, "code": status if code is None else code}}
-    return JSONResponse(body, status_code=status)
-
-
-def _validation_error(e: pydantic.ValidationError) -> JSONResponse:
-    err = e.errors()[0]
-    loc = [str(x) for x in err.get("loc", ())]
-    param = ".".join(loc) or None
-    return error_response(400, f"{param}: {err.get('msg')}" if param else str(err.get("msg")), param=param)
-
-
-async def json_body(request: Request) -> Any:
-    """The request's JSON (a dict) with precise 400s; the size limit is the middleware's."""
-    raw = await request.body()
-    if not raw.strip():
-        raise RequestError("the request body is empty; expected a JSON object")
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise RequestError(f"the request body is not valid UTF-8 (byte {e.start})") from None
-    try:
-        body = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise RequestError(f"malformed JSON body: {e}") from None
-    if not isinstance(body, dict):
-        raise RequestError(f"the request body must be a JSON object, got {type(body).__name__}")
-    return body
-
-
-class _GuardMiddleware:
-    """Pure-ASGI (streaming-safe) API-key check and request body limit."""
-
-    def __init__(self, app: Any, api_key: str | None, max_body_bytes: int):
-        self.app = app
-        self.api_key = api_key
-        self.max_body_bytes = max_body_bytes
-
-    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
-        if self.api_key and scope.get("path") != "/health":
-            auth = headers.get("authorization", "")
-            token = auth[7:] if auth.lower().startswith("bearer ") else ""
-            if not hmac.compare_digest(token.encode(), self.api_key.encode()):
-                await error_response(401, "invalid or missing API key (Authorization: Bearer ...)")(scope, receive, send)
-                return
-        limit = self.max_body_bytes
-        try:
-            declared = int(headers.get("content-length", "0") or 0)
-        except ValueError:
-            declared = 0
-        if declared > limit:
-            await error_response(413, f"the request body is over the limit of {limit} bytes")(scope, receive, send)
-            return
-        seen = 0
-
-        async def limited_receive() -> dict:
-            nonlocal seen
-            msg = await receive()
-            if msg["type"] == "http.request":
-                seen += len(msg.get("body", b""))
-                if seen > limit:
-                    raise HTTPException(413, f"the request body is over the limit of {limit} bytes")
-            return msg
-
-        await self.app(scope, limited_receive, send)
-
-
-# --------------------------------------------------------------------------- client disconnects
-async def _wait_disconnect(request: Request) -> None:
-    # The body has been read, so the next ASGI message is the disconnect (uvicorn blocks until then).
-    while True:
-        msg = await request.receive()
-        if msg["type"] == "http.disconnect":
-            return
-
-
-async def _until_disconnect(request: Request, coro: Any) -> tuple[bool, Any]:
-    """Run ``coro``; (True, None) if the client went away first (the caller then aborts)."""
-    task = asyncio.ensure_future(coro)
-    watcher = asyncio.ensure_future(_wait_disconnect(request))
-    try:
-        done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
-        if task in done:
-            return False, task.result()
-        task.cancel()
-        return True, None
-    finally:
-        watcher.cancel()
-        if not task.done():
-            task.cancel()
-
-
-async def _collect(handle: RequestHandle) -> list[dict]:
-    results: list[Any] = [None] * len(handle.reqs)
-    async for ev in handle:
-        if ev.finished:
-            results[ev.index] = ev.data
-    return results
-
-
-async def _first_event(handle: RequestHandle) -> GenEvent | None:
-    try:
-        return await handle.__anext__()
-    except StopAsyncIteration:
-        return None
-
-
-async def _start_stream(request: Request, handle: RequestHandle) -> tuple[bool, GenEvent | None]:
-    """Wait for the first event before sending headers, so an error the scheduler finds (e.g. the prompt
-    can never fit) is still a proper 4xx; abort on disconnect or error."""
-    try:
-        gone, first = await _until_disconnect(request, _first_event(handle))
-    except BaseException:
-        handle.close()
-        raise
-    if gone:
-        handle.close()
-    return gone, first
-
-
-async def _chain(first: GenEvent | None, handle: RequestHandle) -> AsyncIterator[GenEvent]:
-    if first is not None:
-        yield first
-    async for ev in handle:
-        yield ev
-
-
-async def _sse_guard(gen: AsyncIterator[str], handle: RequestHandle) -> AsyncIterator[str]:
-    """Errors after the headers went out become an SSE error event; closing always aborts the rest."""
-    try:
-        async for s in gen:
-            yield s
-    except RequestError as e:
-        body = {"error": {"message": str(e), "type": "invalid_request_error" if e.status < 500 else "server_error",
-                          "param": e.param, "code": e.status}}
-        yield f"data: {json.dumps(body)}\n\n"
-        yield "data: [DONE]\n\n"
-    finally:
-        handle.close()
-
-
-_SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-
-
 # --------------------------------------------------------------------------- app
 def create_app(ctx: ServerContext) -> FastAPI:
     app = FastAPI(title="radixlm", version=radixlm.__version__, docs_url=None, redoc_url=None)
     app.state.ctx = ctx
     tm = ctx.tm
-    app.add_middleware(_GuardMiddleware, api_key=ctx.args.api_key, max_body_bytes=ctx.max_body_bytes)
+    app.add_middleware(GuardMiddleware, api_key=ctx.args.api_key, max_body_bytes=ctx.max_body_bytes)
 
     @app.exception_handler(RequestError)
     async def _request_error(_: Request, e: RequestError) -> JSONResponse:
@@ -259,7 +142,7 @@ def create_app(ctx: ServerContext) -> FastAPI:
 
     @app.exception_handler(pydantic.ValidationError)
     async def _pydantic_error(_: Request, e: pydantic.ValidationError) -> JSONResponse:
-        return _validation_error(e)
+        return validation_error_response(e)
 
     @app.exception_handler(HTTPException)
     async def _http_error(_: Request, e: HTTPException) -> JSONResponse:
@@ -279,24 +162,33 @@ def create_app(ctx: ServerContext) -> FastAPI:
         return error_response(500, f"internal server error: {type(e).__name__}: {e}")
 
     # ------------------------------------------------------------------ health and info
-    @app.get("/health")
+    @app.get("/health", responses=_ERRORS_503)
     async def health() -> Response:
-        if not tm.is_alive:
-            return error_response(503, f"unhealthy: {tm.dead_reason or 'starting'}")
+        """200 while the server can serve: not dead, not starting, and the scheduler heartbeating (see
+        --health-stall-timeout). Open without --api-key, so load balancers can probe it."""
+        problem = tm.health_problem()
+        if problem is not None:
+            return error_response(503, f"unhealthy: {problem}")
         return Response(status_code=200)
 
-    @app.get("/health_generate")
+    @app.get("/health_generate", responses=_ERRORS_503)
     async def health_generate() -> Response:
-        if not tm.is_alive:
-            return error_response(503, f"unhealthy: {tm.dead_reason or 'starting'}")
+        """A real one-token generation through every process, within --health-stall-timeout seconds."""
+        problem = tm.health_problem()
+        if problem is not None:
+            return error_response(503, f"unhealthy: {problem}")
         obj = GenerateReqInput(input_ids=[0], sampling_params={"max_new_tokens": 1, "temperature": 0.0})
-        handle = tm.submit(obj)
+        deadline = ctx.args.health_stall_timeout
+        handle = None
         try:
-            await asyncio.wait_for(_collect(handle), timeout=30.0)
+            handle = await asyncio.wait_for(tm.submit(obj), timeout=deadline)
+            await asyncio.wait_for(collect(handle), timeout=deadline)
         except (RequestError, asyncio.TimeoutError) as e:
-            return error_response(503, f"unhealthy: generation failed: {e}")
+            why = str(e) or f"timed out after {deadline:g} s"
+            return error_response(503, f"unhealthy: a one-token generation failed: {why}")
         finally:
-            handle.close()
+            if handle is not None:
+                handle.close()
         return Response(status_code=200)
 
     @app.get("/get_model_info")
@@ -313,14 +205,6 @@ def create_app(ctx: ServerContext) -> FastAPI:
         out = await tm.flush_cache()
         return JSONResponse({"success": out.success, "message": out.message}, status_code=200 if out.success else 400)
 
-    @app.post("/abort_request")
-    async def abort_request(request: Request) -> dict:
-        body = await json_body(request)
-        rid = body.get("rid")
-        if not isinstance(rid, str) or not rid:
-            raise RequestError("rid: a non-empty string is required", param="rid")
-        return {"success": tm.abort(rid)}
-
     @app.get("/metrics")
     async def metrics() -> Response:
         try:
@@ -334,22 +218,22 @@ def create_app(ctx: ServerContext) -> FastAPI:
     async def generate(request: Request) -> Response:
         body = await json_body(request)
         obj = parse_generate_body(body)
-        handle = tm.submit(obj)
+        handle = await tm.submit(obj)
         single = len(handle.reqs) == 1 and not obj.is_batch
         if not obj.stream:
             try:
-                gone, results = await _until_disconnect(request, _collect(handle))
+                gone, results = await until_disconnect(request, collect(handle))
             finally:
                 handle.close()
             if gone:
                 return Response(status_code=499)
             return JSONResponse(results[0] if single else results)
-        gone, first = await _start_stream(request, handle)
+        gone, first = await start_stream(request, handle)
         if gone:
             return Response(status_code=499)
         return StreamingResponse(
-            _sse_guard(_native_stream(_chain(first, handle), len(handle.reqs), single), handle),
-            media_type="text/event-stream", headers=_SSE_HEADERS,
+            sse_guard(native_stream(chain(first, handle), native_streamers(ctx.args, handle.reqs), single), handle),
+            media_type="text/event-stream", headers=SSE_HEADERS,
         )
 
     # ------------------------------------------------------------------ SGLang's parser endpoints
@@ -377,11 +261,27 @@ def create_app(ctx: ServerContext) -> FastAPI:
         openai_api.check_model(model_id, model_names)
         return model_card()
 
+    @app.post("/tokenize")
+    async def tokenize(request: Request) -> dict:
+        body = await json_body(request)
+        req = (TokenizeChatRequest if isinstance(body, dict) and "messages" in body else TokenizeRequest).model_validate(body)
+        openai_api.check_model(req.model, model_names)
+        return await tm.run_cpu(openai_api.tokenize, req, tm.tokenizer, ctx.chat, tm.model_info)
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request) -> dict:
+        req = DetokenizeRequest.model_validate(await json_body(request))
+        openai_api.check_model(req.model, model_names)
+        return await tm.run_cpu(openai_api.detokenize, req, tm.tokenizer,
+                                int(tm.model_info.get("vocab_size") or len(tm.tokenizer)))
+
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
         req = CompletionRequest.model_validate(await json_body(request))
         openai_api.check_model(req.model, model_names)
-        prep = openai_api.prepare_completion(req, tm.tokenizer, tm.model_info, ctx.model_name)
+        _precheck_counts(req.prompt, req.n, tm.limits)
+        prep = await tm.run_cpu(openai_api.prepare_completion, req, tm.tokenizer, tm.model_info, ctx.model_name,
+                                ctx.args.max_tokens_default_cap)
         return await _openai(request, prep, req,
                              lambda results: openai_api.completion_response(prep, req, results, tm.tokenizer),
                              lambda events: openai_api.stream_completion(prep, req, events, tm.tokenizer))
@@ -390,34 +290,34 @@ def create_app(ctx: ServerContext) -> FastAPI:
     async def chat_completions(request: Request) -> Response:
         req = ChatCompletionRequest.model_validate(await json_body(request))
         openai_api.check_model(req.model, model_names)
-        prep = openai_api.prepare_chat(req, tm.tokenizer, ctx.chat, tm.model_info, ctx.model_name)
+        _precheck_counts(None, req.n, tm.limits)
+        prep = await tm.run_cpu(openai_api.prepare_chat, req, tm.tokenizer, ctx.chat, tm.model_info, ctx.model_name,
+                                ctx.args.max_tokens_default_cap)
         return await _openai(request, prep, req,
                              lambda results: openai_api.chat_response(prep, req, results),
                              lambda events: openai_api.stream_chat(prep, req, events))
 
     async def _openai(request: Request, prep: Any, req: Any, build: Any, stream: Any) -> Response:
-        handle = tm.submit(prep.obj)
+        handle = await tm.submit(prep.obj)
         if not req.stream:
             try:
-                gone, results = await _until_disconnect(request, _collect(handle))
+                gone, results = await until_disconnect(request, collect(handle))
             finally:
                 handle.close()
             return Response(status_code=499) if gone else JSONResponse(build(results))
-        gone, first = await _start_stream(request, handle)
+        gone, first = await start_stream(request, handle)
         if gone:
             return Response(status_code=499)
-        return StreamingResponse(_sse_guard(stream(_chain(first, handle)), handle),
-                                 media_type="text/event-stream", headers=_SSE_HEADERS)
+        return StreamingResponse(sse_guard(stream(chain(first, handle)), handle),
+                                 media_type="text/event-stream", headers=SSE_HEADERS)
 
+    # /abort_request (abort_all), /concate_and_append_request, /encode, /model_info, /v1/(de)tokenize, ...
+    register_sglang_routes(app, ctx, json_body)
+    openapi_doc.install(app, {
+        "/generate": GenerateReqInput,
+        "/tokenize": [TokenizeRequest, TokenizeChatRequest],
+        "/detokenize": DetokenizeRequest,
+        "/v1/completions": CompletionRequest,
+        "/v1/chat/completions": ChatCompletionRequest,
+    })
     return app
-
-
-async def _native_stream(events: AsyncIterator[GenEvent], num: int, single: bool) -> AsyncIterator[str]:
-    """SGLang's /generate stream: cumulative text (and meta_info) per chunk, then [DONE]."""
-    accs = [StreamAccumulator() for _ in range(num)]
-    async for ev in events:
-        chunk = accs[ev.index].add(ev.data)
-        if not single:
-            chunk["index"] = ev.index
-        yield f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
-    yield "data: [DONE]\n\n"

@@ -32,8 +32,12 @@ class IpcNames:
 
     @classmethod
     def create(cls) -> "IpcNames":
-        d = tempfile.mkdtemp(prefix="radixlm-ipc-")  # mode 0700 by construction
+        """A fresh private directory, after removing the ones servers killed without notice left behind."""
+        clean_stale_dirs()
+        d = tempfile.mkdtemp(prefix=_PREFIX)  # mode 0700 by construction
         os.chmod(d, 0o700)
+        with open(os.path.join(d, _OWNER), "w") as f:
+            f.write(_process_identity(os.getpid()) or "")
         return cls(
             dir=d,
             scheduler=f"ipc://{d}/scheduler.sock",
@@ -43,6 +47,48 @@ class IpcNames:
 
     def remove(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+_PREFIX = "radixlm-ipc-"
+_OWNER = "owner"  # "pid starttime" of the server process that created the directory
+
+
+def _process_identity(pid: int) -> str | None:
+    """"pid starttime" (starttime from /proc, so a recycled pid is not mistaken for the owner)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return f"{pid} {fields[19]}"
+    except (OSError, IndexError):
+        return None
+
+
+def clean_stale_dirs(root: str | None = None) -> list[str]:
+    """Remove ``radixlm-ipc-*`` directories of this user whose owner process is gone (a server killed
+    with SIGKILL cannot remove its own). Returns the removed paths."""
+    root = root or tempfile.gettempdir()
+    removed = []
+    try:
+        names = [n for n in os.listdir(root) if n.startswith(_PREFIX)]
+    except OSError:
+        return removed
+    for name in names:
+        path = os.path.join(root, name)
+        try:
+            if os.stat(path).st_uid != os.getuid():
+                continue
+            with open(os.path.join(path, _OWNER)) as f:
+                owner = f.read().strip()
+        except OSError:
+            continue  # no owner file (an older version's, or still being made): never guess
+        parts = owner.split()
+        if len(parts) != 2 or not parts[0].isdigit():
+            continue  # no identity recorded (no /proc here): never guess
+        if _process_identity(int(parts[0])) == owner:
+            continue  # a live server's
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path)
+    return removed
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -72,3 +118,24 @@ def configure_logging(log_level: str, prefix: str = "") -> None:
 def parent_alive(parent_pid: int) -> bool:
     """A child whose parent died is re-parented; then it must exit rather than linger as an orphan."""
     return os.getppid() == parent_pid
+
+
+class ParentGone(Exception):
+    """Raised by ``send_while_parent_alive`` when the parent died while a send was blocked."""
+
+
+def send_while_parent_alive(sock, data: bytes, parent_pid: int, wait_s: float = 1.0) -> None:
+    """``sock.send(data)`` that cannot block forever: a PUSH socket blocks when its peer stops reading
+    (a stopped or killed front process); every ``wait_s`` the parent is checked, and if it is gone the
+    child gives up (ParentGone) instead of lingering as an orphan stuck in a send."""
+    import zmq
+
+    while True:
+        if sock.poll(int(wait_s * 1000), zmq.POLLOUT):
+            try:
+                sock.send(data, zmq.NOBLOCK)
+                return
+            except zmq.Again:
+                pass
+        if not parent_alive(parent_pid):
+            raise ParentGone

@@ -27,6 +27,7 @@ import uvicorn
 
 from radixlm.runtime.child_process import isolate_sys_path
 from radixlm.runtime.server_args import ServerArgs
+from radixlm.runtime.sglang_flags import add_ignored_flags, log_ignored_flags
 
 logger = logging.getLogger("radixlm.server")
 
@@ -44,6 +45,7 @@ def make_parser() -> argparse.ArgumentParser:
         prog="radixlm serve", description="Serve a model over HTTP (OpenAI-compatible and SGLang native) and ZeroMQ."
     )
     ServerArgs.add_cli_args(parser)
+    add_ignored_flags(parser)  # SGLang's flags that do not apply here: accepted, noted in the log
     return parser
 
 
@@ -55,6 +57,10 @@ def main(argv: list[str] | None = None) -> None:
     except ValueError as e:
         print(f"radixlm serve: error: {e}", file=sys.stderr)
         sys.exit(2)
+    from radixlm.runtime.server.ipc import configure_logging
+
+    configure_logging(server_args.log_level)
+    log_ignored_flags(args)
     sys.exit(launch_server(server_args))
 
 
@@ -131,7 +137,8 @@ async def _serve(server_args: ServerArgs, ipc: Any, procs: list, chat_template: 
     from radixlm.runtime.server.http_server import ServerContext, create_app
     from radixlm.runtime.server.metrics import ServerMetrics
     from radixlm.runtime.server.openai_tools import ChatConfig
-    from radixlm.runtime.server.tokenizer_manager import RequestError, TokenizerManager
+    from radixlm.runtime.server.request_errors import RequestError
+    from radixlm.runtime.server.tokenizer_manager import TokenizerManager
     from radixlm.runtime.server.zmq_frontdoor import FrontDoor
     from radixlm.runtime.hf_tokenizer import load_tokenizer
 

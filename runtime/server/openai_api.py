@@ -4,6 +4,10 @@ Each OpenAI request becomes one ``GenerateReqInput`` (prompts tokenized here, so
 known for the context check; ``n`` expanded by ``normalize`` into sequences ``prompt_i × n + j``),
 and the SGLang-shaped results come back as OpenAI bodies or SSE chunks. Nothing here samples or
 decodes: sampling fields map onto ``SamplingParams`` names, text comes from the detokenizer.
+
+Length: over 400 lines because it holds both directions of the OpenAI mapping (requests →
+``GenerateReqInput``, results → bodies and SSE streams); they are due to split into two modules once
+the OpenAI work in flight on this file lands (noted by the structure work, issue 11).
 """
 
 from __future__ import annotations
@@ -14,26 +18,38 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, AsyncIterator
 
-from radixlm.runtime.constrained import JSON_OBJECT_SCHEMA
+from radixlm.runtime.constrained.json_schema import schema_to_regex
 from radixlm.runtime.generate_request import GenerateReqInput
+from radixlm.runtime.server.openai_extras import EXTRA_FIELDS, sglang_fields
 from radixlm.runtime.parsers.reasoning import ReasoningParser
+from radixlm.runtime.server.openai_fields import (
+    NotSupportedError,
+    check_fields,
+    constrained_sampling_fields,
+    logit_bias_ids,
+    vllm_guided_fields,
+)
 from radixlm.runtime.server.openai_logprobs import CompletionLogprobs, EchoPrompt, added_special_span, chat_logprobs
-from radixlm.runtime.server.openai_protocol import ChatCompletionRequest, CompletionRequest, ResponseFormat
+from radixlm.runtime.server.openai_protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    TokenizeChatRequest,
+    TokenizeRequest,
+)
 from radixlm.runtime.server.openai_tools import (
     ChatConfig,
     ChoiceStream,
     ToolPlan,
     chat_finish_reason,
     chat_message,
+    function_specs,
     parse_choice,
     plan_tools,
     template_messages,
 )
-from radixlm.runtime.server.tokenizer_manager import GenEvent, RequestError
-
-
-class NotSupportedError(RequestError):
-    """A recognised OpenAI feature this server does not implement (yet): 400."""
+from radixlm.runtime.server.request_errors import RequestError
+from radixlm.runtime.server.request_handle import GenEvent
 
 
 class ModelNotFoundError(RequestError):
@@ -58,31 +74,6 @@ def check_model(requested: str | None, names: tuple[str, ...]) -> None:
         raise ModelNotFoundError(f"The model `{requested}` does not exist.", param="model")
 
 
-# --------------------------------------------------------------------------- constrained decoding
-def constrained_sampling_fields(response_format: ResponseFormat | None, regex: str | None) -> dict[str, str]:
-    """THE place where OpenAI's ``response_format`` and the extra ``regex`` field become SamplingParams
-    fields (``regex`` / ``json_schema``); the patterns themselves are validated by the shared front end."""
-    fields: dict[str, str] = {}
-    if regex is not None:
-        fields["regex"] = regex
-    if response_format is not None and response_format.type != "text":
-        if response_format.type == "json_object":
-            fields["json_schema"] = JSON_OBJECT_SCHEMA
-        elif response_format.type == "json_schema":
-            spec = response_format.json_schema or {}
-            schema = spec.get("schema", spec.get("schema_"))
-            if schema is None:
-                raise RequestError("response_format.json_schema.schema is required", param="response_format")
-            fields["json_schema"] = json.dumps(schema)
-        elif response_format.type == "regex":
-            if not response_format.regex:
-                raise RequestError("response_format.regex is required", param="response_format")
-            fields["regex"] = response_format.regex
-    if len(fields) > 1:
-        raise RequestError("regex and response_format are mutually exclusive", param="regex")
-    return fields
-
-
 # --------------------------------------------------------------------------- requests → GenerateReqInput
 def _sampling_params(req: CompletionRequest | ChatCompletionRequest, max_new_tokens: int) -> dict[str, Any]:
     sp: dict[str, Any] = {
@@ -103,30 +94,29 @@ def _sampling_params(req: CompletionRequest | ChatCompletionRequest, max_new_tok
         "skip_special_tokens": req.skip_special_tokens,
         "spaces_between_special_tokens": req.spaces_between_special_tokens,
         "no_stop_trim": req.no_stop_trim,
-        "logit_bias": _logit_bias(req.logit_bias),
+        "logit_bias": logit_bias_ids(req.logit_bias),
     }
-    sp.update(constrained_sampling_fields(req.response_format, req.regex))
+    sp.update(constrained_sampling_fields(req.response_format, req.regex, vllm_guided_fields(req.model_extra or {})))
+    try:
+        extras = sglang_fields({f: getattr(req, f) for f in EXTRA_FIELDS})
+    except ValueError as e:
+        raise RequestError(str(e), param=str(e).split(":", 1)[0]) from None
+    sp["no_stop_trim"] = bool(sp["no_stop_trim"] or extras.pop("no_stop_trim", False))
+    if "ebnf" in extras and (sp.get("regex") is not None or sp.get("json_schema") is not None):
+        raise RequestError("ebnf: only one grammar per request (regex, response_format or a guided field "
+                           "is also given)", param="ebnf")
+    sp.update(extras)
     return {k: v for k, v in sp.items() if v is not None}
 
 
-def _logit_bias(bias: dict[str, float] | None) -> dict[int, float] | None:
-    """OpenAI sends token ids as JSON object keys (strings); the range check against the vocabulary is
-    SamplingParams.verify's, at submit."""
-    if not bias:
-        return None
-    out: dict[int, float] = {}
-    for k, v in bias.items():
-        try:
-            out[int(k)] = float(v)
-        except ValueError:
-            raise RequestError(f"logit_bias: keys must be token ids, got {k!r}", param="logit_bias") from None
-    return out
-
-
-def _max_tokens(requested: int | None, prompt_lens: list[int], context_len: int, param: str) -> int:
-    """OpenAI semantics: an explicit budget must fit the context (400 otherwise); none means 'the rest'."""
+def _max_tokens(requested: int | None, prompt_lens: list[int], context_len: int, param: str,
+                cap: int | None = None) -> int:
+    """OpenAI semantics: an explicit budget must fit the context (400 otherwise); none means 'the rest',
+    bounded by ``cap`` (--max-tokens-default-cap) so an omitted max_tokens cannot ask for the whole context
+    for every prompt × n."""
     if requested is None:
-        return max(context_len - max(prompt_lens), 1)
+        rest = context_len - max(prompt_lens)
+        return max(min(rest, cap) if cap is not None else rest, 1)
     if requested < 0:
         raise RequestError(f"{param} must be >= 0, got {requested}", param=param)
     longest = max(prompt_lens)
@@ -161,7 +151,9 @@ class Prepared:
                                   req.spaces_between_special_tokens)
 
 
-def prepare_completion(req: CompletionRequest, tokenizer: Any, model_info: dict, model: str) -> Prepared:
+def prepare_completion(req: CompletionRequest, tokenizer: Any, model_info: dict, model: str,
+                       max_tokens_cap: int | None = None) -> Prepared:
+    check_fields(req)
     if req.suffix:
         raise NotSupportedError("suffix is not supported", param="suffix")
     if req.best_of is not None and req.best_of != req.n:
@@ -182,7 +174,7 @@ def prepare_completion(req: CompletionRequest, tokenizer: Any, model_info: dict,
         echo = [EchoPrompt(ids, added_special_span(tokenizer, texts[i], ids) if texts else (0, len(ids)))
                 for i, ids in enumerate(prompts)]
     ctx = int(model_info.get("context_length") or 1 << 30)
-    max_new = _max_tokens(req.max_tokens, [len(x) for x in prompts], ctx, "max_tokens")
+    max_new = _max_tokens(req.max_tokens, [len(x) for x in prompts], ctx, "max_tokens", max_tokens_cap)
     want_lp = req.logprobs is not None
     obj = GenerateReqInput(
         input_ids=prompts if len(prompts) > 1 else prompts[0],
@@ -199,16 +191,15 @@ def prepare_completion(req: CompletionRequest, tokenizer: Any, model_info: dict,
     return Prepared(obj, prompts, req.n, model, int(time.time()), f"cmpl-{uuid.uuid4().hex}", echo=echo)
 
 
-def prepare_chat(
-    req: ChatCompletionRequest, tokenizer: Any, cfg: ChatConfig, model_info: dict, model: str
-) -> Prepared:
-    plan = plan_tools(req, cfg)
+def render_chat(req: ChatCompletionRequest | TokenizeChatRequest, tools: list[dict] | None, tokenizer: Any,
+                cfg: ChatConfig) -> list[int]:
+    """The prompt ids of a chat request: its messages (tool calls and results included) and ``tools``
+    through the model's chat template, as /v1/chat/completions and /tokenize both see it."""
     messages = template_messages(req.messages)
     template = cfg.template or getattr(tokenizer, "chat_template", None)
     if not template:
         raise RequestError("this model has no chat template; start the server with --chat-template", param="messages")
     kwargs = dict(req.chat_template_kwargs or {})
-    tools = plan.template_tools()
     if tools is not None:
         kwargs["tools"] = tools
     try:
@@ -223,16 +214,61 @@ def prepare_chat(
     except Exception as e:  # noqa: BLE001 - a template error is the request's fault (roles, kwargs)
         raise RequestError(f"messages: the chat template failed: {e}", param="messages") from None
     # The template writes BOS itself; add_special_tokens (vLLM's, default false for chat) adds another.
-    ids = tokenizer(text, add_special_tokens=req.add_special_tokens).input_ids
+    return tokenizer(text, add_special_tokens=req.add_special_tokens).input_ids
+
+
+def tokenize(req: TokenizeRequest | TokenizeChatRequest, tokenizer: Any, cfg: ChatConfig, model_info: dict) -> dict:
+    """vLLM's ``/tokenize``: a prompt, or chat messages rendered as /v1/chat/completions renders them."""
+    if isinstance(req, TokenizeChatRequest):
+        tools = ToolPlan("none", function_specs([t.function for t in req.tools])).template_tools() if req.tools else None
+        ids = render_chat(req, tools, tokenizer, cfg)
+    else:
+        ids = tokenizer(req.prompt, add_special_tokens=req.add_special_tokens).input_ids
+    out: dict[str, Any] = {"count": len(ids), "max_model_len": model_info.get("context_length"), "tokens": ids}
+    if req.return_token_strs:
+        out["token_strs"] = tokenizer.convert_ids_to_tokens(ids)
+    return out
+
+
+def detokenize(req: DetokenizeRequest, tokenizer: Any, vocab_size: int) -> dict:
+    """vLLM's ``/detokenize``: token ids → text (special tokens kept)."""
+    bad = [t for t in req.tokens if not 0 <= t < vocab_size]
+    if bad:
+        raise RequestError(f"tokens: ids out of the vocabulary (size {vocab_size}): {bad[:5]}", param="tokens")
+    return {"prompt": tokenizer.decode(req.tokens)}
+
+
+def _answer_after_reasoning(sp: dict[str, Any], parser: ReasoningParser, whitespace: str | None) -> None:
+    """A reasoning model writes its block first: constrain the answer after it, or a DeepSeek-R1 answer
+    (its prompt opens the block) lands inside the reasoning and the content comes back empty."""
+    if "json_schema" in sp:  # a JSON answer never begins with the start marker: the block can be optional
+        try:
+            body, _ = schema_to_regex(sp.pop("json_schema"), whitespace)
+        except ValueError as e:
+            raise RequestError(f"response_format: {e}", param="response_format") from None
+        sp["regex"] = parser.wrap_grammar(body, prose_first=False)
+    elif parser.starts_inside:  # a user regex may itself begin with "<think>": wrap only where the block is certain
+        sp["regex"] = parser.wrap_grammar(sp["regex"], prose_first=False)
+
+
+def prepare_chat(
+    req: ChatCompletionRequest, tokenizer: Any, cfg: ChatConfig, model_info: dict, model: str,
+    max_tokens_cap: int | None = None,
+) -> Prepared:
+    check_fields(req)
+    plan = plan_tools(req, cfg)
+    ids = render_chat(req, plan.template_tools(), tokenizer, cfg)
     ctx = int(model_info.get("context_length") or 1 << 30)
     requested = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
-    max_new = _max_tokens(requested, [len(ids)], ctx, param)
+    max_new = _max_tokens(requested, [len(ids)], ctx, param, max_tokens_cap)
     want_lp = bool(req.logprobs)
     if req.top_logprobs and not want_lp:
         raise RequestError("top_logprobs requires logprobs=true", param="top_logprobs")
     sp = _sampling_params(req, max_new)
     grammar = plan.regex(cfg.json_whitespace)
+    if grammar is not None and cfg.reasoning_parser is not None:  # reason first, then call (calls are constrained)
+        grammar = cfg.reasoning_parser.wrap_grammar(grammar, prose_first=plan.mode == "auto")
     if grammar is not None:
         if "regex" in sp or "json_schema" in sp:
             raise RequestError("tool_choice: tool calls and response_format/regex cannot constrain one output "
@@ -240,6 +276,8 @@ def prepare_chat(
         sp["regex"] = grammar
         if getattr(plan.parser, "keeps_special_tokens", False) and "skip_special_tokens" not in req.model_fields_set:
             sp["skip_special_tokens"] = False  # the family's marker is a special token on real tokenizers
+    elif cfg.reasoning_parser is not None and ("regex" in sp or "json_schema" in sp):
+        _answer_after_reasoning(sp, cfg.reasoning_parser, cfg.json_whitespace)
     obj = GenerateReqInput(
         input_ids=ids,
         sampling_params=sp,
@@ -270,7 +308,7 @@ def _matched_stop(meta: dict) -> Any:
 
 def usage(prep: Prepared, metas: list[dict]) -> dict:
     # The prompt counts once per prompt, not once per sample (OpenAI's accounting for n > 1).
-    prompt = sum(m.get("prompt_tokens", 0) for i, m in enumerate(metas) if i % prep.n == 0)
+    prompt = sum(m.get("prompt_tokens", len(prep.prompts[i // prep.n])) for i, m in enumerate(metas) if i % prep.n == 0)
     completion = sum(m.get("completion_tokens", 0) for m in metas)
     cached = sum(m.get("cached_tokens", 0) for i, m in enumerate(metas) if i % prep.n == 0)
     return {
@@ -336,7 +374,7 @@ def _sse(obj: Any) -> str:
 async def stream_completion(
     prep: Prepared, req: CompletionRequest, events: AsyncIterator[GenEvent], tokenizer: Any
 ) -> AsyncIterator[str]:
-    include_usage = bool(req.stream_options and req.stream_options.include_usage)
+    include_usage, continuous = _usage_options(req)
     num = len(prep.prompts) * prep.n
     metas: list[dict] = [{} for _ in range(num)]
     echoed = [False] * num
@@ -358,7 +396,7 @@ async def stream_completion(
             choice["matched_stop"] = _matched_stop(meta)
         chunk = dict(base, choices=[choice])
         if include_usage:
-            chunk["usage"] = None
+            chunk["usage"] = usage(prep, metas) if continuous else None
         yield _sse(chunk)
     if include_usage:
         yield _sse(dict(base, choices=[], usage=usage(prep, metas)))
@@ -366,13 +404,16 @@ async def stream_completion(
 
 
 async def stream_chat(prep: Prepared, req: ChatCompletionRequest, events: AsyncIterator[GenEvent]) -> AsyncIterator[str]:
-    include_usage = bool(req.stream_options and req.stream_options.include_usage)
+    include_usage, continuous = _usage_options(req)
     metas: list[dict] = [{} for _ in range(prep.n)]
     base = {"id": prep.id, "object": "chat.completion.chunk", "created": prep.created, "model": prep.model}
-    extra = {"usage": None} if include_usage else {}
+
+    def extra() -> dict:
+        return {"usage": usage(prep, metas) if continuous else None} if include_usage else {}
+
     for i in range(prep.n):  # OpenAI opens every choice with the role
         yield _sse(dict(base, choices=[{"index": i, "delta": {"role": "assistant", "content": ""},
-                                        "logprobs": None, "finish_reason": None}], **extra))
+                                        "logprobs": None, "finish_reason": None}], **extra()))
     parsers = [ChoiceStream(prep.plan, prep.reasoning, req.stream_reasoning) for _ in range(prep.n)]
     async for ev in events:
         meta = ev.data.get("meta_info") or {}
@@ -385,10 +426,16 @@ async def stream_chat(prep: Prepared, req: ChatCompletionRequest, events: AsyncI
                   "finish_reason": parsers[ev.index].finish_reason(finish_reason(meta)) if ev.finished else None}
         if ev.finished:
             choice["matched_stop"] = _matched_stop(meta)
-        yield _sse(dict(base, choices=[choice], **extra))
+        yield _sse(dict(base, choices=[choice], **extra()))
     if include_usage:
         yield _sse(dict(base, choices=[], usage=usage(prep, metas)))
     yield "data: [DONE]\n\n"
+
+
+def _usage_options(req: CompletionRequest | ChatCompletionRequest) -> tuple[bool, bool]:
+    """(usage in a final chunk, usage so far in every chunk too): vLLM's stream_options."""
+    opts = req.stream_options
+    return bool(opts and opts.include_usage), bool(opts and opts.include_usage and opts.continuous_usage_stats)
 
 
 def _merge_meta(acc: dict, delta: dict) -> None:

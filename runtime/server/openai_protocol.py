@@ -1,8 +1,9 @@
 """Pydantic models of the OpenAI request bodies the server accepts (/v1/completions, /v1/chat/completions).
 
-Only the request side is modelled: responses are plain dicts built in ``openai_api``. Unknown fields are
-ignored, as OpenAI and vLLM do, so a newer official client keeps working; a known field with a wrong
-type or value is a 400 that names it. SGLang/vLLM sampling extras (top_k, min_p, repetition_penalty,
+Only the request side is modelled: responses are plain dicts built in ``openai_api``. Fields nobody
+defines are logged and ignored, as vLLM does, so a newer official client keeps working; OpenAI features
+the server lacks are refused (``openai_api.check_fields``); a known field with a wrong type or value is a
+400 that names it. SGLang/vLLM sampling extras (top_k, min_p, repetition_penalty,
 min_tokens, ignore_eos, stop_token_ids, skip_special_tokens, no_stop_trim, regex) ride along, as do SGLang's
 reasoning switches (separate_reasoning, stream_reasoning).
 """
@@ -17,7 +18,9 @@ _FUNCTION_NAME = r"^[a-zA-Z0-9_-]{1,64}$"  # OpenAI's rule for function names
 
 
 class _Body(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    # Extra fields are kept (``model_extra``) so the routes can refuse the OpenAI features they lack and
+    # log the rest (openai_api.check_fields); they are never used.
+    model_config = ConfigDict(extra="allow")
 
 
 class StreamOptions(_Body):
@@ -44,7 +47,12 @@ class _SamplingExtras(_Body):
     presence_penalty: Optional[float] = Field(default=None, ge=-2.0, le=2.0)
     frequency_penalty: Optional[float] = Field(default=None, ge=-2.0, le=2.0)
     seed: Optional[int] = None
+    # Bookkeeping fields OpenAI defines that do not change the output: accepted, not used.
     user: Optional[str] = None
+    metadata: Optional[dict[str, str]] = None
+    service_tier: Optional[str] = None
+    prompt_cache_key: Optional[str] = None  # the radix cache shares prefixes without a key
+    safety_identifier: Optional[str] = None
     logit_bias: Optional[dict[str, float]] = None
     response_format: Optional[ResponseFormat] = None
     # extras (vLLM / SGLang names)
@@ -62,6 +70,20 @@ class _SamplingExtras(_Body):
     # KV cache namespace (vLLM's cache_salt, SGLang's extra_key): prefixes are shared only within it
     cache_salt: Optional[StrictStr] = None
     extra_key: Optional[StrictStr] = None
+    # SGLang / vLLM extras that change the output (runtime/server/openai_extras.py maps them)
+    stop_regex: Optional[Union[str, list[str]]] = None
+    ebnf: Optional[str] = None
+    sampling_seed: Optional[int] = None
+    # (vLLM's guided_* / structured_outputs stay extras: openai_fields.vllm_guided_fields reads them)
+    include_stop_str_in_output: bool = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def _refuse_unsupported_extras(cls, data: Any) -> Any:
+        from radixlm.runtime.server.openai_extras import check_refused
+
+        check_refused(data)  # an extra that would change the output is refused, never ignored
+        return data
 
     @field_validator("stop")
     @classmethod
@@ -157,6 +179,7 @@ class ChatCompletionRequest(_SamplingExtras):
     max_completion_tokens: Optional[int] = None
     logprobs: bool = False
     top_logprobs: Optional[int] = Field(default=None, ge=0, le=20)
+    store: Optional[bool] = None  # true is refused: there is no store of completions
     tools: Optional[list[ToolDefinition]] = Field(default=None, max_length=128)
     tool_choice: Optional[Union[Literal["none", "auto", "required"], NamedToolChoice]] = None
     parallel_tool_calls: bool = True
@@ -178,3 +201,30 @@ class ChatCompletionRequest(_SamplingExtras):
         if self.function_call is not None and self.tool_choice is not None:
             raise ValueError("function_call (legacy) and tool_choice are mutually exclusive")
         return self
+
+
+class TokenizeRequest(_Body):
+    """vLLM's ``/tokenize`` with a prompt."""
+
+    model: Optional[str] = None
+    prompt: str
+    add_special_tokens: bool = True
+    return_token_strs: bool = False
+
+
+class TokenizeChatRequest(_Body):
+    """vLLM's ``/tokenize`` with chat messages: the prompt /v1/chat/completions would run."""
+
+    model: Optional[str] = None
+    messages: list[ChatMessage] = Field(min_length=1)
+    tools: Optional[list[ToolDefinition]] = Field(default=None, max_length=128)
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    add_special_tokens: bool = False
+    chat_template_kwargs: Optional[dict[str, Any]] = None
+    return_token_strs: bool = False
+
+
+class DetokenizeRequest(_Body):
+    model: Optional[str] = None
+    tokens: list[int]

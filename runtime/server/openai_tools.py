@@ -17,8 +17,14 @@ from typing import Any
 
 from radixlm.runtime.parsers.reasoning import ReasoningParser, ReasoningStream, get_reasoning_parser
 from radixlm.runtime.parsers.tool_calls import FunctionSpec, ToolCall, ToolCallParser, ToolCallStream, detect_parser, get_parser
-from radixlm.runtime.server.openai_protocol import ChatCompletionRequest, ChatMessage, ContentPart, ToolCallItem
-from radixlm.runtime.server.tokenizer_manager import RequestError
+from radixlm.runtime.server.openai_protocol import (
+    ChatCompletionRequest,
+    ChatMessage,
+    ContentPart,
+    FunctionDefinition,
+    ToolCallItem,
+)
+from radixlm.runtime.server.request_errors import RequestError
 
 
 @dataclass(frozen=True)
@@ -57,10 +63,11 @@ class ToolPlan:
         if not self.tools:
             return None
         out = []
-        for t in self.tools:
-            fn: dict[str, Any] = {"name": t.name, "parameters": t.parameters}
+        for t in self.tools:  # OpenAI's key order: templates write tools with tojson, so order is prompt text
+            fn: dict[str, Any] = {"name": t.name}
             if t.description is not None:
                 fn["description"] = t.description
+            fn["parameters"] = t.parameters
             out.append({"type": "function", "function": fn})
         return out
 
@@ -76,6 +83,12 @@ class ToolPlan:
             raise RequestError(f"tools: {e}", param="tools") from None
 
 
+def function_specs(defs: list[FunctionDefinition]) -> list[FunctionSpec]:
+    """Declared functions as parsers and templates see them (no parameters: an empty object)."""
+    return [FunctionSpec(d.name, d.parameters if d.parameters is not None else {"type": "object", "properties": {}},
+                         d.description) for d in defs]
+
+
 def plan_tools(req: ChatCompletionRequest, cfg: ChatConfig) -> ToolPlan:
     legacy = req.functions is not None
     if legacy:
@@ -88,8 +101,7 @@ def plan_tools(req: ChatCompletionRequest, cfg: ChatConfig) -> ToolPlan:
         choice = req.tool_choice
         if choice is not None and not isinstance(choice, str):
             choice = {"type": "function", "function": {"name": choice.function.name}}
-    tools = [FunctionSpec(d.name, d.parameters if d.parameters is not None else {"type": "object", "properties": {}},
-                          d.description) for d in defs]
+    tools = function_specs(defs)
     names = [t.name for t in tools]
     if len(set(names)) != len(names):
         raise RequestError("tools: function names must be unique", param="tools")

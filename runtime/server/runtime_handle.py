@@ -81,7 +81,10 @@ class Runtime:
 
     @property
     def endpoint(self) -> FrontDoorClient:
-        """A client of the ZeroMQ front door (created on first use)."""
+        """A client of the ZeroMQ front door (created on first use). A data-parallel server has none
+        (AttributeError, so ``getattr(rt, "endpoint", None)`` and DSL backends fall back to HTTP)."""
+        if self.zmq_address is None:
+            raise AttributeError("this server publishes no ZeroMQ front door (data-parallel: use its url over HTTP)")
         if self._endpoint is None:
             self._endpoint = FrontDoorClient(self.zmq_address, api_key=self.api_key)
         return self._endpoint

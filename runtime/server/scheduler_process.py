@@ -22,16 +22,18 @@ import zmq
 from radixlm.runtime.protocol import (
     BatchOut,
     ErrorOut,
+    HeartbeatOut,
     ReadyOut,
     decode_scheduler_input,
     encode,
 )
-from radixlm.runtime.server.ipc import IpcNames, parent_alive, setup_child_process
+from radixlm.runtime.server.ipc import IpcNames, ParentGone, parent_alive, send_while_parent_alive, setup_child_process
 from radixlm.runtime.server_args import ServerArgs
 
 logger = logging.getLogger("radixlm.scheduler")
 
 _IDLE_POLL_MS = 500
+HEARTBEAT_INTERVAL_S = 1.0
 
 
 def run_scheduler_process(server_args: ServerArgs, ipc: IpcNames, parent_pid: int) -> None:
@@ -54,6 +56,8 @@ def run_scheduler_process(server_args: ServerArgs, ipc: IpcNames, parent_pid: in
     logger.debug("scheduler ready: %s", scheduler.model_info)
     try:
         SchedulerLoop(scheduler, recv, send, server_args, parent_pid).run()
+    except ParentGone:
+        logger.warning("parent process is gone; scheduler exiting")
     except Exception:
         logger.exception("scheduler crashed")
         sys.exit(1)
@@ -73,6 +77,7 @@ class SchedulerLoop:
         self.log_interval_s = server_args.log_interval_s
         self._last_log = time.monotonic()
         self._last_check = time.monotonic()
+        self._last_heartbeat = 0.0
         self._steps_since_log = 0
 
     def run(self) -> None:
@@ -84,8 +89,13 @@ class SchedulerLoop:
                 outputs = self.scheduler.step()
                 self._steps_since_log += 1
                 if outputs:
-                    self.send.send(encode(BatchOut(outputs=outputs)))
+                    self._send(encode(BatchOut(outputs=outputs)))
             now = time.monotonic()
+            if now - self._last_heartbeat >= HEARTBEAT_INTERVAL_S:
+                self._last_heartbeat = now
+                sched = self.scheduler
+                self._send(encode(HeartbeatOut(step_count=sched.step_count, num_running=len(sched.running),
+                                               num_waiting=len(sched.waiting))))
             if now - self._last_check >= 0.5:
                 self._last_check = now
                 if not parent_alive(self.parent_pid):
@@ -94,6 +104,9 @@ class SchedulerLoop:
             if self.log_interval_s > 0 and now - self._last_log >= self.log_interval_s:
                 self._log_stats(now)
 
+    def _send(self, data: bytes) -> None:
+        send_while_parent_alive(self.send, data, self.parent_pid)
+
     def _drain(self) -> None:
         while True:
             try:
@@ -101,7 +114,7 @@ class SchedulerLoop:
             except zmq.Again:
                 return
             for out in self._handle_bytes(data):
-                self.send.send(encode(out))
+                self._send(encode(out))
 
     def _handle_bytes(self, data: bytes) -> list:
         try:

@@ -7,17 +7,19 @@ outputs arrive. Closing the iterator early (a client went away) aborts every unf
 which releases its KV at the scheduler's next step.
 
 If the scheduler or detokenizer process dies, every waiting caller gets a ``ServerDeadError`` at
-once and the ``on_dead`` callbacks run (the launcher stops the server).
+once and the ``on_dead`` callbacks run (the launcher stops the server). The errors themselves are in
+``request_errors``; the native body parsing and stream chunks both front doors share, in ``native_api``.
+
+What a caller holds (``RequestHandle``, ``GenEvent``) is in ``request_handle``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, AsyncIterator, Callable
 
 import msgspec
@@ -32,7 +34,10 @@ from radixlm.runtime.protocol import (
     ErrorOut,
     FlushCacheOut,
     FlushCacheReq,
+    ProfileOut,
+    ProfileReq,
     GetStatsReq,
+    HeartbeatOut,
     ReadyOut,
     StatsOut,
     TokenizedGenerateReq,
@@ -40,61 +45,13 @@ from radixlm.runtime.protocol import (
     encode,
 )
 from radixlm.runtime.server.ipc import IpcNames
-from radixlm.runtime.validation import RequestLimits, check_admission, check_requests
 from radixlm.runtime.server.metrics import ServerMetrics
+from radixlm.runtime.server.request_errors import RequestError, ServerDeadError
+from radixlm.runtime.server.request_handle import GenEvent, RequestHandle, Track
 from radixlm.runtime.server_args import ServerArgs
+from radixlm.runtime.validation import RequestLimits, check_admission, check_requests
 
 logger = logging.getLogger("radixlm.tokenizer_manager")
-
-
-class RequestError(Exception):
-    """A request failed; ``status`` is the HTTP status it maps to."""
-
-    status = 400
-
-    def __init__(self, message: str, status: int | None = None, param: str | None = None):
-        super().__init__(message)
-        if status is not None:
-            self.status = status
-        self.param = param if param is not None else _param_named_in(message)
-
-
-def _param_named_in(message: str) -> str | None:
-    """The field a ValueError names first ("regex: ...", "top_p must be ..."), for OpenAI's ``param``."""
-    from radixlm.runtime.generate_request import GenerateReqInput
-    from radixlm.runtime.sampling_params import SamplingParams
-
-    m = re.match(r"([a-z_]+)\b", message)
-    if m is None:
-        return None
-    word = m.group(1)
-    known = set(SamplingParams.__struct_fields__) | set(GenerateReqInput.__dataclass_fields__)
-    return word if word in known else None
-
-
-class ServerDeadError(RequestError):
-    status = 503
-
-
-@dataclass
-class GenEvent:
-    """One sequence's progress: ``data`` is a delta for streaming requests, the result once finished
-    for non-streaming ones (see detokenizer_process)."""
-
-    index: int  # position in the normalized (batch × n) request list
-    data: dict
-    finished: bool
-
-
-@dataclass
-class _Track:
-    rid: str
-    index: int
-    queue: asyncio.Queue
-    created: float = field(default_factory=time.monotonic)
-    first_token: float | None = None
-    last_token: float | None = None
-    finished: bool = False
 
 
 class TokenizerManager:
@@ -107,11 +64,16 @@ class TokenizerManager:
         self.scheduler_pid: int | None = None
         self.dead_reason: str | None = None
         self.on_dead: list[Callable[[str], None]] = []
-        self._tracks: dict[str, _Track] = {}
+        self._tracks: dict[str, Track] = {}
         self._limits: RequestLimits | None = None
+        self.last_heartbeat: float | None = None  # monotonic time of the scheduler's last HeartbeatOut
+        self.heartbeat: HeartbeatOut | None = None
+        # Tokenization and validation of incoming requests: off the event loop (see ``submit``).
+        self._prep_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="radixlm-prepare")
         self._groups: dict[str, list[str]] = {}  # user-given rid → the rids it expanded into
         self._stats_waiters: deque[asyncio.Future] = deque()
         self._flush_waiters: deque[asyncio.Future] = deque()
+        self._profile_waiters: deque[asyncio.Future] = deque()
         self._ready: asyncio.Future | None = None
         self._recv_task: asyncio.Task | None = None
         self._watched: list[Any] = []
@@ -180,13 +142,28 @@ class TokenizerManager:
             t.queue.put_nowait(err)
         self._tracks.clear()
         self._groups.clear()
-        for waiters in (self._stats_waiters, self._flush_waiters):
+        for waiters in (self._stats_waiters, self._flush_waiters, self._profile_waiters):
             while waiters:
                 f = waiters.popleft()
                 if not f.done():
                     f.set_exception(err)
         if self._ready is not None and not self._ready.done():
             self._ready.set_exception(err)
+
+    def stall_seconds(self) -> float:
+        """Seconds since the scheduler's loop last reported (0 before it is ready)."""
+        return 0.0 if self.last_heartbeat is None else time.monotonic() - self.last_heartbeat
+
+    def health_problem(self) -> str | None:
+        """Why the server is not healthy now, or None: dead, starting, or a stalled scheduler (no
+        heartbeat for --health-stall-timeout seconds: hung in a step, stopped, or overloaded)."""
+        if not self.is_alive:
+            return self.dead_reason or ("shutting down" if self._closed else "starting")
+        stall = self.stall_seconds()
+        if stall > self.args.health_stall_timeout:
+            pending = f"; {self.num_active} requests waiting" if self.num_active else ""
+            return f"the scheduler made no progress for {stall:.1f} s{pending}"
+        return None
 
     @property
     def is_alive(self) -> bool:
@@ -203,6 +180,7 @@ class TokenizerManager:
                 pass
         if self._recv_task is not None:
             self._recv_task.cancel()
+        self._prep_pool.shutdown(wait=False, cancel_futures=True)
         self._recv.close(0)
         self._to_scheduler.close(0)
         self._to_detokenizer.close(0)
@@ -225,46 +203,50 @@ class TokenizerManager:
             )
         return self._limits
 
-    def validate(self, reqs: list[TokenizedGenerateReq]) -> None:
-        """runtime/validation.py's checks plus what only this tracker knows (rids already running)."""
+    def _prepare(self, obj: GenerateReqInput) -> tuple[list[TokenizedGenerateReq], list[tuple[bytes, bytes]]]:
+        """Validate, tokenize, expand and encode (CPU work: runs on the preparation threads).
+
+        Everything is encoded before anything is registered: a message that cannot be encoded fails the
+        request with nothing tracked, nothing sent and no prompt of a batch running for nobody."""
         try:
+            check_admission(obj, self.limits)
+            reqs = obj.normalize(self.tokenizer)
             check_requests(reqs, self.limits)
-        except ValueError as e:
+        except (ValueError, TypeError) as e:  # TypeError: a wrong type normalize did not anticipate
             raise RequestError(str(e)) from None
         ctx = self.model_info.get("context_length")
         for r in reqs:
-            if r.rid in self._tracks:
-                raise RequestError(f"rid: a request with id {r.rid!r} is already running", param="rid")
             if ctx and r.sampling_params.max_new_tokens > ctx:
                 raise RequestError(
                     f"max_new_tokens: {r.sampling_params.max_new_tokens} is over the context length of {ctx}",
                     param="max_new_tokens",
                 )
-
-    def submit(self, obj: GenerateReqInput) -> "RequestHandle":
-        """Validate, tokenize and send every sequence of ``obj``; iterate the handle for GenEvents.
-
-        Raises RequestError at once for bad input (ValueErrors of normalize are 400s) or a dead server
-        (503). The handle must be closed (``async with`` / ``close()``): closing early aborts the rest.
-        """
-        self._check_alive()
-        try:
-            check_admission(obj, self.limits)
-            reqs = obj.normalize(self.tokenizer)
-        except (ValueError, TypeError) as e:  # TypeError: a wrong type normalize did not anticipate
-            raise RequestError(str(e)) from None
-        self.validate(reqs)
-        # Encode everything before registering anything: a message that cannot be encoded must fail the
-        # request with nothing tracked, nothing sent and no prompt of a batch running for nobody.
         try:
             frames = [
-                (encode(DetokRegister(req=r, return_text_in_logprobs=obj.return_text_in_logprobs)), encode(r))
+                (encode(DetokRegister(req=r)), encode(r))
                 for r in reqs
             ]
         except (OverflowError, UnicodeEncodeError, TypeError, ValueError) as e:
             raise RequestError(f"the request cannot be encoded: {e}") from None
+        return reqs, frames
+
+    async def submit(self, obj: GenerateReqInput) -> "RequestHandle":
+        """Validate, tokenize and send every sequence of ``obj``; iterate the handle for GenEvents.
+
+        Tokenization and validation run on a small thread pool, so a large request never holds the event
+        loop (other clients' streams) while it is prepared. Raises RequestError for bad input (400) or a
+        dead server (503) before anything is registered. The handle must be closed (``async with`` /
+        ``close()``): closing early aborts the rest.
+        """
+        self._check_alive()
+        loop = asyncio.get_running_loop()
+        reqs, frames = await loop.run_in_executor(self._prep_pool, self._prepare, obj)
+        self._check_alive()  # the server may have died while this request was prepared
+        for r in reqs:
+            if r.rid in self._tracks:
+                raise RequestError(f"rid: a request with id {r.rid!r} is already running", param="rid")
         queue: asyncio.Queue = asyncio.Queue()
-        tracks = [_Track(rid=r.rid, index=i, queue=queue) for i, r in enumerate(reqs)]
+        tracks = [Track(rid=r.rid, index=i, queue=queue) for i, r in enumerate(reqs)]
         group = obj.rid if isinstance(obj.rid, str) and (len(reqs) > 1 or obj.rid != reqs[0].rid) else None
         for t, r, (register, request) in zip(tracks, reqs, frames):
             self._tracks[r.rid] = t
@@ -273,11 +255,15 @@ class TokenizerManager:
             self._to_scheduler.send(request)
         if group:
             self._groups[group] = [r.rid for r in reqs]
-        return RequestHandle(self, reqs, tracks, queue, group)
+        return RequestHandle(self, reqs, tracks, queue, group, self.args.request_timeout)
+
+    async def run_cpu(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run CPU-heavy request preparation (chat templates, OpenAI prompt tokenization) off the loop."""
+        return await asyncio.get_running_loop().run_in_executor(self._prep_pool, fn, *args)
 
     async def generate(self, obj: GenerateReqInput) -> AsyncIterator[GenEvent]:
         """``submit`` + iterate; for callers that need no early 400 before the first event."""
-        handle = self.submit(obj)
+        handle = await self.submit(obj)
         try:
             async for ev in handle:
                 yield ev
@@ -294,6 +280,22 @@ class TokenizerManager:
                 found = True
                 self._send_abort(r)
         return found
+
+    def release(self, tracks: list[Track], group: str | None) -> None:
+        """A handle closed: abort its unfinished sequences (their KV is freed at the next step) and
+        forget its group."""
+        for t in tracks:
+            if not t.finished and self._tracks.pop(t.rid, None) is not None:
+                self._send_abort(t.rid)
+        if group:
+            self._groups.pop(group, None)
+
+    def abort_all(self) -> int:
+        """Abort every running request (SGLang's ``abort_all``); returns how many."""
+        rids = list(self._tracks)
+        for r in rids:
+            self._send_abort(r)
+        return len(rids)
 
     def _send_abort(self, rid: str) -> None:
         if self.dead_reason is None and not self._closed:
@@ -313,6 +315,14 @@ class TokenizerManager:
         if self.metrics is not None:
             self.metrics.set_scheduler_stats(out.stats)
         return out.stats
+
+    async def profile(self, action: str, output_dir: str = "", timeout: float = 120.0) -> ProfileOut:
+        """Start or stop the scheduler's torch profiler (stop writes the trace; it may take a while)."""
+        self._check_alive()
+        fut = asyncio.get_running_loop().create_future()
+        self._profile_waiters.append(fut)
+        self._to_scheduler.send(encode(ProfileReq(action=action, output_dir=output_dir)))
+        return await asyncio.wait_for(fut, timeout)
 
     async def flush_cache(self, timeout: float = 30.0) -> FlushCacheOut:
         self._check_alive()
@@ -361,13 +371,19 @@ class TokenizerManager:
             _resolve(self._stats_waiters, msg)
         elif isinstance(msg, FlushCacheOut):
             _resolve(self._flush_waiters, msg)
+        elif isinstance(msg, ProfileOut):
+            _resolve(self._profile_waiters, msg)
+        elif isinstance(msg, HeartbeatOut):
+            self.last_heartbeat = time.monotonic()
+            self.heartbeat = msg
         elif isinstance(msg, ReadyOut):
+            self.last_heartbeat = time.monotonic()
             self.model_info = dict(msg.model_info)
             self.scheduler_pid = msg.pid
             if self._ready is not None and not self._ready.done():
                 self._ready.set_result(None)
 
-    def _observe(self, t: _Track, n_new: int, now: float) -> None:
+    def _observe(self, t: Track, n_new: int, now: float) -> None:
         if n_new <= 0 or self.metrics is None:
             return
         if t.first_token is None:
@@ -378,81 +394,9 @@ class TokenizerManager:
         t.last_token = now
 
 
-class RequestHandle:
-    """The sequences of one submitted GenerateReqInput; async-iterate for GenEvents in arrival order."""
-
-    def __init__(self, tm: TokenizerManager, reqs: list[TokenizedGenerateReq], tracks: list[_Track],
-                 queue: asyncio.Queue, group: str | None):
-        self.tm = tm
-        self.reqs = reqs
-        self._tracks = tracks
-        self._queue = queue
-        self._group = group
-        self._remaining = len(reqs)
-        self._closed = False
-
-    @property
-    def rids(self) -> list[str]:
-        return [r.rid for r in self.reqs]
-
-    def __aiter__(self) -> "RequestHandle":
-        return self
-
-    async def __anext__(self) -> GenEvent:
-        if self._remaining == 0 or self._closed:
-            raise StopAsyncIteration
-        ev = await self._queue.get()
-        if isinstance(ev, BaseException):
-            self._remaining = 0
-            raise ev
-        if ev.finished:
-            self._remaining -= 1
-            err = (ev.data.get("meta_info") or {}).get("error")
-            if err:
-                self._remaining = 0
-                raise RequestError(str(err))
-        return ev
-
-    def close(self) -> None:
-        """Abort every sequence that has not finished (idempotent)."""
-        if self._closed:
-            return
-        self._closed = True
-        for t in self._tracks:
-            if not t.finished and self.tm._tracks.pop(t.rid, None) is not None:
-                self.tm._send_abort(t.rid)
-        if self._group:
-            self.tm._groups.pop(self._group, None)
-
-    async def __aenter__(self) -> "RequestHandle":
-        return self
-
-    async def __aexit__(self, *exc: Any) -> None:
-        self.close()
-
-
 def _resolve(waiters: deque, value: Any) -> None:
     while waiters:
         f = waiters.popleft()
         if not f.done():
             f.set_result(value)
             return
-
-
-class StreamAccumulator:
-    """Folds streaming deltas of one sequence into SGLang's cumulative /generate stream chunks."""
-
-    def __init__(self) -> None:
-        self.text = ""
-        self.output_ids: list[int] = []
-        self.meta: dict[str, Any] = {}
-
-    def add(self, delta: dict) -> dict:
-        self.text += delta.get("text", "")
-        self.output_ids.extend(delta.get("output_ids", ()))
-        for k, v in (delta.get("meta_info") or {}).items():
-            if k.endswith("_logprobs"):
-                self.meta.setdefault(k, []).extend(v)
-            else:
-                self.meta[k] = v
-        return {"text": self.text, "output_ids": list(self.output_ids), "meta_info": dict(self.meta)}

@@ -28,7 +28,6 @@ import zmq
 import zmq.asyncio
 from zmq.utils.monitor import parse_monitor_message
 
-from radixlm.runtime.server.native_protocol import parse_generate_body
 from radixlm.runtime.protocol import (
     ClientAbort,
     ClientChunk,
@@ -38,7 +37,10 @@ from radixlm.runtime.protocol import (
     decode_front_door_request,
     encode,
 )
-from radixlm.runtime.server.tokenizer_manager import RequestError, StreamAccumulator, TokenizerManager
+from radixlm.runtime.server.native_api import parse_generate_body
+from radixlm.runtime.server.native_stream import native_streamers
+from radixlm.runtime.server.request_errors import RequestError
+from radixlm.runtime.server.tokenizer_manager import TokenizerManager
 
 logger = logging.getLogger("radixlm.frontdoor")
 
@@ -177,22 +179,23 @@ class FrontDoor:
     async def _generate(self, envelope: list[bytes], msg: ClientGenerate) -> None:
         try:
             obj = parse_generate_body(msg.body)
-            handle = self.tm.submit(obj)
+            handle = await self.tm.submit(obj)
         except RequestError as e:
             self._send(envelope, ClientError(req_id=msg.req_id, message=str(e), status=e.status))
             return
         single = len(handle.reqs) == 1 and not obj.is_batch
-        accs = [StreamAccumulator() for _ in handle.reqs]
+        streamers = native_streamers(self.tm.args, handle.reqs)
         results: list[Any] = [None] * len(handle.reqs)
         try:
             async for ev in handle:
                 if obj.stream:
-                    chunk = accs[ev.index].add(ev.data)
-                    if not single:
-                        chunk["index"] = ev.index
-                    self._send(envelope, ClientChunk(req_id=msg.req_id, data=chunk))
+                    chunk = streamers[ev.index].add(ev.data)
+                    if chunk is not None:
+                        if not single:
+                            chunk["index"] = ev.index
+                        self._send(envelope, ClientChunk(req_id=msg.req_id, data=chunk))
                     if ev.finished:
-                        results[ev.index] = chunk
+                        results[ev.index] = streamers[ev.index].final()
                 elif ev.finished:
                     results[ev.index] = ev.data
             self._send(envelope, ClientChunk(req_id=msg.req_id, data=results[0] if single else results, finished=True))

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, Union
 
 from radixlm.runtime.constrained.json_schema import schema_to_regex
-from radixlm.runtime.parsers.text_regex import text_without
+from radixlm.runtime.parsers.text_regex import held_prefix, text_without
 
 _WS = " \t\n\r\f\v"  # ASCII whitespace: what the grammars' whitespace classes allow
 
@@ -64,14 +64,6 @@ def as_call(obj: Any, args_key: str) -> ToolCall | None:
     if not isinstance(args, dict):
         return None
     return ToolCall(obj["name"], dump_arguments(args))
-
-
-def held_prefix(text: str, marker: str) -> int:
-    """Length of the longest suffix of ``text`` that is a proper prefix of ``marker`` (it may still become it)."""
-    for n in range(min(len(marker) - 1, len(text)), 0, -1):
-        if marker.startswith(text[-n:]):
-            return n
-    return 0
 
 
 class ToolCallParser:
