@@ -19,6 +19,7 @@ from radixlm.runtime.generate_request import GenerateReqInput
 from radixlm.runtime.hf_tokenizer import load_tokenizer
 from radixlm.runtime.protocol import encode
 from radixlm.runtime.req import Req
+from radixlm.runtime.device_sampler import DeviceSampler, SamplingBatch
 from radixlm.runtime.sampler import Sampler
 from radixlm.runtime.server_args import ServerArgs
 from radixlm.runtime.validation import RequestLimits, check_admission, check_requests
@@ -165,9 +166,12 @@ def test_fuzz_only_value_errors_and_accepted_requests_run(tok, body):
         event("rejected")
         return
     event("accepted")
-    sampler = Sampler(vocab, {0})
+    sampler = Sampler(vocab, {0})  # the host reference
+    device_sampler = DeviceSampler(vocab, "cpu")  # what the scheduler samples with
     for r in reqs:
         msgspec.msgpack.decode(encode(r))  # the encoder accepts everything validation accepted
         req = Req(rid=r.rid, input_ids=r.input_ids, sampling_params=r.sampling_params,
                   logprob=r.logprob)
-        sampler(torch.randn(1, vocab), [req])  # the two crashes of the issue lived here
+        logits = torch.randn(1, vocab)
+        sampler(logits, [req])  # the two crashes of the issue lived here
+        device_sampler(logits, SamplingBatch.build([req], [0], vocab, [0], "cpu"))
