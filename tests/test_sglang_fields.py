@@ -214,6 +214,18 @@ def test_sglang_routes(server):
     assert requests.post(u + "/v1/completions", json={**base, "use_beam_search": True}).status_code == 400
     echo = requests.post(u + "/v1/completions", json={**base, "max_tokens": 0, "echo": True, "logprobs": 1}).json()
     assert echo["usage"]["completion_tokens"] == 0 and echo["choices"][0]["text"] == "hello"
+    # torch profiler in the scheduler: start, some work, stop writes a Chrome trace
+    import json as _json
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        assert requests.post(u + "/start_profile", json={"output_dir": d}).status_code == 200
+        assert requests.post(u + "/start_profile").status_code == 400  # already running
+        requests.post(u + "/generate", json={"text": "hi", "sampling_params": {"max_new_tokens": 4}})
+        stop = requests.get(u + "/stop_profile").json()  # SGLang's RuntimeEndpoint uses GET
+        with open(stop["message"]) as f:
+            assert _json.load(f)["traceEvents"]
+        assert requests.post(u + "/stop_profile").status_code == 400
     check_kv_invariant(u)
 
 
