@@ -154,6 +154,7 @@ def tok(tiny_llama):
     return load_tokenizer(tiny_llama)
 
 
+@pytest.mark.slow  # 600 examples, ~6 s
 @settings(max_examples=600, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(body=st.one_of(_req, _wellformed))
 def test_fuzz_only_value_errors_and_accepted_requests_run(tok, body):
