@@ -211,7 +211,10 @@ def test_sglang_routes(server):
     base = {"model": model, "prompt": "hello", "max_tokens": 8, "temperature": 0}
     r = requests.post(u + "/v1/completions", json={**base, "guided_choice": ["yes", "no"]}).json()
     assert r["choices"][0]["text"] in ("yes", "no")
-    assert requests.post(u + "/v1/completions", json={**base, "use_beam_search": True}).status_code == 400
+    beam = requests.post(u + "/v1/completions", json={**base, "use_beam_search": True})
+    assert beam.status_code == 400 and beam.json()["error"]["param"] == "use_beam_search"
+    sr = requests.post(u + "/v1/completions", json={**base, "max_tokens": 24, "stop_regex": r"[a-z]{2} "}).json()
+    assert sr["choices"][0]["finish_reason"] == "stop" and sr["choices"][0]["matched_stop"] == r"[a-z]{2} "
     echo = requests.post(u + "/v1/completions", json={**base, "max_tokens": 0, "echo": True, "logprobs": 1}).json()
     assert echo["usage"]["completion_tokens"] == 0 and echo["choices"][0]["text"] == "hello"
     # torch profiler in the scheduler: start, some work, stop writes a Chrome trace
