@@ -311,3 +311,11 @@ def test_structural_tag_and_backend_selection(tiny_llama, engine):
     finally:
         outlines_only.shutdown()
         xgr_only.shutdown()
+
+
+def test_engine_stream_interval(engine):
+    sp = {"max_new_tokens": 10, "temperature": 0, "ignore_eos": True}
+    every = list(engine.generate(PROMPT, sp, stream=True))
+    fours = list(engine.generate(PROMPT, {**sp, "stream_interval": 4}, stream=True))
+    assert [c["meta_info"]["completion_tokens"] for c in fours] == [4, 8, 10]
+    assert fours[-1]["text"] == every[-1]["text"]
