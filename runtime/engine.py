@@ -220,8 +220,14 @@ class Engine:
     def _stream(self, entries, single: bool) -> Iterator[dict]:
         try:
             for index, (state, q) in enumerate(entries):
+                # a chunk every stream_interval tokens (the request's, else the engine's), and the last
+                interval = state.req.sampling_params.stream_interval or self.server_args.stream_interval
+                sent = 0
                 while not state.finished:
                     self._next(state, q)
+                    if not state.finished and state.completion_tokens - sent < interval:
+                        continue
+                    sent = state.completion_tokens
                     chunk = state.result(streaming=not state.finished)
                     if not single:
                         chunk["index"] = index

@@ -96,16 +96,19 @@ class ModelRunner:
             ops = decoder_ops.compiled_ops()
             decoder_ops.install(self.model, ops)
             with torch.inference_mode():  # as forward runs: dynamo guards on the grad mode
-                decoder_ops.warm_up(ops, cfg, q_heads, self.dtype, self.device)
-                decoder_ops.warm_up(ops, cfg, self.num_kv_heads, self.dtype, self.device)  # rope on k
+                decoder_ops.warm_up(ops, self.model, cfg, q_heads, self.num_kv_heads, self.dtype, self.device)
                 warm_up(q_heads, self.num_kv_heads, self.head_dim, self.dtype, self.device)
             logger.info("torch.compile: elementwise ops and decode attention ready in %.1f s", time.perf_counter() - t0)
         self.sampler = DeviceSampler(self.vocab_size, self.device, args.random_seed)
         self.forward_time = 0.0  # seconds spent in forward passes (for overhead accounting)
-        if self.tp and self.tp.is_leader:
+        if self.tp:  # every rank reaches this point: the port broadcast is a collective
             from radixlm.runtime.distributed.step_channel import StepLeader
 
-            self._steps = StepLeader(self.tp.step_channel_addr, self.tp.world_size - 1)
+            self._steps = StepLeader(self.tp.step_channel_host) if self.tp.is_leader else None
+            port = self.tp.broadcast_int(self._steps.port if self._steps else 0)
+            self.step_channel_addr = f"tcp://{self.tp.step_channel_host}:{port}"
+            if self._steps:
+                self._steps.wait_for_followers(self.tp.world_size - 1)
 
     def _pool_size(self) -> int:
         if self.args.max_total_tokens is not None:

@@ -150,6 +150,18 @@ class StatsOut(_Msg):
     stats: dict
 
 
+class ProfileReq(_Msg):
+    """Start or stop the torch profiler in the scheduler (SGLang's /start_profile, /stop_profile)."""
+
+    action: str  # "start" | "stop"
+    output_dir: str = ""  # where "stop" writes the Chrome trace (start's value is kept)
+
+
+class ProfileOut(_Msg):
+    success: bool
+    message: str = ""
+
+
 class ErrorOut(_Msg, kw_only=True):
     """Answer to a request or message that could not be handled; rid empty if unknown."""
 
@@ -166,8 +178,8 @@ class HeartbeatOut(_Msg):
     num_waiting: int = 0
 
 
-SchedulerInput = Union[TokenizedGenerateReq, AbortReq, FlushCacheReq, GetStatsReq]
-SchedulerOutput = Union[BatchOut, FlushCacheOut, StatsOut, ErrorOut, HeartbeatOut]
+SchedulerInput = Union[TokenizedGenerateReq, AbortReq, FlushCacheReq, GetStatsReq, ProfileReq]
+SchedulerOutput = Union[BatchOut, FlushCacheOut, StatsOut, ErrorOut, HeartbeatOut, ProfileOut]
 
 _encoder = msgspec.msgpack.Encoder()
 _in_decoder = msgspec.msgpack.Decoder(SchedulerInput)
@@ -221,8 +233,9 @@ class DetokBatchOut(_Msg):
     outputs: list[DetokOut]
 
 
-DetokenizerInput = Union[BatchOut, FlushCacheOut, StatsOut, ErrorOut, ReadyOut, DetokRegister, HeartbeatOut]
-TokenizerManagerInput = Union[DetokBatchOut, FlushCacheOut, StatsOut, ErrorOut, ReadyOut, HeartbeatOut]
+DetokenizerInput = Union[BatchOut, FlushCacheOut, StatsOut, ErrorOut, ReadyOut, DetokRegister, HeartbeatOut,
+                         ProfileOut]
+TokenizerManagerInput = Union[DetokBatchOut, FlushCacheOut, StatsOut, ErrorOut, ReadyOut, HeartbeatOut, ProfileOut]
 
 _detok_in_decoder = msgspec.msgpack.Decoder(DetokenizerInput)
 _tm_in_decoder = msgspec.msgpack.Decoder(TokenizerManagerInput)

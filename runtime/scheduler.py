@@ -27,12 +27,15 @@ from radixlm.runtime.grammar_manager import GrammarManager
 from radixlm.runtime.kv_manager import KVManager
 from radixlm.runtime.model_runner import ModelRunner
 from radixlm.runtime.output_processor import LogitsPlan, OutputProcessor
+from radixlm.runtime.profiler import SchedulerProfiler
 from radixlm.runtime.protocol import (
     AbortReq,
     ErrorOut,
     FlushCacheOut,
     FlushCacheReq,
     GetStatsReq,
+    ProfileOut,
+    ProfileReq,
     ReqOutput,
     SchedulerInput,
     SchedulerOutput,
@@ -53,6 +56,7 @@ logger = logging.getLogger("radixlm.scheduler")
 class Scheduler:
     def __init__(self, args: ServerArgs):
         self.args = args
+        self.profiler = SchedulerProfiler()  # /start_profile, /stop_profile
         if not os.path.isdir(args.model_path):
             raise ValueError(f"model_path: {args.model_path!r} is not a directory (radixlm never downloads models)")
         self.tokenizer = load_tokenizer(args.tokenizer_path or args.model_path)
@@ -65,7 +69,7 @@ class Scheduler:
         self.eos_ids = eos_token_ids(self.tokenizer, args.model_path)
         self.context_len = self.runner.context_len
         self.max_total_tokens = self.runner.max_total_tokens
-        self.limits = RequestLimits.from_args(args, self.runner.vocab_size, self.context_len)
+        self.limits = RequestLimits.from_args(args, self.runner.vocab_size, self.context_len, self.tokenizer)
 
         # The two queues are shared with the parts below, which mutate them in place (never rebind).
         self.waiting: list[Req] = []
@@ -112,6 +116,9 @@ class Scheduler:
             return [FlushCacheOut(success=ok, message=message)]
         if isinstance(msg, GetStatsReq):
             return [StatsOut(stats=self.get_stats())]
+        if isinstance(msg, ProfileReq):
+            ok, message = self.profiler.handle(msg.action, msg.output_dir)
+            return [ProfileOut(success=ok, message=message)]
         return [ErrorOut(message=f"unknown message {type(msg).__name__}")]
 
     def add_request(self, tr: TokenizedGenerateReq) -> None:

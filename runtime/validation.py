@@ -52,13 +52,19 @@ class RequestLimits:
     max_prompts_per_request: int = 1024
     max_sequences_per_request: int = 1024  # prompts × n
     max_prompt_tokens: int | None = None  # None: the context length
+    # A text prompt longer than this (in characters) cannot fit in max_prompt_tokens tokens: refused
+    # before tokenizing it (a 10 MB prompt took 21 s to tokenize only to be refused)
+    max_prompt_chars: int | None = None
 
     @classmethod
-    def from_args(cls, args: "ServerArgs", vocab_size: int | None, context_len: int | None) -> "RequestLimits":
+    def from_args(cls, args: "ServerArgs", vocab_size: int | None, context_len: int | None,
+                  tokenizer: Any = None) -> "RequestLimits":
         max_prompt = args.max_prompt_tokens or None
         if context_len is not None:
             max_prompt = min(max_prompt or context_len, context_len)
+        longest = longest_token_chars(tokenizer) if tokenizer is not None else None
         return cls(
+            max_prompt_chars=None if (max_prompt is None or not longest) else 2 * max_prompt * longest,
             vocab_size=vocab_size,
             context_len=context_len,
             max_n=args.max_n,
@@ -66,6 +72,19 @@ class RequestLimits:
             max_sequences_per_request=args.max_prompts_per_request,
             max_prompt_tokens=max_prompt,
         )
+
+
+def longest_token_chars(tokenizer: Any) -> int | None:
+    """Characters of the vocabulary's longest token (special tokens included): a prompt of c characters
+    has at least c / this many tokens. None when the tokenizer has no vocabulary to look at."""
+    get_vocab = getattr(tokenizer, "get_vocab", None)
+    if get_vocab is None:
+        return None
+    try:
+        vocab = get_vocab()
+    except Exception:  # noqa: BLE001 - a bound we cannot compute is no bound
+        return None
+    return max((len(t) for t in vocab), default=0) or None
 
 
 # --------------------------------------------------------------------------- primitives
@@ -202,12 +221,16 @@ def check_admission(obj: "GenerateReqInput", limits: RequestLimits) -> None:
     else:
         num, field = 1, "text" if obj.text is not None else "input_ids"
     check_counts(num, [], limits, field)  # first: the checks below are linear in the prompt count
-    if isinstance(obj.text, str):
-        check_str(obj.text, "text")
-    elif isinstance(obj.text, list):
-        for i, t in enumerate(obj.text):
-            if isinstance(t, str):
-                check_str(t, f"text[{i}]")
+    texts = [obj.text] if isinstance(obj.text, str) else obj.text if isinstance(obj.text, list) else []
+    for i, t in enumerate(texts):
+        if not isinstance(t, str):
+            continue
+        name = "text" if isinstance(obj.text, str) else f"text[{i}]"
+        # Twice the longest token per token of the limit: a safety factor for normalizers.
+        if limits.max_prompt_chars is not None and len(t) > limits.max_prompt_chars:
+            raise ValueError(f"{name}: {len(t)} characters cannot fit in {limits.max_prompt_tokens} prompt tokens "
+                             "(--max-prompt-tokens / the context length)")
+        check_str(t, name)
     sps = obj.sampling_params if isinstance(obj.sampling_params, list) else [obj.sampling_params] * num
     ns = []
     for sp in sps[:num]:

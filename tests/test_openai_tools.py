@@ -220,3 +220,18 @@ def test_reasoning_model_required_call(qwen3):
             _check_calls(ch.message.tool_calls)
         else:
             assert ch.finish_reason == "length" and ch.message.model_extra.get("reasoning_content")
+
+
+def test_reasoning_model_json_answer(qwen3):
+    """A JSON answer is constrained after the reasoning block; biasing "</think>" closes the block at once
+    (the tiny model would otherwise reason until max_tokens), and the content is the schema-valid JSON."""
+    url = str(qwen3.base_url).rstrip("/").removesuffix("/v1")
+    end = requests.post(url + "/tokenize", json={"prompt": "</think>", "add_special_tokens": False}, timeout=30).json()
+    assert end["count"] == 1
+    r = qwen3.chat.completions.create(
+        model="default", messages=[{"role": "user", "content": "Time zone?"}], max_tokens=120, temperature=1.0,
+        seed=13, n=3, logit_bias={str(end["tokens"][0]): 100},
+        response_format={"type": "json_schema", "json_schema": {"name": "t", "schema": TIME}})
+    for ch in r.choices:
+        assert ch.finish_reason == "stop" and ch.message.model_extra.get("reasoning_content") == ""
+        jsonschema.validate(json.loads(ch.message.content), TIME)

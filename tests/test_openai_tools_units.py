@@ -69,3 +69,29 @@ def test_cut_off_mistral_array_keeps_its_complete_calls():
     assert [(c.name, c.arguments) for c in res.calls] == [("a", '{"x": 1}')]
     assert p.parse(text, final=False).calls == []  # while streaming, the array may still complete
     assert p.parse('[TOOL_CALLS] [{"name": "a", "argu').calls == []
+
+
+@pytest.mark.parametrize("parser, family, arch", [("deepseek-r1", "deepseek-r1", "llama"), ("qwen3", "qwen3", "qwen2")])
+def test_response_format_follows_the_reasoning_block(make_model, parser, family, arch):
+    """With a reasoning parser, a JSON answer is constrained after the block (DeepSeek-R1's prompt opens it:
+    before, the JSON was written inside the reasoning and the content came back empty)."""
+    import json
+    import re
+
+    from radixlm.runtime.hf_tokenizer import load_tokenizer
+    from radixlm.runtime.server.openai_api import prepare_chat
+    from radixlm.runtime.server.openai_protocol import ChatCompletionRequest
+    from radixlm.runtime.server.openai_tools import ChatConfig
+
+    tok = load_tokenizer(make_model(arch, family=family))
+    cfg = ChatConfig.build(None, "auto", parser, "")
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"], "additionalProperties": False}
+    req = ChatCompletionRequest(messages=[{"role": "user", "content": "x"}], max_tokens=8,
+                                response_format={"type": "json_schema", "json_schema": {"name": "s", "schema": schema}})
+    regex = prepare_chat(req, tok, cfg, {"context_length": 512}, "m").obj.sampling_params["regex"]
+    opened = "" if parser == "deepseek-r1" else "<think>\n"
+    assert re.fullmatch(regex, opened + 'I think {"a": 2} fits\n</think>\n\n{"a":1}')
+    assert bool(re.fullmatch(regex, '{"a":1}')) is (parser == "qwen3")  # Qwen3 may skip the block
+    assert not re.fullmatch(regex, opened + "thinking\n</think>\n\nprose")
+    answer = parse_choice(opened + "hm\n</think>\n\n" + '{"a":1}', ToolPlan("none"), get_reasoning_parser(parser))
+    assert json.loads(answer.content) == {"a": 1}

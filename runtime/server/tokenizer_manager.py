@@ -34,6 +34,8 @@ from radixlm.runtime.protocol import (
     ErrorOut,
     FlushCacheOut,
     FlushCacheReq,
+    ProfileOut,
+    ProfileReq,
     GetStatsReq,
     HeartbeatOut,
     ReadyOut,
@@ -71,6 +73,7 @@ class TokenizerManager:
         self._groups: dict[str, list[str]] = {}  # user-given rid → the rids it expanded into
         self._stats_waiters: deque[asyncio.Future] = deque()
         self._flush_waiters: deque[asyncio.Future] = deque()
+        self._profile_waiters: deque[asyncio.Future] = deque()
         self._ready: asyncio.Future | None = None
         self._recv_task: asyncio.Task | None = None
         self._watched: list[Any] = []
@@ -139,7 +142,7 @@ class TokenizerManager:
             t.queue.put_nowait(err)
         self._tracks.clear()
         self._groups.clear()
-        for waiters in (self._stats_waiters, self._flush_waiters):
+        for waiters in (self._stats_waiters, self._flush_waiters, self._profile_waiters):
             while waiters:
                 f = waiters.popleft()
                 if not f.done():
@@ -196,7 +199,7 @@ class TokenizerManager:
         """Admission limits: the server's flags and the model's sizes (known once the scheduler is ready)."""
         if self._limits is None or self._limits.vocab_size != self.model_info.get("vocab_size"):
             self._limits = RequestLimits.from_args(
-                self.args, self.model_info.get("vocab_size"), self.model_info.get("context_length")
+                self.args, self.model_info.get("vocab_size"), self.model_info.get("context_length"), self.tokenizer
             )
         return self._limits
 
@@ -313,6 +316,14 @@ class TokenizerManager:
             self.metrics.set_scheduler_stats(out.stats)
         return out.stats
 
+    async def profile(self, action: str, output_dir: str = "", timeout: float = 120.0) -> ProfileOut:
+        """Start or stop the scheduler's torch profiler (stop writes the trace; it may take a while)."""
+        self._check_alive()
+        fut = asyncio.get_running_loop().create_future()
+        self._profile_waiters.append(fut)
+        self._to_scheduler.send(encode(ProfileReq(action=action, output_dir=output_dir)))
+        return await asyncio.wait_for(fut, timeout)
+
     async def flush_cache(self, timeout: float = 30.0) -> FlushCacheOut:
         self._check_alive()
         fut = asyncio.get_running_loop().create_future()
@@ -360,6 +371,8 @@ class TokenizerManager:
             _resolve(self._stats_waiters, msg)
         elif isinstance(msg, FlushCacheOut):
             _resolve(self._flush_waiters, msg)
+        elif isinstance(msg, ProfileOut):
+            _resolve(self._profile_waiters, msg)
         elif isinstance(msg, HeartbeatOut):
             self.last_heartbeat = time.monotonic()
             self.heartbeat = msg
