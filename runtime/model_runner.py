@@ -104,7 +104,7 @@ class ModelRunner:
         if self.tp:  # every rank reaches this point: the port broadcast is a collective
             from radixlm.runtime.distributed.step_channel import StepLeader
 
-            self._steps = StepLeader(self.tp.step_channel_host) if self.tp.is_leader else None
+            self._steps = StepLeader(self.tp.step_channel_host, self.tp.step_channel_preferred_port) if self.tp.is_leader else None
             port = self.tp.broadcast_int(self._steps.port if self._steps else 0)
             self.step_channel_addr = f"tcp://{self.tp.step_channel_host}:{port}"
             if self._steps:

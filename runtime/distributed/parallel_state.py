@@ -2,8 +2,8 @@
 
 Ranks are numbered across nodes: node ``k`` runs global ranks ``k * tp_per_node ...``. Rank 0 runs
 the scheduler. The process group uses gloo on the CPU and NCCL on CUDA, rendezvousing at
-``--dist-init-addr`` (``host:port``); the step channel (ZeroMQ) listens on a free port of rank 0's host, which
-rank 0 broadcasts to the group (a fixed ``port + 1`` collided with other servers' ports).
+``--dist-init-addr`` (``host:port``); the step channel (ZeroMQ) listens on ``port + 1`` of rank 0's host, or on a
+free port when that one is taken; rank 0 broadcasts the port to the group.
 """
 
 from __future__ import annotations
@@ -40,6 +40,10 @@ class TPContext:
     @property
     def step_channel_host(self) -> str:
         return split_addr(self.init_addr)[0]
+
+    @property
+    def step_channel_preferred_port(self) -> int:
+        return split_addr(self.init_addr)[1] + 1
 
     def broadcast_int(self, value: int) -> int:
         """Rank 0's ``value`` on every rank (a tensor broadcast: no pickled objects on the wire)."""
