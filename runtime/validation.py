@@ -39,7 +39,8 @@ MAX_STOP_TOKEN_IDS = 1024
 MAX_LOGIT_BIAS_ENTRIES = 4096
 MAX_TOP_LOGPROBS = 1024
 MAX_LIST_ITEMS = 4096  # any other list or dict field of SamplingParams
-MAX_GRAMMAR_CHARS = 256 * 1024  # a regex or JSON schema; the compile worker bounds the automaton itself
+MAX_GRAMMAR_CHARS = 256 * 1024
+MAX_JSON_DEPTH = 100  # JSON bodies and JSON schemas: deeper nesting is refused (parsers recurse)  # a regex or JSON schema; the compile worker bounds the automaton itself
 
 
 @dataclass(frozen=True)
@@ -127,10 +128,13 @@ def check_token_ids(ids: Iterable[Any], field: str, vocab_size: int | None) -> N
 
 def check_json_strings(value: Any, field: str = "") -> None:
     """Every string (and key) in a decoded JSON document is encodable: JSON's ``"\\ud800"`` escapes decode
-    to lone surrogates that no tokenizer or encoder accepts. Iterative (no recursion limit to hit)."""
-    stack = [(value, field)]
+    to lone surrogates that no tokenizer or encoder accepts; and it nests at most ``MAX_JSON_DEPTH``
+    levels. Iterative (no recursion limit to hit)."""
+    stack = [(value, field, 0)]
     while stack:
-        v, path = stack.pop()
+        v, path, depth = stack.pop()
+        if depth > MAX_JSON_DEPTH:
+            raise ValueError(f"{path or 'body'}: nested deeper than {MAX_JSON_DEPTH} levels")
         if isinstance(v, str):
             check_str(v, path or "body")
         elif isinstance(v, dict):
@@ -138,9 +142,32 @@ def check_json_strings(value: Any, field: str = "") -> None:
                 key = f"{path}.{k}" if path else str(k)
                 if isinstance(k, str):
                     check_str(k, f"{path or 'body'} key")
-                stack.append((x, key))
+                stack.append((x, key, depth + 1))
         elif isinstance(v, list):
-            stack.extend((x, f"{path}[{i}]") for i, x in enumerate(v))
+            stack.extend((x, f"{path}[{i}]", depth + 1) for i, x in enumerate(v))
+
+
+def check_json_text_depth(text: str, field: str) -> None:
+    """A JSON document given as text (``json_schema``) nests at most ``MAX_JSON_DEPTH`` levels: checked by
+    scanning brackets outside strings, before any parser recurses into it."""
+    depth = 0
+    in_str = escaped = False
+    for ch in text:
+        if in_str:
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == '"':
+                in_str = False
+        elif ch == '"':
+            in_str = True
+        elif ch in "[{":
+            depth += 1
+            if depth > MAX_JSON_DEPTH:
+                raise ValueError(f"{field}: nested deeper than {MAX_JSON_DEPTH} levels")
+        elif ch in "]}":
+            depth -= 1
 
 
 def _short(v: Any) -> str:
@@ -232,6 +259,13 @@ def check_admission(obj: "GenerateReqInput", limits: RequestLimits) -> None:
                              "(--max-prompt-tokens / the context length)")
         check_str(t, name)
     sps = obj.sampling_params if isinstance(obj.sampling_params, list) else [obj.sampling_params] * num
+    for sp in (obj.sampling_params if isinstance(obj.sampling_params, list) else [obj.sampling_params]):
+        for name in ("json_schema", "structural_tag"):
+            value = sp.get(name) if isinstance(sp, dict) else getattr(sp, name, None)
+            if isinstance(value, str):
+                check_json_text_depth(value, name)
+            elif isinstance(value, (dict, list)):
+                check_json_strings(value, name)
     ns = []
     for sp in sps[:num]:
         n = _n_of(sp)

@@ -52,6 +52,8 @@ ISSUE_CASES = [
     ({"prompt": "hi \ud800 there"}, "text"),
     ({"prompt": "word " * 20000}, "text: 100000 characters cannot fit"),  # refused before tokenizing
     ({"rid": "x\ud800"}, "rid"),
+    ({"sampling_params": {"json_schema": '{"type": "array", "items": ' * 3000 + "{}" + "}" * 3000}},
+     "json_schema: nested deeper"),  # was a RecursionError
     ({"rid": "r" * 600}, "rid"),
     ({"return_logprob": True, "logprob_start_len": 2**70}, "logprob_start_len"),
     ({"return_logprob": True, "top_logprobs_num": 2**70}, "top_logprobs_num"),
