@@ -15,6 +15,7 @@ import threading
 from concurrent.futures import Future
 from typing import Any, Callable, Iterator
 
+from radixlm.runtime.sglang_compat import split_sglang_extras
 from radixlm.runtime.generate_request import GenerateReqInput
 from radixlm.runtime.request_state import RequestState
 from radixlm.runtime.protocol import AbortReq, ErrorOut, ReqOutput, TokenizedGenerateReq
@@ -138,13 +139,16 @@ class Engine:
         rid: str | list[str] | None = None,
         cache_salt: str | list[str] | None = None,
         extra_key: str | list[str] | None = None,
+        **sglang_fields: Any,
     ) -> dict | list[dict] | Iterator[dict]:
         """SGLang's Engine.generate: a dict for one prompt (n=1), else a list; an iterator if stream.
 
         The arguments are a ``/generate`` body (``prompt`` is its ``text``): they become the same
         ``GenerateReqInput`` the server builds, with the same checks (ValueError naming the field).
         ``cache_salt`` / ``extra_key``: a KV cache namespace; the request reuses (and leaves) cached
-        prefixes only among requests with the same values (see ``generate_request.cache_namespace``)."""
+        prefixes only among requests with the same values (see ``generate_request.cache_namespace``).
+        ``sglang_fields``: SGLang's other Engine.generate arguments (``lora_path=None``, ...), with the
+        /generate body's rules (runtime/sglang_compat.py): empty ones accepted, others a ValueError."""
         if isinstance(sampling_params, SamplingParams):
             sampling_params = sampling_params.to_dict()
         obj = GenerateReqInput.from_dict(dict(
@@ -159,6 +163,7 @@ class Engine:
             stream=stream,
             cache_salt=cache_salt,
             extra_key=extra_key,
+            **split_sglang_extras(sglang_fields),  # what is left is unknown: from_dict names it
         ))
         check_admission(obj, self.limits)
         reqs = obj.normalize(self.tokenizer)

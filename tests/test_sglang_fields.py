@@ -319,3 +319,12 @@ def test_engine_stream_interval(engine):
     fours = list(engine.generate(PROMPT, {**sp, "stream_interval": 4}, stream=True))
     assert [c["meta_info"]["completion_tokens"] for c in fours] == [4, 8, 10]
     assert fours[-1]["text"] == every[-1]["text"]
+
+
+def test_engine_generate_takes_sglang_arguments(engine):
+    out = engine.generate(PROMPT, {"max_new_tokens": 2}, lora_path=None, return_hidden_states=False)
+    assert out["meta_info"]["completion_tokens"] == 2
+    with pytest.raises(ValueError, match="^lora_path: "):
+        engine.generate(PROMPT, {"max_new_tokens": 2}, lora_path="adapter")
+    with pytest.raises(ValueError, match="bogus"):
+        engine.generate(PROMPT, {"max_new_tokens": 2}, bogus=1)
