@@ -50,7 +50,10 @@ ISSUE_CASES = [
     ({"prompt": ["a"] * 4, "sampling_params": {"n": 5}}, "n"),
     ({"prompt": None, "input_ids": [1, 2**64]}, "input_ids"),
     ({"prompt": "hi \ud800 there"}, "text"),
+    ({"prompt": "word " * 20000}, "text: 100000 characters cannot fit"),  # refused before tokenizing
     ({"rid": "x\ud800"}, "rid"),
+    ({"sampling_params": {"json_schema": '{"type": "array", "items": ' * 3000 + "{}" + "}" * 3000}},
+     "json_schema: nested deeper"),  # was a RecursionError
     ({"rid": "r" * 600}, "rid"),
     ({"return_logprob": True, "logprob_start_len": 2**70}, "logprob_start_len"),
     ({"return_logprob": True, "top_logprobs_num": 2**70}, "top_logprobs_num"),
@@ -85,8 +88,9 @@ def test_oversized_requests_cost_no_tokenization():
             raise AssertionError("tokenized an oversized request")
 
     lim = RequestLimits(vocab_size=100, context_len=64, max_n=4, max_prompts_per_request=8,
-                        max_sequences_per_request=8)
+                        max_sequences_per_request=8, max_prompt_tokens=64, max_prompt_chars=1000)
     for obj in (GenerateReqInput(text="x", sampling_params={"n": 20000}),
+                GenerateReqInput(text="y" * 1001),
                 GenerateReqInput(text=["x"] * 100),
                 GenerateReqInput(text=["x"] * 4, sampling_params=[{"n": 3}] * 4)):
         with pytest.raises(ValueError, match="n|text"):
