@@ -1,7 +1,9 @@
-"""ModelRunner: owns the model, the KV pools and the attention backend; runs one forward pass.
+"""ModelRunner: owns the model, the KV pools, the attention backend and the device sampler; runs one pass.
 
 It sizes the KV pool (``max_total_tokens``, or a fraction of free memory), loads the weights with our
-own model code, and turns a ForwardBatch into logits. It knows nothing of requests or policies.
+own model code, and turns a ForwardBatch into logits that stay on the model's device (only the rows the
+host asks for are copied); its ``DeviceSampler`` turns them into token ids there. It knows nothing of
+requests or policies.
 """
 
 from __future__ import annotations
