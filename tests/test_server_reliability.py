@@ -77,6 +77,14 @@ def test_lone_surrogates_are_400s_not_leaks(rt):
     assert num_active(rt) == before == 0
 
 
+def test_deeply_nested_bodies_are_400s(rt):
+    r = post(rt, "/generate", '{"text": "x", "rid": ' + "[" * 5000 + "]" * 5000 + "}")
+    assert r.status_code == 400 and "nested" in r.json()["error"]["message"], r.text
+    deep = '{"type": "array", "items": ' * 3000 + "{}" + "}" * 3000
+    r = post(rt, "/generate", {"text": "x", "sampling_params": {"json_schema": deep}})
+    assert r.status_code == 400 and "json_schema" in r.json()["error"]["message"], r.text
+
+
 def test_openai_reproductions_are_400s(rt):
     for body, field in [
         ({"prompt": "Hello", "max_tokens": 4, "top_k": BIG}, "top_k"),
