@@ -123,6 +123,8 @@ def test_openai_extras_map_to_sampling_fields():
     with pytest.raises(ValueError, match="^use_beam_search"):
         check_refused({"use_beam_search": True})
     check_refused({"use_beam_search": False, "prompt_logprobs": None})
+    with pytest.raises(ValueError, match="^stream_interval: .*/generate"):  # not silently dropped
+        check_refused({"stream_interval": 4})
 
 
 # ----------------------------------------------------------------------------- launch flags
