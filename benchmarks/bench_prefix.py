@@ -153,7 +153,7 @@ def tier_rows(path, names, scale: float, vocab, bos, new_tokens: int, repeats: i
 
 def _first_token_s(path, prompt: list[int], **kw) -> tuple[float, int]:
     """Start a fresh Engine (not timed), then time one request's first token: (seconds, cached tokens)."""
-    with Engine(model_path=path, dtype="float32", device="cpu", **kw) as eng:
+    with Engine(model_path=path, dtype="float32", device="cpu", max_total_tokens=8192, **kw) as eng:
         eng.generate(input_ids=[3, 4, 5], sampling_params={"max_new_tokens": 1})  # warm up the forward
         eng.flush_cache()  # ... but not the cache
         t0 = time.perf_counter()
@@ -251,7 +251,8 @@ def main() -> None:
     if args.tiers:
         print(f"llama-{args.preset}, float32, CPU, torch threads={torch.get_num_threads()}, lpm, "
               f"{args.new_tokens} new tokens/request, scale {args.scale}\n")
-        tier_rows(path, args.workloads.split(","), args.scale, vocab, bos, args.new_tokens, args.repeats)
+        if args.workloads:
+            tier_rows(path, args.workloads.split(","), args.scale, vocab, bos, args.new_tokens, args.repeats)
         if not args.rows_only:
             warm_restart(path, vocab, bos, args.restarts)
             compression_error(path, vocab, bos)

@@ -423,3 +423,17 @@ def test_hierarchy_reads_a_miss_from_disk(tmp_path):
     _check(pool2, cache2)
     cache.close()
     cache2.close()
+
+
+def test_host_tier_never_takes_more_than_its_share_of_free_memory(tiny_llama, monkeypatch, caplog):
+    import radixlm.runtime.kv_tiers as kv_tiers
+    from radixlm.runtime.server_args import ServerArgs
+
+    monkeypatch.setattr(kv_tiers, "_HOST_MEMORY_FRACTION", 1e-6)  # a few KB of today's free memory
+    args = ServerArgs(model_path=tiny_llama, enable_hierarchical_cache=True, hicache_size=1000.0)
+    pool = _pool()
+    cache = kv_tiers.create_cache(args, pool)
+    free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    assert cache.host.nbytes() <= 2e-6 * free + 4096  # not the 1000 GB asked
+    assert "KV host tier" in caplog.text
+    cache.close()

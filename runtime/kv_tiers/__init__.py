@@ -8,6 +8,9 @@ scales), ``pool_io`` (moving a pool's K/V rows), ``host_tier``, ``disk_tier``, `
 
 from __future__ import annotations
 
+import logging
+import os
+
 import torch
 
 from radixlm.runtime.kv_tiers.codec import KVCodec
@@ -17,6 +20,9 @@ from radixlm.runtime.kv_tiers.host_tier import HostTier
 from radixlm.runtime.memory_pool import KVPool
 from radixlm.runtime.radix_cache import RadixCache
 from radixlm.runtime.server_args import ServerArgs
+
+logger = logging.getLogger(__name__)
+_HOST_MEMORY_FRACTION = 0.5  # at most this share of the memory free when the tier is made
 
 __all__ = ["DiskTier", "HiRadixCache", "HostTier", "KVCodec", "create_cache", "resolve_codec"]
 
@@ -39,6 +45,14 @@ def create_cache(args: ServerArgs, pool: KVPool) -> RadixCache:
     else:  # the ratio is of bytes: a compressed tier holds more tokens than the device in the same bytes
         device_bytes = pool.size * pool.num_layers * 2 * hkv * dim * torch.empty(0, dtype=pool.dtype).element_size()
         host_bytes = int(device_bytes * args.hicache_ratio)
+    avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    if host_bytes > _HOST_MEMORY_FRACTION * avail:
+        # The host tier must not take the machine's memory (on the CPU the auto-sized pool already did
+        # its share): clipped, loudly; hicache_host_capacity_tokens in the stats shows what it got.
+        clipped = int(_HOST_MEMORY_FRACTION * avail)
+        logger.warning("KV host tier: %.2f GB asked, %.2f GB of memory free: using %.2f GB",
+                       host_bytes / 2**30, avail / 2**30, clipped / 2**30)
+        host_bytes = clipped
     host = HostTier(pool, HostTier.tokens_for_bytes(pool, codec, host_bytes), codec)
     disk = None
     if args.hicache_storage_dir:
