@@ -6,8 +6,8 @@ For each tiny-model vocabulary (``tiny`` and ``small`` presets, built locally) a
 engine compiles the grammar from scratch (a fresh compiler, so no cache helps; median of
 ``--repeats``), then walks one fixed token path the grammar allows (drawn once, with a fixed seed,
 from xgrammar's masks) and times "fill the mask, accept the token" per token. Engines: outlines-core
-(through radixlm's GrammarBackend: regex and JSON schema only), xgrammar and llguidance. Prints a
-Markdown table (milliseconds).
+(through radixlm's GrammarBackend: regex and JSON schema only), xgrammar and llguidance (``pip install
+llguidance``; not a radixlm dependency, n/a when absent). Prints a Markdown table (milliseconds).
 """
 
 from __future__ import annotations
@@ -105,7 +105,10 @@ def bench_xgrammar(tok, V, eos, kind, pattern, path, repeats):
 
 
 def bench_llguidance(tok, V, eos, kind, pattern, path, repeats):
-    import llguidance
+    try:
+        import llguidance
+    except ImportError:  # not a dependency of radixlm: pip install llguidance to measure it
+        return None
     import llguidance.hf
     import llguidance.torch as llt
     from llguidance.gbnf_to_lark import gbnf_to_lark

@@ -9,7 +9,8 @@
   fails after it started answering ends that request with an error: a 502 body, or for a stream an SSE
   error event and ``[DONE]``. A request in flight on a worker that the health checks take out fails at
   once; nothing waits on a dead worker. No healthy worker: 503.
-* ``/abort_request``: to the worker that holds the ``rid`` (every worker if the router does not know it).
+* ``/abort_request``: to the worker that holds the ``rid`` (every worker if the router does not know it);
+  ``abort_all`` to every worker.
 * ``/flush_cache``: every worker, and the router's trees are cleared. ``/get_model_info``,
   ``/v1/models`` and other reads: any healthy worker. ``/get_server_info``: the router's own (policy,
   workers, and the workers' stats summed in ``scheduler_stats``). ``/health``: 200 while a worker is.
@@ -341,6 +342,11 @@ def create_app(router: Router) -> FastAPI:
     @app.post("/abort_request")
     async def abort_request(request: Request) -> Response:
         _, body = await _raw_json(request)
+        if (body or {}).get("abort_all") is True:  # SGLang's abort_all: every worker aborts everything
+            replies = await router.broadcast(request, "/abort_request", {"abort_all": True})
+            ok = [r.json() for _, r in replies if r is not None and r.status_code == 200]
+            return JSONResponse({"success": bool(replies) and len(ok) == len(replies),
+                                 "aborted": sum(int(o.get("aborted", 0)) for o in ok)})
         rid = (body or {}).get("rid")
         if not isinstance(rid, str) or not rid:
             return error_response(400, "rid: a non-empty string is required", param="rid")

@@ -15,6 +15,7 @@ import threading
 from concurrent.futures import Future
 from typing import Any, Callable, Iterator
 
+from radixlm.runtime.sglang_compat import split_sglang_extras
 from radixlm.runtime.generate_request import GenerateReqInput
 from radixlm.runtime.request_state import RequestState
 from radixlm.runtime.protocol import AbortReq, ErrorOut, ReqOutput, TokenizedGenerateReq
@@ -138,13 +139,16 @@ class Engine:
         rid: str | list[str] | None = None,
         cache_salt: str | list[str] | None = None,
         extra_key: str | list[str] | None = None,
+        **sglang_fields: Any,
     ) -> dict | list[dict] | Iterator[dict]:
         """SGLang's Engine.generate: a dict for one prompt (n=1), else a list; an iterator if stream.
 
         The arguments are a ``/generate`` body (``prompt`` is its ``text``): they become the same
         ``GenerateReqInput`` the server builds, with the same checks (ValueError naming the field).
         ``cache_salt`` / ``extra_key``: a KV cache namespace; the request reuses (and leaves) cached
-        prefixes only among requests with the same values (see ``generate_request.cache_namespace``)."""
+        prefixes only among requests with the same values (see ``generate_request.cache_namespace``).
+        ``sglang_fields``: SGLang's other Engine.generate arguments (``lora_path=None``, ...), with the
+        /generate body's rules (runtime/sglang_compat.py): empty ones accepted, others a ValueError."""
         if isinstance(sampling_params, SamplingParams):
             sampling_params = sampling_params.to_dict()
         obj = GenerateReqInput.from_dict(dict(
@@ -159,6 +163,7 @@ class Engine:
             stream=stream,
             cache_salt=cache_salt,
             extra_key=extra_key,
+            **split_sglang_extras(sglang_fields),  # what is left is unknown: from_dict names it
         ))
         check_admission(obj, self.limits)
         reqs = obj.normalize(self.tokenizer)
@@ -220,8 +225,14 @@ class Engine:
     def _stream(self, entries, single: bool) -> Iterator[dict]:
         try:
             for index, (state, q) in enumerate(entries):
+                # a chunk every stream_interval tokens (the request's, else the engine's), and the last
+                interval = state.req.sampling_params.stream_interval or self.server_args.stream_interval
+                sent = 0
                 while not state.finished:
                     self._next(state, q)
+                    if not state.finished and state.completion_tokens - sent < interval:
+                        continue
+                    sent = state.completion_tokens
                     chunk = state.result(streaming=not state.finished)
                     if not single:
                         chunk["index"] = index

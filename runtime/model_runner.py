@@ -1,7 +1,9 @@
-"""ModelRunner: owns the model, the KV pools and the attention backend; runs one forward pass.
+"""ModelRunner: owns the model, the KV pools, the attention backend and the device sampler; runs one pass.
 
 It sizes the KV pool (``max_total_tokens``, or a fraction of free memory), loads the weights with our
-own model code, and turns a ForwardBatch into logits. It knows nothing of requests or policies.
+own model code, and turns a ForwardBatch into logits that stay on the model's device (only the rows the
+host asks for are copied); its ``DeviceSampler`` turns them into token ids there. It knows nothing of
+requests or policies.
 """
 
 from __future__ import annotations
@@ -101,10 +103,14 @@ class ModelRunner:
             logger.info("torch.compile: elementwise ops and decode attention ready in %.1f s", time.perf_counter() - t0)
         self.sampler = DeviceSampler(self.vocab_size, self.device, args.random_seed)
         self.forward_time = 0.0  # seconds spent in forward passes (for overhead accounting)
-        if self.tp and self.tp.is_leader:
+        if self.tp:  # every rank reaches this point: the port broadcast is a collective
             from radixlm.runtime.distributed.step_channel import StepLeader
 
-            self._steps = StepLeader(self.tp.step_channel_addr, self.tp.world_size - 1)
+            self._steps = StepLeader(self.tp.step_channel_host, self.tp.step_channel_preferred_port) if self.tp.is_leader else None
+            port = self.tp.broadcast_int(self._steps.port if self._steps else 0)
+            self.step_channel_addr = f"tcp://{self.tp.step_channel_host}:{port}"
+            if self._steps:
+                self._steps.wait_for_followers(self.tp.world_size - 1)
 
     def _pool_size(self) -> int:
         if self.args.max_total_tokens is not None:

@@ -69,7 +69,7 @@ class Scheduler:
         self.eos_ids = eos_token_ids(self.tokenizer, args.model_path)
         self.context_len = self.runner.context_len
         self.max_total_tokens = self.runner.max_total_tokens
-        self.limits = RequestLimits.from_args(args, self.runner.vocab_size, self.context_len)
+        self.limits = RequestLimits.from_args(args, self.runner.vocab_size, self.context_len, self.tokenizer)
 
         # The two queues are shared with the parts below, which mutate them in place (never rebind).
         self.waiting: list[Req] = []

@@ -39,7 +39,8 @@ MAX_STOP_TOKEN_IDS = 1024
 MAX_LOGIT_BIAS_ENTRIES = 4096
 MAX_TOP_LOGPROBS = 1024
 MAX_LIST_ITEMS = 4096  # any other list or dict field of SamplingParams
-MAX_GRAMMAR_CHARS = 256 * 1024  # a regex or JSON schema; the compile worker bounds the automaton itself
+MAX_GRAMMAR_CHARS = 256 * 1024
+MAX_JSON_DEPTH = 100  # JSON bodies and JSON schemas: deeper nesting is refused (parsers recurse)  # a regex or JSON schema; the compile worker bounds the automaton itself
 
 
 @dataclass(frozen=True)
@@ -52,13 +53,19 @@ class RequestLimits:
     max_prompts_per_request: int = 1024
     max_sequences_per_request: int = 1024  # prompts × n
     max_prompt_tokens: int | None = None  # None: the context length
+    # A text prompt longer than this (in characters) cannot fit in max_prompt_tokens tokens: refused
+    # before tokenizing it (a 10 MB prompt took 21 s to tokenize only to be refused)
+    max_prompt_chars: int | None = None
 
     @classmethod
-    def from_args(cls, args: "ServerArgs", vocab_size: int | None, context_len: int | None) -> "RequestLimits":
+    def from_args(cls, args: "ServerArgs", vocab_size: int | None, context_len: int | None,
+                  tokenizer: Any = None) -> "RequestLimits":
         max_prompt = args.max_prompt_tokens or None
         if context_len is not None:
             max_prompt = min(max_prompt or context_len, context_len)
+        longest = longest_token_chars(tokenizer) if tokenizer is not None else None
         return cls(
+            max_prompt_chars=None if (max_prompt is None or not longest) else 2 * max_prompt * longest,
             vocab_size=vocab_size,
             context_len=context_len,
             max_n=args.max_n,
@@ -66,6 +73,19 @@ class RequestLimits:
             max_sequences_per_request=args.max_prompts_per_request,
             max_prompt_tokens=max_prompt,
         )
+
+
+def longest_token_chars(tokenizer: Any) -> int | None:
+    """Characters of the vocabulary's longest token (special tokens included): a prompt of c characters
+    has at least c / this many tokens. None when the tokenizer has no vocabulary to look at."""
+    get_vocab = getattr(tokenizer, "get_vocab", None)
+    if get_vocab is None:
+        return None
+    try:
+        vocab = get_vocab()
+    except Exception:  # noqa: BLE001 - a bound we cannot compute is no bound
+        return None
+    return max((len(t) for t in vocab), default=0) or None
 
 
 # --------------------------------------------------------------------------- primitives
@@ -108,10 +128,13 @@ def check_token_ids(ids: Iterable[Any], field: str, vocab_size: int | None) -> N
 
 def check_json_strings(value: Any, field: str = "") -> None:
     """Every string (and key) in a decoded JSON document is encodable: JSON's ``"\\ud800"`` escapes decode
-    to lone surrogates that no tokenizer or encoder accepts. Iterative (no recursion limit to hit)."""
-    stack = [(value, field)]
+    to lone surrogates that no tokenizer or encoder accepts; and it nests at most ``MAX_JSON_DEPTH``
+    levels. Iterative (no recursion limit to hit)."""
+    stack = [(value, field, 0)]
     while stack:
-        v, path = stack.pop()
+        v, path, depth = stack.pop()
+        if depth > MAX_JSON_DEPTH:
+            raise ValueError(f"{path or 'body'}: nested deeper than {MAX_JSON_DEPTH} levels")
         if isinstance(v, str):
             check_str(v, path or "body")
         elif isinstance(v, dict):
@@ -119,9 +142,32 @@ def check_json_strings(value: Any, field: str = "") -> None:
                 key = f"{path}.{k}" if path else str(k)
                 if isinstance(k, str):
                     check_str(k, f"{path or 'body'} key")
-                stack.append((x, key))
+                stack.append((x, key, depth + 1))
         elif isinstance(v, list):
-            stack.extend((x, f"{path}[{i}]") for i, x in enumerate(v))
+            stack.extend((x, f"{path}[{i}]", depth + 1) for i, x in enumerate(v))
+
+
+def check_json_text_depth(text: str, field: str) -> None:
+    """A JSON document given as text (``json_schema``) nests at most ``MAX_JSON_DEPTH`` levels: checked by
+    scanning brackets outside strings, before any parser recurses into it."""
+    depth = 0
+    in_str = escaped = False
+    for ch in text:
+        if in_str:
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == '"':
+                in_str = False
+        elif ch == '"':
+            in_str = True
+        elif ch in "[{":
+            depth += 1
+            if depth > MAX_JSON_DEPTH:
+                raise ValueError(f"{field}: nested deeper than {MAX_JSON_DEPTH} levels")
+        elif ch in "]}":
+            depth -= 1
 
 
 def _short(v: Any) -> str:
@@ -202,13 +248,24 @@ def check_admission(obj: "GenerateReqInput", limits: RequestLimits) -> None:
     else:
         num, field = 1, "text" if obj.text is not None else "input_ids"
     check_counts(num, [], limits, field)  # first: the checks below are linear in the prompt count
-    if isinstance(obj.text, str):
-        check_str(obj.text, "text")
-    elif isinstance(obj.text, list):
-        for i, t in enumerate(obj.text):
-            if isinstance(t, str):
-                check_str(t, f"text[{i}]")
+    texts = [obj.text] if isinstance(obj.text, str) else obj.text if isinstance(obj.text, list) else []
+    for i, t in enumerate(texts):
+        if not isinstance(t, str):
+            continue
+        name = "text" if isinstance(obj.text, str) else f"text[{i}]"
+        # Twice the longest token per token of the limit: a safety factor for normalizers.
+        if limits.max_prompt_chars is not None and len(t) > limits.max_prompt_chars:
+            raise ValueError(f"{name}: {len(t)} characters cannot fit in {limits.max_prompt_tokens} prompt tokens "
+                             "(--max-prompt-tokens / the context length)")
+        check_str(t, name)
     sps = obj.sampling_params if isinstance(obj.sampling_params, list) else [obj.sampling_params] * num
+    for sp in (obj.sampling_params if isinstance(obj.sampling_params, list) else [obj.sampling_params]):
+        for name in ("json_schema", "structural_tag"):
+            value = sp.get(name) if isinstance(sp, dict) else getattr(sp, name, None)
+            if isinstance(value, str):
+                check_json_text_depth(value, name)
+            elif isinstance(value, (dict, list)):
+                check_json_strings(value, name)
     ns = []
     for sp in sps[:num]:
         n = _n_of(sp)

@@ -59,6 +59,7 @@ def backend(tiny_llama):
     b.shutdown()
 
 
+@pytest.mark.slow  # starts compile worker processes and waits out their time limit
 @pytest.mark.parametrize("pattern", ["(a|b)*a(a|b){18}", "(?:a{300}){100}", "(?:a{1000}){100}"])
 def test_runaway_builds_hit_the_time_limit_in_the_worker(backend, pattern):
     before = _rss_mb()
@@ -73,6 +74,7 @@ def test_runaway_builds_hit_the_time_limit_in_the_worker(backend, pattern):
     assert g.new_matcher() is not None
 
 
+@pytest.mark.slow  # an Engine, a compile worker and its time limit
 def test_engine_fails_only_the_runaway_request(tiny_llama):
     eng = Engine(model_path=tiny_llama, dtype="float32", device="cpu", max_total_tokens=2048,
                  grammar_compile_timeout=TIMEOUT_S)

@@ -140,6 +140,17 @@ def test_every_policy_serves_native_openai_streaming_and_abort(workers, policy):
         assert requests.post(url + "/abort_request", json={"rid": f"ab-{policy}"}, timeout=30).json() == {"success": True}
         t.join(60)
         assert result["r"]["meta_info"]["finish_reason"]["type"] == "abort"
+        if policy == "round_robin":  # SGLang's abort_all reaches every worker
+            result.clear()
+            t = threading.Thread(target=lambda: result.update(r=generate(url, {"text": "long too",
+                                                                                 "sampling_params": long})))
+            t.start()
+            assert wait_until(lambda: sum(w["load"] for w in workers_of(url).values()) == 1, timeout=30)
+            time.sleep(0.3)
+            reply = requests.post(url + "/abort_request", json={"abort_all": True}, timeout=30).json()
+            assert reply == {"success": True, "aborted": 1}
+            t.join(60)
+            assert result["r"]["meta_info"]["finish_reason"]["type"] == "abort"
         metrics = requests.get(url + "/metrics", timeout=30).text
         for name in ("radixlm_router:requests_total", "radixlm_router:worker_cache_hit_rate",
                      "radixlm_router:in_flight_requests", "radixlm_router:worker_waiting_requests"):

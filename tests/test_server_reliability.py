@@ -77,6 +77,14 @@ def test_lone_surrogates_are_400s_not_leaks(rt):
     assert num_active(rt) == before == 0
 
 
+def test_deeply_nested_bodies_are_400s(rt):
+    r = post(rt, "/generate", '{"text": "x", "rid": ' + "[" * 5000 + "]" * 5000 + "}")
+    assert r.status_code == 400 and "nested" in r.json()["error"]["message"], r.text
+    deep = '{"type": "array", "items": ' * 3000 + "{}" + "}" * 3000
+    r = post(rt, "/generate", {"text": "x", "sampling_params": {"json_schema": deep}})
+    assert r.status_code == 400 and "json_schema" in r.json()["error"]["message"], r.text
+
+
 def test_openai_reproductions_are_400s(rt):
     for body, field in [
         ({"prompt": "Hello", "max_tokens": 4, "top_k": BIG}, "top_k"),
@@ -133,5 +141,6 @@ def test_fuzz_native_generate_no_5xx(rt, body):
 
 def test_after_the_fuzz_nothing_is_left(rt):
     assert wait_until(lambda: num_active(rt) == 0, timeout=30), num_active(rt)
-    check_kv_invariant(rt.url)
+    s = check_kv_invariant(rt.url)
+    assert s["detokenizer_states"] == 0 and s["detokenizer_pending"] == 0, s  # nothing tracked there either
     assert requests.get(rt.url + "/health", timeout=10).status_code == 200

@@ -123,6 +123,8 @@ def test_openai_extras_map_to_sampling_fields():
     with pytest.raises(ValueError, match="^use_beam_search"):
         check_refused({"use_beam_search": True})
     check_refused({"use_beam_search": False, "prompt_logprobs": None})
+    with pytest.raises(ValueError, match="^stream_interval: .*/generate"):  # not silently dropped
+        check_refused({"stream_interval": 4})
 
 
 # ----------------------------------------------------------------------------- launch flags
@@ -211,7 +213,10 @@ def test_sglang_routes(server):
     base = {"model": model, "prompt": "hello", "max_tokens": 8, "temperature": 0}
     r = requests.post(u + "/v1/completions", json={**base, "guided_choice": ["yes", "no"]}).json()
     assert r["choices"][0]["text"] in ("yes", "no")
-    assert requests.post(u + "/v1/completions", json={**base, "use_beam_search": True}).status_code == 400
+    beam = requests.post(u + "/v1/completions", json={**base, "use_beam_search": True})
+    assert beam.status_code == 400 and beam.json()["error"]["param"] == "use_beam_search"
+    sr = requests.post(u + "/v1/completions", json={**base, "max_tokens": 24, "stop_regex": r"[a-z]{2} "}).json()
+    assert sr["choices"][0]["finish_reason"] == "stop" and sr["choices"][0]["matched_stop"] == r"[a-z]{2} "
     echo = requests.post(u + "/v1/completions", json={**base, "max_tokens": 0, "echo": True, "logprobs": 1}).json()
     assert echo["usage"]["completion_tokens"] == 0 and echo["choices"][0]["text"] == "hello"
     # torch profiler in the scheduler: start, some work, stop writes a Chrome trace
@@ -308,3 +313,20 @@ def test_structural_tag_and_backend_selection(tiny_llama, engine):
     finally:
         outlines_only.shutdown()
         xgr_only.shutdown()
+
+
+def test_engine_stream_interval(engine):
+    sp = {"max_new_tokens": 10, "temperature": 0, "ignore_eos": True}
+    every = list(engine.generate(PROMPT, sp, stream=True))
+    fours = list(engine.generate(PROMPT, {**sp, "stream_interval": 4}, stream=True))
+    assert [c["meta_info"]["completion_tokens"] for c in fours] == [4, 8, 10]
+    assert fours[-1]["text"] == every[-1]["text"]
+
+
+def test_engine_generate_takes_sglang_arguments(engine):
+    out = engine.generate(PROMPT, {"max_new_tokens": 2}, lora_path=None, return_hidden_states=False)
+    assert out["meta_info"]["completion_tokens"] == 2
+    with pytest.raises(ValueError, match="^lora_path: "):
+        engine.generate(PROMPT, {"max_new_tokens": 2}, lora_path="adapter")
+    with pytest.raises(ValueError, match="bogus"):
+        engine.generate(PROMPT, {"max_new_tokens": 2}, bogus=1)

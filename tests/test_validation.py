@@ -19,6 +19,7 @@ from radixlm.runtime.generate_request import GenerateReqInput
 from radixlm.runtime.hf_tokenizer import load_tokenizer
 from radixlm.runtime.protocol import encode
 from radixlm.runtime.req import Req
+from radixlm.runtime.device_sampler import DeviceSampler, SamplingBatch
 from radixlm.runtime.sampler import Sampler
 from radixlm.runtime.server_args import ServerArgs
 from radixlm.runtime.validation import RequestLimits, check_admission, check_requests
@@ -49,7 +50,10 @@ ISSUE_CASES = [
     ({"prompt": ["a"] * 4, "sampling_params": {"n": 5}}, "n"),
     ({"prompt": None, "input_ids": [1, 2**64]}, "input_ids"),
     ({"prompt": "hi \ud800 there"}, "text"),
+    ({"prompt": "word " * 20000}, "text: 100000 characters cannot fit"),  # refused before tokenizing
     ({"rid": "x\ud800"}, "rid"),
+    ({"sampling_params": {"json_schema": '{"type": "array", "items": ' * 3000 + "{}" + "}" * 3000}},
+     "json_schema: nested deeper"),  # was a RecursionError
     ({"rid": "r" * 600}, "rid"),
     ({"return_logprob": True, "logprob_start_len": 2**70}, "logprob_start_len"),
     ({"return_logprob": True, "top_logprobs_num": 2**70}, "top_logprobs_num"),
@@ -84,8 +88,9 @@ def test_oversized_requests_cost_no_tokenization():
             raise AssertionError("tokenized an oversized request")
 
     lim = RequestLimits(vocab_size=100, context_len=64, max_n=4, max_prompts_per_request=8,
-                        max_sequences_per_request=8)
+                        max_sequences_per_request=8, max_prompt_tokens=64, max_prompt_chars=1000)
     for obj in (GenerateReqInput(text="x", sampling_params={"n": 20000}),
+                GenerateReqInput(text="y" * 1001),
                 GenerateReqInput(text=["x"] * 100),
                 GenerateReqInput(text=["x"] * 4, sampling_params=[{"n": 3}] * 4)):
         with pytest.raises(ValueError, match="n|text"):
@@ -149,6 +154,7 @@ def tok(tiny_llama):
     return load_tokenizer(tiny_llama)
 
 
+@pytest.mark.slow  # 600 examples, ~6 s
 @settings(max_examples=600, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(body=st.one_of(_req, _wellformed))
 def test_fuzz_only_value_errors_and_accepted_requests_run(tok, body):
@@ -165,9 +171,12 @@ def test_fuzz_only_value_errors_and_accepted_requests_run(tok, body):
         event("rejected")
         return
     event("accepted")
-    sampler = Sampler(vocab, {0})
+    sampler = Sampler(vocab, {0})  # the host reference
+    device_sampler = DeviceSampler(vocab, "cpu")  # what the scheduler samples with
     for r in reqs:
         msgspec.msgpack.decode(encode(r))  # the encoder accepts everything validation accepted
         req = Req(rid=r.rid, input_ids=r.input_ids, sampling_params=r.sampling_params,
                   logprob=r.logprob)
-        sampler(torch.randn(1, vocab), [req])  # the two crashes of the issue lived here
+        logits = torch.randn(1, vocab)
+        sampler(logits, [req])  # the two crashes of the issue lived here
+        device_sampler(logits, SamplingBatch.build([req], [0], vocab, [0], "cpu"))

@@ -2,7 +2,8 @@
 
 Ranks are numbered across nodes: node ``k`` runs global ranks ``k * tp_per_node ...``. Rank 0 runs
 the scheduler. The process group uses gloo on the CPU and NCCL on CUDA, rendezvousing at
-``--dist-init-addr`` (``host:port``); the step channel (ZeroMQ) listens on ``port + 1`` of rank 0's host.
+``--dist-init-addr`` (``host:port``); the step channel (ZeroMQ) listens on ``port + 1`` of rank 0's host, or on a
+free port when that one is taken; rank 0 broadcasts the port to the group.
 """
 
 from __future__ import annotations
@@ -37,9 +38,18 @@ class TPContext:
         return self.rank == 0
 
     @property
-    def step_channel_addr(self) -> str:
-        host, port = split_addr(self.init_addr)
-        return f"tcp://{host}:{port + 1}"
+    def step_channel_host(self) -> str:
+        return split_addr(self.init_addr)[0]
+
+    @property
+    def step_channel_preferred_port(self) -> int:
+        return split_addr(self.init_addr)[1] + 1
+
+    def broadcast_int(self, value: int) -> int:
+        """Rank 0's ``value`` on every rank (a tensor broadcast: no pickled objects on the wire)."""
+        t = torch.tensor([value], dtype=torch.int64, device=self.device)
+        dist.broadcast(t, src=0)
+        return int(t.item())
 
     @classmethod
     def create(cls, args: ServerArgs, rank: int) -> "TPContext":

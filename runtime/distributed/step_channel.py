@@ -58,15 +58,23 @@ def apply_step(step: TPStep, req_to_token_pool: ReqToTokenPool, device: str) -> 
 
 
 class StepLeader:
-    """Rank 0's end: bind, wait for every follower, then send each step to all of them."""
+    """Rank 0's end: bind a free port, wait for every follower, then send each step to all of them."""
 
-    def __init__(self, address: str, num_followers: int, timeout_s: float = 600.0):
+    def __init__(self, host: str, preferred_port: int):
         self._ctx = zmq.Context(1)
         self._sock = self._ctx.socket(zmq.ROUTER)
         self._sock.setsockopt(zmq.LINGER, 0)
         self._sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # sending to a vanished follower raises
-        self._sock.bind(address)  # rank 0's own host (from --dist-init-addr), so other nodes can reach it
+        # rank 0's own host (from --dist-init-addr), so other nodes can reach it; the rendezvous port + 1
+        # (predictable, for firewalls) unless something else holds it. Followers learn the port by broadcast.
+        try:
+            self._sock.bind(f"tcp://{host}:{preferred_port}")
+            self.port = preferred_port
+        except zmq.ZMQError:
+            self.port = self._sock.bind_to_random_port(f"tcp://{host}")
         self._peers: list[bytes] = []
+
+    def wait_for_followers(self, num_followers: int, timeout_s: float = 600.0) -> None:
         deadline = time.monotonic() + timeout_s
         while len(self._peers) < num_followers:
             if not self._sock.poll(max(0, int((deadline - time.monotonic()) * 1000))):

@@ -85,7 +85,7 @@ def follow(args: ServerArgs, rank: int, parent_pid: int | None) -> None:
     from radixlm.runtime.server.ipc import parent_alive
 
     runner = ModelRunner(args, tp_rank=rank)
-    channel = StepFollower(runner.tp.step_channel_addr, rank)
+    channel = StepFollower(runner.step_channel_addr, rank)
     logger.info("tensor-parallel rank %d ready", rank)
     try:
         while True:

@@ -239,19 +239,53 @@ class FrontDoorClient:
 class AsyncFrontDoorClient:
     """One DEALER for one event loop; a reader task routes replies to their request's queue."""
 
-    def __init__(self, address: str, api_key: str | None = None):
+    def __init__(self, address: str, api_key: str | None = None, connect_timeout: float = CONNECT_TIMEOUT_S):
         self.address = address
         self.api_key = api_key
+        self.connect_timeout = connect_timeout
         self._ctx = zmq.asyncio.Context()
         self._sock = self._ctx.socket(zmq.DEALER)
         self._sock.setsockopt(zmq.LINGER, 0)
+        _liveness_options(self._sock)
+        self._monitor = self._sock.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
         self._sock.connect(address)
+        self._created = time.monotonic()
+        self._connected = False
         self._queues: dict[str, asyncio.Queue] = {}
         self._reader: asyncio.Task | None = None
+        self._watcher: asyncio.Task | None = None
 
     def _ensure_reader(self) -> None:
         if self._reader is None:
-            self._reader = asyncio.get_running_loop().create_task(self._read())
+            loop = asyncio.get_running_loop()
+            self._reader = loop.create_task(self._read())
+            self._watcher = loop.create_task(self._watch())
+
+    def _fail_waiting(self, message: str) -> None:
+        for q in self._queues.values():
+            q.put_nowait(ClientError(req_id="", message=message, status=503))
+
+    async def _watch(self) -> None:
+        """The connection's state from the socket monitor: a drop (heartbeats catch a stopped host, the
+        kernel a killed one) fails every waiting call; no connection within connect_timeout too."""
+        from zmq.utils.monitor import parse_monitor_message
+
+        while True:
+            try:
+                frames = await asyncio.wait_for(self._monitor.recv_multipart(), 0.25)
+            except asyncio.TimeoutError:
+                if (not self._connected and self._queues
+                        and time.monotonic() - self._created > self.connect_timeout):
+                    self._fail_waiting(f"cannot reach the server at {self.address} "
+                                       f"(no connection within {self.connect_timeout:g} s)")
+                continue
+            ev = parse_monitor_message(frames)["event"]
+            if ev == zmq.EVENT_CONNECTED:
+                self._connected = True
+            elif ev == zmq.EVENT_DISCONNECTED:
+                self._connected = False
+                self._created = time.monotonic()  # a reconnection gets connect_timeout again
+                self._fail_waiting(f"the connection to the server at {self.address} was lost")
 
     async def _read(self) -> None:
         while True:
@@ -310,7 +344,13 @@ class AsyncFrontDoorClient:
             return m.data
 
     async def close(self) -> None:
-        if self._reader is not None:
-            self._reader.cancel()
+        for task in (self._reader, self._watcher):
+            if task is not None:
+                task.cancel()
+        try:
+            self._sock.disable_monitor()
+        except zmq.ZMQError:
+            pass
+        self._monitor.close(0)
         self._sock.close(0)
         self._ctx.term()

@@ -47,6 +47,8 @@ async def json_body(request: Request) -> Any:
         body = json.loads(text)
     except json.JSONDecodeError as e:
         raise RequestError(f"malformed JSON body: {e}") from None
+    except RecursionError:
+        raise RequestError("the JSON body is nested too deeply") from None
     if not isinstance(body, dict):
         raise RequestError(f"the request body must be a JSON object, got {type(body).__name__}")
     try:

@@ -81,8 +81,12 @@ class _SamplingExtras(_Body):
     @classmethod
     def _refuse_unsupported_extras(cls, data: Any) -> Any:
         from radixlm.runtime.server.openai_extras import check_refused
+        from radixlm.runtime.server.request_errors import RequestError
 
-        check_refused(data)  # an extra that would change the output is refused, never ignored
+        try:
+            check_refused(data)  # an extra that would change the output is refused, never ignored
+        except ValueError as e:  # not pydantic's ValueError wrapping: a 400 that names the field
+            raise RequestError(str(e), param=str(e).split(":", 1)[0]) from None
         return data
 
     @field_validator("stop")

@@ -199,7 +199,7 @@ class TokenizerManager:
         """Admission limits: the server's flags and the model's sizes (known once the scheduler is ready)."""
         if self._limits is None or self._limits.vocab_size != self.model_info.get("vocab_size"):
             self._limits = RequestLimits.from_args(
-                self.args, self.model_info.get("vocab_size"), self.model_info.get("context_length")
+                self.args, self.model_info.get("vocab_size"), self.model_info.get("context_length"), self.tokenizer
             )
         return self._limits
 
