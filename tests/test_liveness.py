@@ -93,6 +93,9 @@ def test_stopped_scheduler_turns_health_red_and_requests_time_out(server):
         code, text = _status(url, "/health")
         assert code == 503 and "no progress" in text
         assert _status(url, "/health_generate")[0] == 503
+        # server info still answers (the last stats it has, marked stale), never a 500
+        r = requests.get(url + "/get_server_info", timeout=30)
+        assert r.status_code == 200 and r.json()["scheduler_stats"].get("stale") is True
         t.join(REQUEST_TIMEOUT_S + 10)
         status, body, took = result["r"]
         assert status == 504 and "request-timeout" in body["error"]["message"], body

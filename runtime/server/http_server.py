@@ -122,7 +122,10 @@ class ServerContext:
             uptime_s=time.time() - self.started,
             ipc_dir=tm.ipc.dir,
         )
-        info["scheduler_stats"] = await tm.get_stats()
+        try:
+            info["scheduler_stats"] = await tm.get_stats(timeout=5.0)
+        except asyncio.TimeoutError:  # a scheduler busy in a long step answers late: say so, do not fail
+            info["scheduler_stats"] = dict(tm.last_stats, stale=True)
         return sglang_server_info_keys(info)
 
 

@@ -72,6 +72,7 @@ class TokenizerManager:
         self._prep_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="radixlm-prepare")
         self._groups: dict[str, list[str]] = {}  # user-given rid → the rids it expanded into
         self._stats_waiters: deque[asyncio.Future] = deque()
+        self.last_stats: dict[str, Any] = {}  # the scheduler's latest StatsOut, late answers included
         self._flush_waiters: deque[asyncio.Future] = deque()
         self._profile_waiters: deque[asyncio.Future] = deque()
         self._ready: asyncio.Future | None = None
@@ -368,6 +369,7 @@ class TokenizerManager:
                 t.finished = True
                 t.queue.put_nowait(RequestError(msg.message))
         elif isinstance(msg, StatsOut):
+            self.last_stats = msg.stats
             _resolve(self._stats_waiters, msg)
         elif isinstance(msg, FlushCacheOut):
             _resolve(self._flush_waiters, msg)
