@@ -31,6 +31,7 @@ from radixlm.runtime.protocol import (
     DetokRegister,
     ErrorOut,
     ReqOutput,
+    StatsOut,
     decode_detokenizer_input,
     encode,
 )
@@ -97,6 +98,10 @@ class DetokenizerManager:
         if isinstance(msg, ErrorOut) and msg.rid:
             self.states.pop(msg.rid, None)
             self.pending.pop(msg.rid, None)
+        if isinstance(msg, StatsOut):  # the scheduler's stats, plus what this process still tracks
+            msg.stats["detokenizer_states"] = len(self.states)
+            msg.stats["detokenizer_pending"] = len(self.pending)
+            return encode(msg)
         return data  # forwarded unchanged: the tokenizer manager decodes the same Struct
 
     def register(self, msg: DetokRegister) -> list[DetokOut]:

@@ -13,6 +13,7 @@ from radixlm.runtime.protocol import (
     BatchOut,
     DetokRegister,
     ErrorOut,
+    FlushCacheOut,
     LogprobOptions,
     ReqOutput,
     StatsOut,
@@ -110,8 +111,11 @@ def test_detokenizer_answers_garbage_and_forwards_others(tokenizer):
     for bad in (b"", b"\xc1", pickle.dumps({"x": 1}), json.dumps({"type": "BatchOut"}).encode()):
         reply = decode_tokenizer_manager_input(detok.handle_bytes(bad))
         assert isinstance(reply, ErrorOut) and "malformed" in reply.message
-    stats = encode(StatsOut(stats={"a": 1}))
-    assert detok.handle_bytes(stats) == stats
+    flush = encode(FlushCacheOut(success=True))
+    assert detok.handle_bytes(flush) == flush  # forwarded unchanged
+    # stats are forwarded with what the detokenizer itself still tracks
+    reply = decode_tokenizer_manager_input(detok.handle_bytes(encode(StatsOut(stats={"a": 1}))))
+    assert reply.stats == {"a": 1, "detokenizer_states": 0, "detokenizer_pending": 0}
 
 
 def test_stream_accumulator_builds_sglang_chunks():
