@@ -1,7 +1,7 @@
 """Support for the language's server tests (no tests here): one radixlm server per test session.
 
 Starting a server means three processes importing torch, which is slow on a small machine, so
-tests/test_lang_server.py and tests/test_examples.py share one. It is started on first use and
+tests/lang/test_lang_server.py and tests/examples/test_examples.py share one. It is started on first use and
 shut down at interpreter exit (``Runtime`` registers that itself).
 """
 

@@ -13,10 +13,10 @@ import sys
 
 import pytest
 from tests.lang_helpers import shared_runtime
+from tests import REPO_ROOT
 
 pytestmark = pytest.mark.slow  # starts servers or subprocesses: not in the fast tier
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLES_DIR = os.path.join(REPO_ROOT, "examples")
 EXAMPLES = ["few_shot.py", "parallel_branches.py", "react_agent.py", "multi_turn_chat.py",
             "json_extraction.py", "openai_backend.py"]

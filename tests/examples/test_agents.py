@@ -16,10 +16,11 @@ import pytest
 import requests
 
 from radixlm.runtime.server import Runtime
+from tests import REPO_ROOT
 
 pytestmark = pytest.mark.slow  # starts a server and subprocesses
 
-EXAMPLES_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
+EXAMPLES_DIR = os.path.join(REPO_ROOT, "examples")
 
 
 @pytest.fixture(scope="module")

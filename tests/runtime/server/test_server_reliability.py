@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from radixlm.runtime.server import FrontDoorClient, Runtime
 from radixlm.runtime.server.client import FrontDoorError
 from tests.server_helpers import check_kv_invariant, wait_until
-from tests.test_validation import _req, _wellformed
+from tests.runtime.test_validation import _req, _wellformed
 
 pytestmark = pytest.mark.slow  # starts a server
 

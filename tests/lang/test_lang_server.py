@@ -13,10 +13,10 @@ from tests.lang_helpers import scheduler_stats, shared_runtime
 
 import radixlm as sgl
 from radixlm.interpreter import ProgramError
+from tests import REPO_ROOT
 
 pytestmark = pytest.mark.slow  # starts servers or subprocesses: not in the fast tier
 
-HERE = os.path.dirname(os.path.abspath(__file__))
 SYSTEM = "You are a terse assistant. You answer every question with a few words and nothing else at all.\n"
 
 
@@ -167,7 +167,7 @@ def test_notebook_executes_against_the_live_runtime(runtime, monkeypatch):
     nbformat = pytest.importorskip("nbformat")
     nbclient = pytest.importorskip("nbclient")
     monkeypatch.setenv("RADIXLM_URL", runtime.url)
-    nb = nbformat.read(os.path.join(HERE, "..", "examples", "notebook.ipynb"), as_version=4)
+    nb = nbformat.read(os.path.join(REPO_ROOT, "examples", "notebook.ipynb"), as_version=4)
     nbclient.NotebookClient(nb, timeout=240, kernel_name="python3").execute()
     outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
     assert not [o for o in outputs if o.get("output_type") == "error"]
@@ -184,7 +184,7 @@ def test_notebook_with_its_own_runtime_runs_quietly(tiny_llama, monkeypatch):
     nbclient = pytest.importorskip("nbclient")
     monkeypatch.delenv("RADIXLM_URL", raising=False)
     monkeypatch.setenv("RADIXLM_MODEL", tiny_llama)
-    nb = nbformat.read(os.path.join(HERE, "..", "examples", "notebook.ipynb"), as_version=4)
+    nb = nbformat.read(os.path.join(REPO_ROOT, "examples", "notebook.ipynb"), as_version=4)
     nbclient.NotebookClient(nb, timeout=240, kernel_name="python3").execute()
     outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
     assert not [o for o in outputs if o.get("output_type") == "error"]

@@ -13,10 +13,10 @@ import sys
 import pytest
 
 from radixlm.runtime.child_process import child_env, python_command
+from tests import REPO_ROOT
 
 pytestmark = pytest.mark.slow  # starts servers or subprocesses: not in the fast tier
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROBE = "import importlib.util as u; print([n for n in ('kernels', 'runtime', 'lang') if u.find_spec(n)])"
 
 

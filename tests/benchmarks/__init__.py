@@ -1,0 +1,1 @@
+"""Tests of benchmarks/ (the runners' own logic)."""
