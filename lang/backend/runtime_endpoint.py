@@ -15,6 +15,9 @@ import requests
 from radixlm.backend.native import BackendError, NativeBackend
 from radixlm.chat_template import ChatTemplate, chat_template_from_info, get_chat_template, resolve_chat_template
 
+# An unreachable server (nothing listening, a black-holed address) is an error after this long, not a hang.
+_CONNECT_TIMEOUT_S = 10.0
+
 
 class RuntimeEndpoint(NativeBackend):
     def __init__(
@@ -26,12 +29,15 @@ class RuntimeEndpoint(NativeBackend):
         timeout: Optional[float] = None,
         use_zmq: bool = True,
     ):
-        """``timeout``: seconds to wait for any one answer (None: no limit)."""
+        """``timeout``: seconds to wait for any one answer (None: no limit on an answer; over ZeroMQ the
+        client's heartbeats still notice a dead server within seconds, over HTTP a server that cannot be
+        reached fails within ``_CONNECT_TIMEOUT_S`` and one that dies drops the connection)."""
         super().__init__()
         self.base_url = base_url.rstrip("/")
         self.api_key = api_key
         self.verify = verify
         self.timeout = timeout
+        self._http_timeout = timeout if timeout is not None else (_CONNECT_TIMEOUT_S, None)
         self._http = requests.Session()
         if api_key:
             self._http.headers["Authorization"] = f"Bearer {api_key}"
@@ -70,21 +76,21 @@ class RuntimeEndpoint(NativeBackend):
         return res.json() if res.content else None
 
     def _get(self, path: str) -> Any:
-        return self._check(self._http.get(self.base_url + path, verify=self.verify, timeout=self.timeout))
+        return self._check(self._http.get(self.base_url + path, verify=self.verify, timeout=self._http_timeout))
 
     # ------------------------------------------------------------------ transport
     def _request(self, data: dict[str, Any]) -> Union[dict, list[dict]]:
         if self._client is not None:
             return self._client.generate(data)
         return self._check(self._http.post(self.base_url + "/generate", json=data, verify=self.verify,
-                                           timeout=self.timeout))
+                                           timeout=self._http_timeout))
 
     def _request_stream(self, data: dict[str, Any]) -> Iterator[dict]:
         if self._client is not None:
             yield from self._client.generate_stream(data)
             return
         res = self._http.post(self.base_url + "/generate", json=data, stream=True, verify=self.verify,
-                              timeout=self.timeout)
+                              timeout=self._http_timeout)
         if res.status_code != 200:
             self._check(res)
         for line in res.iter_lines():
@@ -100,7 +106,8 @@ class RuntimeEndpoint(NativeBackend):
         return self.model_info.get("model_path", "")
 
     def flush_cache(self, empty_cache: bool = True) -> Any:
-        return self._check(self._http.post(self.base_url + "/flush_cache", verify=self.verify, timeout=self.timeout))
+        return self._check(self._http.post(self.base_url + "/flush_cache", verify=self.verify,
+                                           timeout=self._http_timeout))
 
     def get_server_info(self) -> dict:
         return self._get("/get_server_info")
