@@ -1,6 +1,6 @@
 """SGLang's native ``/generate`` protocol at the front doors (the HTTP route and the ZeroMQ front door
 share it): the body becomes the one request model (``parse_generate_body``), and a streaming
-request's per-step deltas become SGLang's cumulative stream chunks (``StreamAccumulator``).
+request's per-step deltas become SGLang's stream chunks in ``native_stream.NativeStreamer``.
 """
 
 from __future__ import annotations
@@ -26,22 +26,3 @@ def parse_generate_body(body: Any) -> GenerateReqInput:
     except ValueError as e:
         m = re.match(r"([A-Za-z_][A-Za-z0-9_]*): ", str(e))  # from_dict names the field first
         raise RequestError(str(e), param=m.group(1) if m else None) from None
-
-
-class StreamAccumulator:
-    """Folds streaming deltas of one sequence into SGLang's cumulative /generate stream chunks."""
-
-    def __init__(self) -> None:
-        self.text = ""
-        self.output_ids: list[int] = []
-        self.meta: dict[str, Any] = {}
-
-    def add(self, delta: dict) -> dict:
-        self.text += delta.get("text", "")
-        self.output_ids.extend(delta.get("output_ids", ()))
-        for k, v in (delta.get("meta_info") or {}).items():
-            if k.endswith("_logprobs"):
-                self.meta.setdefault(k, []).extend(v)
-            else:
-                self.meta[k] = v
-        return {"text": self.text, "output_ids": list(self.output_ids), "meta_info": dict(self.meta)}

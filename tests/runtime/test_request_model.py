@@ -13,7 +13,7 @@ from radixlm.runtime.generate_request import GenerateReqInput
 from radixlm.runtime.protocol import LogprobOptions, ReqOutput, TokenizedGenerateReq, TokenLogprob, encode
 from radixlm.runtime.request_state import RequestState
 from radixlm.runtime.sampling_params import SamplingParams
-from radixlm.runtime.server.native_api import StreamAccumulator
+from radixlm.runtime.server.native_stream import NativeStreamer
 
 
 @pytest.fixture(scope="module")
@@ -122,12 +122,13 @@ def test_accumulated_stream_deltas_equal_the_final_result(tokenizer, with_text):
         logprob=LogprobOptions(return_logprob=True, logprob_start_len=1, top_logprobs_num=1,
                                return_text_in_logprobs=with_text))
     streamed, final = RequestState(req, tokenizer), RequestState(req, tokenizer)
-    acc = StreamAccumulator()
+    acc = NativeStreamer()
     for out in _outputs(ids):
         sent = len(streamed.stream_text())
         streamed.update(out)
         chunk = acc.add(streamed.delta(out, sent))
         final.update(out)
+    assert chunk["meta_info"].pop("output_token_logprobs_length") == len(ids)
     assert chunk == final.result()
     meta = chunk["meta_info"]
     assert [e[1] for e in meta["output_token_logprobs"]] == ids

@@ -27,7 +27,8 @@ from radixlm.runtime.server.detokenizer_process import DetokenizerManager
 from radixlm.runtime.server.openai_api import constrained_sampling_fields
 from radixlm.runtime.server.openai_protocol import ResponseFormat
 from radixlm.runtime.server.runtime_handle import server_args_to_argv
-from radixlm.runtime.server.native_api import StreamAccumulator, parse_generate_body
+from radixlm.runtime.server.native_api import parse_generate_body
+from radixlm.runtime.server.native_stream import NativeStreamer
 from radixlm.runtime.server.request_errors import RequestError
 from radixlm.runtime.server_args import ServerArgs
 
@@ -118,13 +119,14 @@ def test_detokenizer_answers_garbage_and_forwards_others(tokenizer):
     assert reply.stats == {"a": 1, "detokenizer_states": 0, "detokenizer_pending": 0}
 
 
-def test_stream_accumulator_builds_sglang_chunks():
-    acc = StreamAccumulator()
+def test_native_streamer_builds_sglang_chunks():
+    acc = NativeStreamer()
     acc.add({"text": "ab", "output_ids": [1], "meta_info": {"completion_tokens": 1, "output_token_logprobs": [[-1, 1, None]]}})
     chunk = acc.add({"text": "c", "output_ids": [2], "meta_info": {"completion_tokens": 2,
                                                                    "output_token_logprobs": [[-2, 2, None]]}})
     assert chunk == {"text": "abc", "output_ids": [1, 2],
-                     "meta_info": {"completion_tokens": 2, "output_token_logprobs": [[-1, 1, None], [-2, 2, None]]}}
+                     "meta_info": {"completion_tokens": 2, "output_token_logprobs": [[-1, 1, None], [-2, 2, None]],
+                                   "output_token_logprobs_length": 2}}
 
 
 @pytest.mark.parametrize("body,param", [
