@@ -59,8 +59,11 @@ class _Fault:
         self.batch_sizes: list[int] = []
 
     def hit(self, r) -> bool:
-        if r.rid == VICTIM and len(r.output_ids) >= self.after:
-            self.batch_sizes.append(len(self.engine.scheduler.running))
+        # only once the victim shares the batch: the threads reach the engine at slightly different times,
+        # and a fault in a batch of one would prove nothing about the neighbours
+        shared = len(self.engine.scheduler.running)
+        if r.rid == VICTIM and len(r.output_ids) >= self.after and shared > 1:
+            self.batch_sizes.append(shared)
             return True
         return False
 
