@@ -19,6 +19,9 @@ at least every ``rescan_s`` seconds (other replicas write there too); after a wr
 bound it deletes the least recently used files (reads refresh a file's mtime) down to 90% of it.
 Stale temporary files of crashed writers are removed by the same scan.
 
+Length: a little over 400 lines, kept in one file because the block format, the writer and the reader
+must agree byte for byte.
+
 Replicas sharing the directory (several servers, or --dp-size workers, on one machine) need no lock:
 a block is published by an atomic rename, so a reader sees a whole block or none; two writers of one
 block write the same bytes; a block deleted by another replica's eviction is a read miss; and a
