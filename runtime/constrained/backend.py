@@ -177,7 +177,8 @@ class GrammarBackend:
         return self.engine == "xgrammar"
 
     def _compile_xgrammar(self, kind: str, pattern: str) -> Any:
-        """In this process: xgrammar compiles CFGs in time linear in the grammar (no DFA blow-up)."""
+        """Built in this thread's bounded worker like an Index (a CFG's token-mask cache can grow with the
+        grammar's size times the vocabulary's), loaded here against this process's TokenizerInfo."""
         with self._lock:
             if self._xgrammar is None:
                 from radixlm.runtime.constrained.cfg import XGrammarCompiler
@@ -185,7 +186,7 @@ class GrammarBackend:
                 self._xgrammar = XGrammarCompiler(self._tokenizer, self._vocab_size, self.vocab.eos_token_ids)
         if kind == "regex":
             pattern = strip_end_anchors(ascii_shorthands(pattern))
-        return self._xgrammar.compile(kind, pattern)
+        return self._xgrammar.compile(kind, pattern, self._worker())
 
     def _compile(self, kind: str, pattern: str) -> Any:
         field = _FIELD[kind]

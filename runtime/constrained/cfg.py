@@ -16,11 +16,14 @@ token, so the forced tokens are always ones the grammar allows.
 from __future__ import annotations
 
 import json
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 
 from radixlm.runtime.constrained.grammar import JumpForward, _complete_utf8_prefix
+
+if TYPE_CHECKING:
+    from radixlm.runtime.constrained.compile_worker import CompileWorker
 
 _FIELD = {"ebnf": "ebnf", "structural_tag": "structural_tag", "regex": "regex", "json": "json_schema"}
 _MAX_JUMP_CHARS = 512
@@ -34,9 +37,10 @@ def _xgr():
     return xgrammar
 
 
-def _structural_tag_args(pattern: str) -> tuple[tuple, dict]:
-    """Arguments of ``compile_structural_tag`` for SGLang's two spellings of a structural tag."""
-    xgr = _xgr()
+def _structural_tag_job(pattern: str) -> tuple[str, str]:
+    """The compile-worker job (kind, pattern) for SGLang's two spellings of a structural tag: the legacy
+    ``{"structures", "triggers"}`` form as plain ``{"tags": [[begin, schema, end]], "triggers"}`` JSON
+    (the worker makes the StructuralTagItems), xgrammar's ``format`` form as it is."""
     spec = json.loads(pattern)
     if isinstance(spec, dict) and "structures" in spec:  # SGLang's legacy form
         triggers = spec.get("triggers")
@@ -47,9 +51,19 @@ def _structural_tag_args(pattern: str) -> tuple[tuple, dict]:
             if not isinstance(s, dict) or not {"begin", "schema", "end"} <= set(s):
                 raise ValueError(f"structural_tag: structures[{i}] needs begin, schema and end")
             schema = s["schema"] if isinstance(s["schema"], str) else json.dumps(s["schema"])
-            tags.append(xgr.StructuralTagItem(begin=s["begin"], schema=schema, end=s["end"]))
-        return (tags, triggers), {}
-    return (pattern,), {}
+            tags.append([s["begin"], schema, s["end"]])
+        return "structural_tag_legacy", json.dumps({"tags": tags, "triggers": triggers})
+    return "structural_tag", pattern
+
+
+def _structural_tag_args(pattern: str) -> tuple[tuple, dict]:
+    """Arguments of ``Grammar.from_structural_tag`` (the front's syntax check)."""
+    kind, job = _structural_tag_job(pattern)
+    if kind == "structural_tag":
+        return (pattern,), {}
+    spec = json.loads(job)
+    tags = [_xgr().StructuralTagItem(begin=b, schema=sc, end=e) for b, sc, e in spec["tags"]]
+    return (tags, spec["triggers"]), {}
 
 
 def validate_cfg(kind: str, pattern: str) -> None:
@@ -75,30 +89,30 @@ def _short(e: BaseException) -> str:
 
 
 class XGrammarCompiler:
-    """One per tokenizer: xgrammar's tokenizer info and compiler (with its own cache)."""
+    """One per tokenizer: xgrammar's tokenizer info. Grammars are built in a bounded compile worker
+    (``compile_worker.py``) from this info's JSON and loaded back against it, never built here."""
 
     def __init__(self, tokenizer: Any, vocab_size: int, eos_token_ids: Sequence[int]) -> None:
-        xgr = _xgr()
+        xgr = self._xgr = _xgr()
         hf = getattr(tokenizer, "hf_tokenizer", tokenizer)
         self.tokenizer = hf
         self.vocab_size = vocab_size
         self.eos_token_ids = list(eos_token_ids)
         self.info = xgr.TokenizerInfo.from_huggingface(hf, vocab_size=vocab_size, stop_token_ids=self.eos_token_ids)
-        self.compiler = xgr.GrammarCompiler(self.info, max_threads=1)
+        self.info_json = self.info.serialize_json()  # what the compile worker builds its TokenizerInfo from
 
-    def compile(self, kind: str, pattern: str) -> "XGrammarCompiled":
+    def compile(self, kind: str, pattern: str, worker: "CompileWorker") -> "XGrammarCompiled":
+        """Build in ``worker`` (bounded), load here. ValueError naming the field when xgrammar refuses the
+        grammar; GrammarLimitError (a ValueError, also naming it) when the build hits a limit."""
+        from radixlm.runtime.constrained.compile_worker import GrammarLimitError
+
+        field = _FIELD.get(kind, kind)
         try:
-            if kind == "ebnf":
-                compiled = self.compiler.compile_grammar(pattern)
-            elif kind == "structural_tag":
-                args, kw = _structural_tag_args(pattern)
-                compiled = self.compiler.compile_structural_tag(*args, **kw)
-            elif kind == "regex":
-                compiled = self.compiler.compile_regex(pattern)
-            elif kind == "json":
-                compiled = self.compiler.compile_json_schema(pattern)
-            else:
-                raise ValueError(f"grammar kind {kind!r} is not an xgrammar kind")
+            job_kind, job = _structural_tag_job(pattern) if kind == "structural_tag" else (kind, pattern)
+            data = worker.build_xgrammar(job_kind, job, field, self.info_json)
+            compiled = self._xgr.CompiledGrammar.deserialize_json(data, self.info)
+        except GrammarLimitError:
+            raise
         except ValueError as e:
             if str(e).startswith(_FIELD.get(kind, kind)):
                 raise

@@ -8,10 +8,12 @@ process under a time and a memory limit, so a runaway build costs that worker, n
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 
 import pytest
+import torch
 
 from radixlm.runtime.constrained import GrammarBackend, validate_grammar
 from radixlm.runtime.constrained.compile_worker import CompileLimits, GrammarLimitError
@@ -116,3 +118,54 @@ def test_memory_limit_kills_the_worker_not_the_process(tiny_llama):
         assert b.compile("regex", "[a-c]{2}").new_matcher() is not None
     finally:
         b.shutdown()
+
+
+def _chain_ebnf(n: int) -> str:
+    """n chained rules of two alternatives: xgrammar's build (its token-mask cache) grows about
+    quadratically in n (n=1000: ~2.5 s and a 59 MB result; n=3000: over 4 GB), while the front's
+    syntax check stays cheap (~40 ms at n=3000)."""
+    body = "\n".join(f'r{i} ::= [a-z] r{i + 1} | "q" r{i + 1}' for i in range(n))
+    return f'root ::= r0\n{body}\nr{n} ::= "z"'
+
+
+@pytest.mark.slow  # starts compile workers (xgrammar imports torch there) and waits out a limit
+def test_ebnf_builds_are_bounded_in_the_worker(tiny_llama):
+    tok = load_tokenizer(tiny_llama)
+    validate_grammar("ebnf", _chain_ebnf(3000))  # the front only parses: accepted
+    timed = GrammarBackend(tok, 1536, compile_limits=CompileLimits(timeout_s=1.0))
+    small = GrammarBackend(tok, 1536, compile_limits=CompileLimits(timeout_s=60, max_memory_mb=768))
+    try:
+        assert timed.compile("ebnf", 'root ::= "ab" [0-9]+').new_matcher() is not None  # worker up, xgrammar loaded
+        before = _rss_mb()
+        with pytest.raises(GrammarLimitError, match=r"^ebnf: .*longer than the limit of 1 s"):
+            timed.compile("ebnf", _chain_ebnf(2000))
+        assert small.compile("ebnf", 'root ::= "x" [a-c]').new_matcher() is not None
+        with pytest.raises(GrammarLimitError, match=r"^ebnf: .*memory limit of 768 MB"):
+            small.compile("ebnf", _chain_ebnf(3000))
+        assert _rss_mb() - before < 100  # the builds grew in the workers, not here
+        # fresh workers serve the next grammars, and they still constrain
+        m = timed.compile("ebnf", 'root ::= "ab" [0-9]').new_matcher()
+        mask = torch.zeros(1536, dtype=torch.bool)
+        m.fill_mask(mask)
+        allowed = {tok.decode([t]) for t in mask.nonzero().flatten().tolist()}
+        assert allowed and all("ab".startswith(s) or s.startswith("ab") for s in allowed)
+        assert small.compile("structural_tag", json.dumps({
+            "structures": [{"begin": "<f>", "schema": {"type": "string"}, "end": "</f>"}], "triggers": ["<f>"],
+        })).new_matcher() is not None
+    finally:
+        timed.shutdown()
+        small.shutdown()
+
+
+@pytest.mark.slow  # an Engine and a compile worker that hits its time limit
+def test_engine_refuses_a_runaway_ebnf_and_serves_the_next(tiny_llama):
+    eng = Engine(model_path=tiny_llama, dtype="float32", device="cpu", max_total_tokens=2048,
+                 grammar_compile_timeout=1.0)
+    try:
+        with pytest.raises(ValueError, match=r"ebnf: .*limit"):
+            eng.generate("Hello", {"max_new_tokens": 4, "ebnf": _chain_ebnf(2000)})
+        eng._wait_idle_then_check()
+        out = eng.generate("Hello", {"max_new_tokens": 4, "temperature": 0, "ebnf": 'root ::= [0-9] [0-9] [0-9]'})
+        assert len(out["text"]) == 3 and out["text"].isdigit()
+    finally:
+        eng.shutdown()
