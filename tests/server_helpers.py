@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import time
 from typing import Any, Callable
 
@@ -46,3 +48,25 @@ def check_kv_invariant(url: str, headers: dict | None = None) -> dict:
     assert s, f"server did not become idle: {stats(url, headers)}"
     assert s["free_tokens"] + s["evictable_tokens"] + s["protected_tokens"] == s["max_total_tokens"], s
     return s
+
+
+def start_cli_server(model: str, *extra: str) -> tuple[subprocess.Popen, str]:
+    """``radixlm serve`` as a child process on a free port (CPU, quiet logs); waits until /health is 200."""
+    from radixlm.runtime.server.ipc import free_port
+
+    port = free_port()
+    cmd = [sys.executable, "-m", "radixlm.runtime.cli", "serve", "--model-path", model, "--device", "cpu",
+           "--port", str(port), "--max-total-tokens", "8192", "--log-level", "warning", "--log-interval-s", "0",
+           *extra]
+    proc = subprocess.Popen(cmd)
+    url = f"http://127.0.0.1:{port}"
+
+    def healthy() -> bool:
+        assert proc.poll() is None, "server exited while starting"
+        try:
+            return requests.get(url + "/health", timeout=2).status_code == 200
+        except requests.RequestException:
+            return False
+
+    assert wait_until(healthy, timeout=300, interval=0.25)
+    return proc, url

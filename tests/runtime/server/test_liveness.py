@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 import threading
 import time
 
@@ -20,8 +18,7 @@ import pytest
 import requests
 
 from radixlm.runtime.server.client import HEARTBEAT_TIMEOUT_S, FrontDoorClient, FrontDoorError
-from radixlm.runtime.server.ipc import free_port
-from tests.server_helpers import check_kv_invariant, pid_alive, wait_until
+from tests.server_helpers import check_kv_invariant, pid_alive, start_cli_server, wait_until
 
 pytestmark = pytest.mark.slow  # starts and kills servers
 
@@ -31,21 +28,7 @@ LONG = {"max_new_tokens": 1500, "ignore_eos": True, "temperature": 0.0}
 
 
 def _start(model: str, *extra: str):
-    port = free_port()
-    cmd = [sys.executable, "-m", "radixlm.runtime.cli", "serve", "--model-path", model, "--device", "cpu",
-           "--port", str(port), "--max-total-tokens", "8192", "--log-level", "warning", "--log-interval-s", "0",
-           *extra]
-    proc = subprocess.Popen(cmd)
-    url = f"http://127.0.0.1:{port}"
-
-    def healthy():
-        assert proc.poll() is None, "server exited while starting"
-        try:
-            return requests.get(url + "/health", timeout=2).status_code == 200
-        except requests.RequestException:
-            return False
-
-    assert wait_until(healthy, timeout=300, interval=0.25)
+    proc, url = start_cli_server(model, *extra)
     info = requests.get(url + "/get_server_info", timeout=30).json()
     return proc, url, info
 

@@ -8,8 +8,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
 import threading
 import time
 
@@ -18,8 +16,7 @@ import pytest
 import requests
 
 from radixlm.runtime.server.client import FrontDoorClient, FrontDoorError
-from radixlm.runtime.server.ipc import free_port
-from tests.server_helpers import pid_alive, stats, wait_until
+from tests.server_helpers import pid_alive, start_cli_server, stats, wait_until
 
 pytestmark = pytest.mark.slow  # starts servers or subprocesses: not in the fast tier
 
@@ -29,20 +26,7 @@ LONG = {"max_new_tokens": 2000, "ignore_eos": True, "temperature": 0.0}
 
 @pytest.fixture(scope="module")
 def server(tiny_llama):
-    port = free_port()
-    cmd = [sys.executable, "-m", "radixlm.runtime.cli", "serve", "--model-path", tiny_llama, "--device", "cpu",
-           "--port", str(port), "--max-total-tokens", "8192", "--log-level", "warning", "--log-interval-s", "0"]
-    proc = subprocess.Popen(cmd)
-    url = f"http://127.0.0.1:{port}"
-
-    def healthy():
-        assert proc.poll() is None, "server exited while starting"
-        try:
-            return requests.get(url + "/health", timeout=2).status_code == 200
-        except requests.RequestException:
-            return False
-
-    assert wait_until(healthy, timeout=300, interval=0.25)
+    proc, url = start_cli_server(tiny_llama)
     yield proc, url
     if proc.poll() is None:
         proc.kill()
