@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 import time
 from typing import Any, Callable
 
@@ -52,13 +51,14 @@ def check_kv_invariant(url: str, headers: dict | None = None) -> dict:
 
 def start_cli_server(model: str, *extra: str) -> tuple[subprocess.Popen, str]:
     """``radixlm serve`` as a child process on a free port (CPU, quiet logs); waits until /health is 200."""
+    from radixlm.runtime.child_process import child_env, python_command
     from radixlm.runtime.server.ipc import free_port
 
     port = free_port()
-    cmd = [sys.executable, "-m", "radixlm.runtime.cli", "serve", "--model-path", model, "--device", "cpu",
-           "--port", str(port), "--max-total-tokens", "8192", "--log-level", "warning", "--log-interval-s", "0",
-           *extra]
-    proc = subprocess.Popen(cmd)
+    cmd = python_command("radixlm.runtime.cli", "serve", "--model-path", model, "--device", "cpu",
+                         "--port", str(port), "--max-total-tokens", "8192", "--log-level", "warning",
+                         "--log-interval-s", "0", *extra)
+    proc = subprocess.Popen(cmd, env=child_env())
     url = f"http://127.0.0.1:{port}"
 
     def healthy() -> bool:
