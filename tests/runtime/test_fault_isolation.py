@@ -7,6 +7,7 @@ still stops the engine."""
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 
@@ -42,6 +43,16 @@ def _run_together(engine, victim_index: int, extra: dict | None = None):
         except Exception as e:  # noqa: BLE001 - the victim's error is the result under test
             results[i] = e
 
+    def gate() -> None:
+        # Runs on the scheduler thread and holds it until every request is in its inbox, so all of them
+        # are admitted in one step and share every batch from the first: which thread reaches the engine
+        # first must not decide whether the victim ever shares a batch (a prompt-logprob fault has only
+        # one chance, the victim's prefill).
+        deadline = time.monotonic() + 60
+        while engine._inbox.qsize() < len(PROMPTS) and time.monotonic() < deadline:
+            time.sleep(0.001)
+
+    engine._inbox.put(gate)
     threads = [threading.Thread(target=run, args=(i,)) for i in range(len(PROMPTS))]
     for t in threads:
         t.start()
