@@ -15,19 +15,7 @@ from __future__ import annotations
 import heapq
 from typing import Optional
 
-_CHUNK = 64
-
-
-def common_prefix_len(a: str, b: str, start: int = 0) -> int:
-    """Length of the common prefix of ``a[start:]`` and ``b`` (chunked slice compares, then characters)."""
-    n = min(len(a) - start, len(b))
-    i = 0
-    while i + _CHUNK <= n and a[start + i:start + i + _CHUNK] == b[i:i + _CHUNK]:
-        i += _CHUNK
-    while i < n and a[start + i] == b[i]:
-        i += 1
-    return i
-
+from radixlm.runtime.prefix_match import common_prefix_len
 
 class _Node:
     __slots__ = ("key", "parent", "children", "last_access")

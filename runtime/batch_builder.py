@@ -15,7 +15,8 @@ import logging
 from radixlm.runtime.kv_manager import KVManager
 from radixlm.runtime.radix_cache import RadixCache
 from radixlm.runtime.req import Req
-from radixlm.runtime.schedule_policy import SchedulePolicy, common_prefix_len
+from radixlm.runtime.prefix_match import shares_prefix
+from radixlm.runtime.schedule_policy import SchedulePolicy
 from radixlm.runtime.scheduler_stats import SchedulerCounters
 from radixlm.runtime.server_args import ServerArgs
 
@@ -134,9 +135,13 @@ class BatchBuilder:
         threshold = self.args.in_batch_prefix_threshold
         if self.cache.disable or threshold <= 0:
             return False
-        cached = self.kv.cached_prefix_len(req)
+        # Deferred when some admitted request shares at least ``threshold`` tokens beyond what req has cached.
+        n = self.kv.cached_prefix_len(req) + threshold
+        if n > req.max_prefix_len:
+            return False
+        head = req.tokens(0, n)
         return any(
-            common_prefix_len(req.all_ids[: req.max_prefix_len], a.all_ids) - cached >= threshold
+            shares_prefix(head, a.input_ids, n) if n <= len(a.input_ids) else shares_prefix(head, a.all_ids, n)
             for a in admitted
             if a.cache_namespace == req.cache_namespace  # other namespaces never share its prefix
         )

@@ -36,6 +36,7 @@ from typing import NamedTuple
 import torch
 
 from radixlm.runtime.memory_pool import KVPool
+from radixlm.runtime.prefix_match import common_prefix_len
 
 _EMPTY = torch.empty(0, dtype=torch.int64)
 
@@ -100,13 +101,13 @@ class RadixCache:
             child = node.children.get(key[pos])
             if child is None:
                 break
-            n = _common_len(child.key, key, pos)
+            n = common_prefix_len(key, child.key, pos)
             if n < len(child.key):
                 child = self._split(child, n)
             child.last_access_time = now
             pieces.append(child.value)
             node, pos = child, pos + n
-            if n == 0:  # pragma: no cover - _common_len >= 1 since first tokens agree
+            if n == 0:  # pragma: no cover - common_prefix_len >= 1 since first tokens agree
                 break
         indices = torch.cat(pieces) if pieces else _EMPTY
         return MatchResult(indices, node)
@@ -123,7 +124,7 @@ class RadixCache:
                 node.children[key[pos]] = new
                 self._evictable += len(new.key)
                 return pos
-            n = _common_len(child.key, key, pos)
+            n = common_prefix_len(key, child.key, pos)
             if n < len(child.key):
                 child = self._split(child, n)
             child.last_access_time = now
@@ -226,11 +227,3 @@ class RadixCache:
             node = stack.pop()
             yield node
             stack.extend(node.children.values())
-
-
-def _common_len(a: list[int], key: list[int], start: int) -> int:
-    n = min(len(a), len(key) - start)
-    i = 0
-    while i < n and a[i] == key[start + i]:
-        i += 1
-    return i

@@ -80,11 +80,3 @@ class SchedulePolicy:
             kids = sorted((c for c in node.children.values() if weight[c] > 0), key=lambda c: weight[c])
             stack.extend(kids)  # heaviest pushed last → visited first
         return out
-
-
-def common_prefix_len(a: list[int], b: list[int]) -> int:
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i

@@ -19,14 +19,17 @@ Python loop over requests runs per layer.
 
 Cascade attention for shared prefixes: when the requests of a group share their first P KV slots (the
 radix cache hands every request with a common prompt prefix the same slots), the shared keys are read
-once and attended by all the group's queries in one GEMM; only each request's own suffix is gathered per
-request; the two partial softmaxes are merged with their log-sum-exps. A 1k-token few-shot prefix decoded
-by 200 requests is then read once per layer instead of 200 times.
+once and attended by all the group's queries at once, unpadded (the prefix precedes every query, so no
+mask); only each request's own suffix is gathered per request and masked; the two partial softmaxes are
+merged with their log-sum-exps. Both parts run torch's fused CPU flash kernel, which returns the
+log-sum-exp and never materialises the [queries, keys] scores (the explicit softmax it replaced wrote
+and re-read 256 MB per layer on few-shot extends and made them 3x slower). A 1k-token few-shot prefix
+decoded by 200 requests is then read once per layer instead of 200 times.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -59,6 +62,16 @@ class _Group:
     batch: int
     qmax: int
     valid: torch.Tensor | None = None  # [Bg, Lmax] bool, key j < seq_len (decode groups, compiled path)
+    _bias: dict = field(default_factory=dict)  # (G, dtype) → the cascade suffix mask as an additive bias
+
+    def suffix_bias(self, G: int, dtype: torch.dtype) -> torch.Tensor:
+        """The cascade's suffix mask [Bg, 1, Qmax, Lu] with each query row repeated for the G query heads of
+        a KV head, as 0 / -inf in ``dtype``: [Bg, 1, Qmax * G, Lu]. Built once per step, at layer 0."""
+        key = (G, dtype)
+        if key not in self._bias:
+            m = self.mask.repeat_interleave(G, dim=2)
+            self._bias[key] = torch.zeros(m.shape, dtype=dtype, device=m.device).masked_fill_(~m, float("-inf"))
+        return self._bias[key]
 
 
 @dataclass
@@ -182,8 +195,7 @@ class TorchAttnBackend(AttentionBackend):
             k_buf, v_buf = self.kv_pool.k_buffers[layer_id], self.kv_pool.v_buffers[layer_id]
             return self._decode_kernel(q.contiguous(), k_buf, v_buf, g.kv_idx, g.valid, sm_scale)
         if g.shared is not None:
-            o = self._cascade(self._pad(q, g), g, layer_id, sm_scale)  # [B, Qmax, Hq, D]
-            return o[:, 0] if g.qmax == 1 else o.reshape(-1, Hq, D).index_select(0, g.q_flat)
+            return self._cascade(q, g, layer_id, sm_scale)
         k_all, v_all = self._gather(layer_id, g.kv_idx.reshape(-1))
         k_all = k_all.view(g.batch, -1, *k_all.shape[1:])  # [B, Lmax, Hkv, D]
         v_all = v_all.view(g.batch, -1, *v_all.shape[1:])
@@ -209,43 +221,56 @@ class TorchAttnBackend(AttentionBackend):
         return q.new_zeros((g.batch * g.qmax, Hq, D)).index_copy_(0, g.q_flat, q).view(g.batch, g.qmax, Hq, D)
 
     def _cascade(self, q: torch.Tensor, g: _Group, layer_id: int, scale: float) -> torch.Tensor:
-        """Attention over (shared prefix ++ own suffix) for q [B, Q, Hq, D] → [B, Q, Hq, D]."""
-        B, Q, Hq, D = q.shape
+        """Attention over (shared prefix ++ own suffix) for q [Tg, Hq, D] (token order) → [Tg, Hq, D]."""
+        T, Hq, D = q.shape
         k_buf, v_buf = self.kv_pool.k_buffers[layer_id], self.kv_pool.v_buffers[layer_id]
         Hkv = k_buf.shape[1]
         G = Hq // Hkv  # query heads per KV head: query head h reads KV head h // G
-        # Shared prefix: every query of the group against the same keys, one batched GEMM per KV head.
-        ks = k_buf.index_select(0, g.shared).to(q.dtype)  # [P, Hkv, D]
-        vs = v_buf.index_select(0, g.shared).to(q.dtype)
-        qh = q.reshape(B * Q, Hkv, G, D).permute(1, 0, 2, 3).reshape(Hkv, B * Q * G, D)  # [Hkv, N, D]
-        s_s = torch.bmm(qh, ks.permute(1, 2, 0)) * scale  # [Hkv, N, P]
-        m_s = s_s.amax(-1, keepdim=True)  # [Hkv, N, 1]
-        p_s = torch.exp(s_s - m_s)
-        l_s = p_s.sum(-1, keepdim=True)
-        o_s = torch.bmm(p_s, vs.transpose(0, 1))  # [Hkv, N, D]
-
-        def per_request(x: torch.Tensor) -> torch.Tensor:  # [Hkv, B*Q*G, X] → [B, Hkv, Q*G, X]
-            return x.view(Hkv, B, Q * G, -1).transpose(0, 1)
-
-        m_s, l_s, o_s = per_request(m_s), per_request(l_s), per_request(o_s)
-        # Own suffix: gathered per request, masked (causal within the step, padding).
-        lu = g.kv_idx.shape[1]
+        # Shared prefix: no mask (it precedes every query), so the queries need no padding; the G query
+        # heads of a KV head are folded into the rows of one attention over the P shared keys.
+        ks = k_buf.index_select(0, g.shared).to(q.dtype).transpose(0, 1)[None]  # [1, Hkv, P, D]
+        vs = v_buf.index_select(0, g.shared).to(q.dtype).transpose(0, 1)[None]
+        qs = q.view(T, Hkv, G, D).permute(1, 0, 2, 3).reshape(1, Hkv, T * G, D)
+        o_s, lse_s = _attention_with_lse(qs, ks, vs, None, scale)  # [1, Hkv, T*G, D], [1, Hkv, T*G]
+        o_s = o_s.view(Hkv, T, G, D).transpose(0, 1).reshape(T, Hq, D)
+        lse_s = lse_s.view(Hkv, T, G).transpose(0, 1).reshape(T, Hq)
+        # Own suffix: gathered per request, queries padded to [B, Qmax], masked (causal within the step).
+        B, Q, lu = g.batch, g.qmax, g.kv_idx.shape[1]
         ku, vu = self._gather(layer_id, g.kv_idx.reshape(-1))
-        ku = ku.view(B, lu, Hkv, D).to(q.dtype)
-        vu = vu.view(B, lu, Hkv, D).to(q.dtype)
-        qb = q.reshape(B, Q, Hkv, G, D).permute(0, 2, 1, 3, 4).reshape(B, Hkv, Q * G, D)
-        s_u = torch.matmul(qb, ku.permute(0, 2, 3, 1)) * scale  # [B, Hkv, Q*G, Lu]
-        mask = g.mask[:, :, :, None, :].expand(B, 1, Q, G, lu).reshape(B, 1, Q * G, lu)
-        s_u = s_u.masked_fill(~mask, float("-inf"))
-        m_u = s_u.amax(-1, keepdim=True)  # -inf where a row has no suffix key
-        p_u = torch.exp(s_u - torch.where(torch.isinf(m_u), torch.zeros_like(m_u), m_u))
-        l_u = p_u.sum(-1, keepdim=True)
-        o_u = torch.matmul(p_u, vu.permute(0, 2, 1, 3))  # [B, Hkv, Q*G, D]
-        # Merge the two partial softmaxes.
-        m = torch.maximum(m_s, m_u)
-        a_s, a_u = torch.exp(m_s - m), torch.exp(m_u - m)
-        o = (o_s * a_s + o_u * a_u) / (l_s * a_s + l_u * a_u)  # [B, Hkv, Q*G, D]
-        return o.view(B, Hkv, Q, G, D).permute(0, 2, 1, 3, 4).reshape(B, Q, Hq, D)
+        ku = ku.view(B, lu, Hkv, D).to(q.dtype).transpose(1, 2)  # [B, Hkv, Lu, D]
+        vu = vu.view(B, lu, Hkv, D).to(q.dtype).transpose(1, 2)
+        qu = self._pad(q, g).view(B, Q, Hkv, G, D).permute(0, 2, 1, 3, 4).reshape(B, Hkv, Q * G, D)
+        o_u, lse_u = _attention_with_lse(qu, ku, vu, g.suffix_bias(G, q.dtype), scale)
+        # Back to token order: padded rows (no suffix key; their lse is meaningless) are dropped here.
+        o_u = o_u.view(B, Hkv, Q, G, D).permute(0, 2, 1, 3, 4).reshape(B * Q, Hq, D)
+        lse_u = lse_u.view(B, Hkv, Q, G).permute(0, 2, 1, 3).reshape(B * Q, Hq)
+        if Q > 1:
+            o_u, lse_u = o_u.index_select(0, g.q_flat), lse_u.index_select(0, g.q_flat)
+        # Merge the two partial softmaxes by their log-sum-exps (every real query sees itself in the suffix).
+        lse = torch.logaddexp(lse_s, lse_u)  # [Tg, Hq]
+        w_s, w_u = torch.exp(lse_s - lse)[..., None], torch.exp(lse_u - lse)[..., None]
+        return (o_s.float() * w_s + o_u.float() * w_u).to(q.dtype)
+
+
+def _attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None,
+                        scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax attention and its log-sum-exp: q [B, H, M, D], k/v [B, H, N, D], ``bias`` additive
+    [B, 1, M, N] (0 or -inf) or None → (o [B, H, M, D], lse [B, H, M] float32).
+
+    On the CPU this is torch's fused flash kernel (an online softmax over blocks of keys: the [M, N]
+    scores are never materialised); elsewhere the same math in plain ops. A row whose keys are all
+    masked gets o = 0 and an lse that must not be used (the callers drop such rows).
+    """
+    if q.device.type == "cpu":
+        o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False, attn_mask=bias,
+                                                                           scale=scale)
+        return o, lse
+    s = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale  # [B, H, M, N]
+    if bias is not None:
+        s = s + bias
+    lse = torch.logsumexp(s, -1)  # [B, H, M]
+    p = torch.exp(s - torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)[..., None])
+    return torch.matmul(p, v.float()).to(q.dtype), lse
 
 
 def _buckets(members: list[int], lens: list[int], ratio: float) -> list[list[int]]:

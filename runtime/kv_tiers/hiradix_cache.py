@@ -34,7 +34,8 @@ from radixlm.runtime.kv_tiers.disk_tier import DiskTier
 from radixlm.runtime.kv_tiers.host_tier import HostTier
 from radixlm.runtime.kv_tiers.pool_io import gather_kv, scatter_kv
 from radixlm.runtime.memory_pool import KVPool
-from radixlm.runtime.radix_cache import _EMPTY, MatchResult, RadixCache, TreeNode, _common_len
+from radixlm.runtime.prefix_match import common_prefix_len
+from radixlm.runtime.radix_cache import _EMPTY, MatchResult, RadixCache, TreeNode
 
 WRITE_POLICIES = ("write_through", "write_through_selective", "write_back")
 SELECTIVE_THRESHOLD = 2  # reuses before write_through_selective backs a node up (SGLang's default)
@@ -74,7 +75,7 @@ class HiRadixCache(RadixCache):
             child = node.children.get(key[pos])
             if child is None:
                 break
-            n = _common_len(child.key, key, pos)
+            n = common_prefix_len(key, child.key, pos)
             if n < len(child.key):
                 child = self._split(child, n)
             child.last_access_time = now
@@ -103,7 +104,7 @@ class HiRadixCache(RadixCache):
                 self._evictable += len(new.key)
                 self._note_hit(new)
                 break
-            n = _common_len(child.key, key, pos)
+            n = common_prefix_len(key, child.key, pos)
             if n < len(child.key):
                 child = self._split(child, n)
             child.last_access_time = now
