@@ -64,9 +64,9 @@ class _Group:
     valid: torch.Tensor | None = None  # [Bg, Lmax] bool, key j < seq_len (decode groups, compiled path)
     _bias: dict = field(default_factory=dict)  # (G, dtype) → the cascade suffix mask as an additive bias
 
-    def suffix_bias(self, G: int, dtype: torch.dtype) -> torch.Tensor:
-        """The cascade's suffix mask [Bg, 1, Qmax, Lu] with each query row repeated for the G query heads of
-        a KV head, as 0 / -inf in ``dtype``: [Bg, 1, Qmax * G, Lu]. Built once per step, at layer 0."""
+    def folded_bias(self, G: int, dtype: torch.dtype) -> torch.Tensor:
+        """``mask`` [Bg, 1, Qmax, L] with each query row repeated for the G query heads of a KV head (the
+        layout of ``_fold_gqa``), as 0 / -inf in ``dtype``: [Bg, 1, Qmax * G, L]. Built once per step."""
         key = (G, dtype)
         if key not in self._bias:
             m = self.mask.repeat_interleave(G, dim=2)
@@ -199,6 +199,15 @@ class TorchAttnBackend(AttentionBackend):
         k_all, v_all = self._gather(layer_id, g.kv_idx.reshape(-1))
         k_all = k_all.view(g.batch, -1, *k_all.shape[1:])  # [B, Lmax, Hkv, D]
         v_all = v_all.view(g.batch, -1, *v_all.shape[1:])
+        Hkv = k_all.shape[2]
+        if g.qmax == 1 and Hkv != Hq and q.device.type == "cpu":
+            # GQA decode: the G query heads of a KV head become G query rows of one attention, so the
+            # gathered K/V are read as they are (SDPA's enable_gqa would copy them G times first).
+            G = Hq // Hkv
+            bias = None if g.mask is None else g.folded_bias(G, q.dtype)
+            o, _ = _attention_with_lse(q.view(g.batch, Hkv, G, D), k_all.transpose(1, 2).to(q.dtype),
+                                       v_all.transpose(1, 2).to(q.dtype), bias, sm_scale)  # [B, Hkv, G, D]
+            return o.reshape(g.batch, Hq, D)
         q_pad = self._pad(q, g)
         o = F.scaled_dot_product_attention(
             q_pad.transpose(1, 2),  # [B, Hq, Qmax, D]
@@ -240,7 +249,7 @@ class TorchAttnBackend(AttentionBackend):
         ku = ku.view(B, lu, Hkv, D).to(q.dtype).transpose(1, 2)  # [B, Hkv, Lu, D]
         vu = vu.view(B, lu, Hkv, D).to(q.dtype).transpose(1, 2)
         qu = self._pad(q, g).view(B, Q, Hkv, G, D).permute(0, 2, 1, 3, 4).reshape(B, Hkv, Q * G, D)
-        o_u, lse_u = _attention_with_lse(qu, ku, vu, g.suffix_bias(G, q.dtype), scale)
+        o_u, lse_u = _attention_with_lse(qu, ku, vu, g.folded_bias(G, q.dtype), scale)
         # Back to token order: padded rows (no suffix key; their lse is meaningless) are dropped here.
         o_u = o_u.view(B, Hkv, Q, G, D).permute(0, 2, 1, 3, 4).reshape(B * Q, Hq, D)
         lse_u = lse_u.view(B, Hkv, Q, G).permute(0, 2, 1, 3).reshape(B * Q, Hq)
