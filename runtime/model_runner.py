@@ -69,6 +69,11 @@ class ModelRunner:
 
             self.model = shard_model(self.model, self.tp).to(self.device)
 
+        if not self.tp and not args.disable_cpu_packed_linear:
+            from radixlm.runtime.models.packed_linear import can_pack, pack_linears
+
+            if can_pack(self.device, self.dtype):
+                logger.info("oneDNN prepacked weights for %d linear layers", pack_linears(self.model))
         cfg = self.config
         self.num_layers = cfg.num_hidden_layers
         self.num_kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads

@@ -142,6 +142,7 @@ class LlamaForCausalLM(nn.Module):
 
     @property
     def lm_head_weight(self) -> torch.Tensor:
+        """The row-major [V, hidden] projection (before ``packed_linear.pack_linears`` replaces lm_head)."""
         return self.model.embed_tokens.weight if self.tie_word_embeddings else self.lm_head.weight
 
     def shard_sizes(self, fused_name: str) -> list[int]:
@@ -160,4 +161,6 @@ class LlamaForCausalLM(nn.Module):
         return self.model.norm(h[idx])  # [N, hidden]; the norm is per row, so select first
 
     def forward(self, fb: ForwardBatch, attn: AttentionBackend) -> torch.Tensor:
-        return F.linear(self.final_hidden(fb, attn), self.lm_head_weight).float()  # [N, V]
+        h = self.final_hidden(fb, attn)  # [N, hidden]
+        logits = F.linear(h, self.model.embed_tokens.weight) if self.lm_head is None else self.lm_head(h)
+        return logits.float()  # [N, V]

@@ -12,6 +12,7 @@ from radixlm.runtime.attention.torch_backend import TorchAttnBackend
 from radixlm.runtime.forward_batch import ForwardBatch, ForwardMode
 from radixlm.runtime.memory_pool import KVPool, ReqToTokenPool
 from radixlm.runtime.models.loader import load_model
+from radixlm.runtime.models.packed_linear import PackedLinear, can_pack, pack_linears
 
 ARCHS = ("llama", "qwen2", "mistral")
 ATOL = 1e-4
@@ -76,11 +77,16 @@ def random_prompts(vocab: int, lens: tuple[int, ...], seed: int = 0) -> list[lis
     return [torch.randint(5, vocab, (n,), generator=g).tolist() for n in lens]
 
 
+@pytest.mark.parametrize("packed", [False, True], ids=["F.linear", "packed"])
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("arch", ARCHS)
-def test_prefill_decode_and_prefix_reuse_match_transformers(make_model, arch, device):
+def test_prefill_decode_and_prefix_reuse_match_transformers(make_model, arch, device, packed):
     path = make_model(arch)
     model, ref = load_model(path, torch.float32, device), hf_model(path)  # reference on CPU
+    if packed:  # oneDNN prepacked weights (runtime/models/packed_linear.py): the CPU default
+        if not can_pack(device, torch.float32):
+            pytest.skip("packed linears are a CPU (oneDNN) path")
+        assert pack_linears(model) == 4 * model.config.num_hidden_layers + (0 if model.lm_head is None else 1)
     atol = ATOL if device == "cpu" else 1e-3
     V = model.config.vocab_size
     run = PagedRunner(model)
@@ -121,6 +127,20 @@ def test_default_logits_rows_are_last_token_of_each_request(tiny_llama):
     rows2 = [run2.new_request() for _ in prompts]
     last = run2.step(ForwardMode.EXTEND, rows2, prompts, all_logits=False)
     torch.testing.assert_close(last, full[torch.tensor([3, 10, 12])], atol=1e-5, rtol=0)
+
+
+def test_the_runner_packs_linears_on_the_cpu_unless_disabled(tiny_llama):
+    from radixlm.runtime.model_runner import ModelRunner
+    from radixlm.runtime.server_args import ServerArgs
+
+    def runner(**kw):
+        return ModelRunner(ServerArgs.from_kwargs(model_path=tiny_llama, dtype="float32", device="cpu",
+                                                  max_total_tokens=256, **kw))
+
+    packed, plain = runner(), runner(disable_cpu_packed_linear=True)
+    assert isinstance(packed.model.model.layers[0].mlp.down_proj, PackedLinear)
+    assert isinstance(packed.model.lm_head, PackedLinear)
+    assert type(plain.model.model.layers[0].mlp.down_proj) is torch.nn.Linear
 
 
 def test_tied_and_untied_embeddings(make_model):
