@@ -53,6 +53,8 @@ class Req:
     new_input_top_logprobs: list[list[TokenLogprob] | None] = field(default_factory=list)
     new_output_token_logprobs: list[TokenLogprob] = field(default_factory=list)
     new_output_top_logprobs: list[list[TokenLogprob]] = field(default_factory=list)
+    new_input_token_ids_logprobs: list[list[TokenLogprob] | None] = field(default_factory=list)
+    new_output_token_ids_logprobs: list[list[TokenLogprob]] = field(default_factory=list)
     sent_len: int = 0  # output tokens already reported
 
     @property

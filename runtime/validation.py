@@ -231,6 +231,13 @@ def check_types(obj: "GenerateReqInput") -> None:
     _one_or_list(obj.return_logprob, "return_logprob", lambda x: isinstance(x, bool), "a boolean", allow_none=False)
     _one_or_list(obj.logprob_start_len, "logprob_start_len", _is_int, "an integer")
     _one_or_list(obj.top_logprobs_num, "top_logprobs_num", _is_int, "an integer")
+    tids = obj.token_ids_logprob
+    if tids is not None:
+        rows = [tids] if _is_int(tids) else [x if isinstance(x, list) else [x] for x in tids] if isinstance(tids, list) else None
+        if rows is None or not all(_is_int(t) for row in rows for t in row):
+            raise ValueError("token_ids_logprob must be a list of integer token ids (or one list per prompt)")
+        if len(rows) > MAX_LIST_ITEMS or any(len(row) > MAX_LIST_ITEMS for row in rows):
+            raise ValueError(f"token_ids_logprob: over the limit of {MAX_LIST_ITEMS} entries")
     for name in ("return_text_in_logprobs", "stream"):
         if not isinstance(getattr(obj, name), bool):
             raise ValueError(f"{name} must be a boolean, got {type(getattr(obj, name)).__name__}")
@@ -307,6 +314,11 @@ def check_request(r: "TokenizedGenerateReq", limits: RequestLimits) -> None:
     check_int(r.logprob.logprob_start_len, "logprob_start_len", -1, n_in - 1)
     top_hi = MAX_TOP_LOGPROBS if vocab is None else min(MAX_TOP_LOGPROBS, vocab)
     check_int(r.logprob.top_logprobs_num, "top_logprobs_num", 0, top_hi)
+    if r.logprob.token_ids_logprob is not None:
+        if len(r.logprob.token_ids_logprob) > MAX_LIST_ITEMS:
+            raise ValueError(f"token_ids_logprob: {len(r.logprob.token_ids_logprob)} ids, over the limit of "
+                             f"{MAX_LIST_ITEMS}")
+        check_token_ids(r.logprob.token_ids_logprob, "token_ids_logprob", vocab)
     check_sampling_params(r.sampling_params, limits)
 
 
