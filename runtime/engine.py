@@ -138,6 +138,7 @@ class Engine:
         return_text_in_logprobs: bool = False,
         stream: bool = False,
         rid: str | list[str] | None = None,
+        priority: int | None = None,
         cache_salt: str | list[str] | None = None,
         extra_key: str | list[str] | None = None,
         **sglang_fields: Any,
@@ -163,6 +164,7 @@ class Engine:
             token_ids_logprob=token_ids_logprob,
             return_text_in_logprobs=return_text_in_logprobs,
             stream=stream,
+            priority=priority,
             cache_salt=cache_salt,
             extra_key=extra_key,
             **split_sglang_extras(sglang_fields),  # what is left is unknown: from_dict names it

@@ -35,6 +35,7 @@ class GenerateReqInput(msgspec.Struct, kw_only=True, forbid_unknown_fields=True)
     token_ids_logprob: int | list[int | list[int]] | None = None
     return_text_in_logprobs: bool = False
     stream: bool = False
+    priority: int | None = None  # SGLang's: one value for the whole request (--enable-priority-scheduling)
     # KV cache namespaces: requests share cached prefixes only with requests of the same pair
     cache_salt: str | list[str] | None = None  # vLLM/OpenAI's name
     extra_key: str | list[str] | None = None  # SGLang's name
@@ -124,6 +125,7 @@ class GenerateReqInput(msgspec.Struct, kw_only=True, forbid_unknown_fields=True)
                         logprob=logprob[i],
                         stream=self.stream,
                         cache_namespace=namespaces[i],
+                        priority=self.priority,
                     )
                 )
         if len({r.rid for r in out}) != len(out):

@@ -105,6 +105,8 @@ class TokenizedGenerateReq(_Msg):
     # The KV cache namespace (from cache_salt / extra_key, see generate_request.cache_namespace): the
     # request shares radix-tree nodes and disk blocks only with requests of the same namespace.
     cache_namespace: str = ""
+    # SGLang's request priority (--enable-priority-scheduling); None: the server's default
+    priority: int | None = None
 
 
 class AbortReq(_Msg):

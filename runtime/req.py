@@ -26,6 +26,7 @@ class Req:
     sampling_params: SamplingParams
     logprob: LogprobOptions = LogprobOptions()  # with return_logprob False, the others are defaults
     cache_namespace: str = ""  # radix-tree and disk-tier namespace (cache_salt / extra_key); "" is shared
+    priority: int | None = None  # SGLang's priority field (used with --enable-priority-scheduling)
     arrival: int = 0  # scheduler step at which it arrived (FCFS order and aging)
     output_ids: list[int] = field(default_factory=list)
 

@@ -66,7 +66,6 @@ INERT: dict[str, str] = {
     "background": "background requests",
     "require_reasoning": "forced reasoning",
     "max_thinking_tokens": "thinking budgets",
-    "priority": "priority scheduling",
 }
 
 BOOKKEEPING: frozenset[str] = frozenset({

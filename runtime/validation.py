@@ -56,6 +56,8 @@ class RequestLimits:
     # A text prompt longer than this (in characters) cannot fit in max_prompt_tokens tokens: refused
     # before tokenizing it (a 10 MB prompt took 21 s to tokenize only to be refused)
     max_prompt_chars: int | None = None
+    # False with --abort-on-priority-when-disabled and no --enable-priority-scheduling: a priority is refused
+    priority_allowed: bool = True
 
     @classmethod
     def from_args(cls, args: "ServerArgs", vocab_size: int | None, context_len: int | None,
@@ -72,6 +74,7 @@ class RequestLimits:
             max_prompts_per_request=args.max_prompts_per_request,
             max_sequences_per_request=args.max_prompts_per_request,
             max_prompt_tokens=max_prompt,
+            priority_allowed=args.enable_priority_scheduling or not args.abort_on_priority_when_disabled,
         )
 
 
@@ -319,6 +322,11 @@ def check_request(r: "TokenizedGenerateReq", limits: RequestLimits) -> None:
             raise ValueError(f"token_ids_logprob: {len(r.logprob.token_ids_logprob)} ids, over the limit of "
                              f"{MAX_LIST_ITEMS}")
         check_token_ids(r.logprob.token_ids_logprob, "token_ids_logprob", vocab)
+    if r.priority is not None:
+        check_int(r.priority, "priority")
+        if not limits.priority_allowed:
+            raise ValueError("priority: priority scheduling is disabled on this server (--enable-priority-scheduling); "
+                             "send the request without a priority")
     check_sampling_params(r.sampling_params, limits)
 
 

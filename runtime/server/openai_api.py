@@ -188,6 +188,7 @@ def prepare_completion(req: CompletionRequest, tokenizer: Any, model_info: dict,
         stream=req.stream,
         cache_salt=req.cache_salt,
         extra_key=req.extra_key,
+        priority=req.priority,
     )
     return Prepared(obj, prompts, req.n, model, int(time.time()), f"cmpl-{uuid.uuid4().hex}", echo=echo)
 
@@ -289,6 +290,7 @@ def prepare_chat(
         stream=req.stream,
         cache_salt=req.cache_salt,
         extra_key=req.extra_key,
+        priority=req.priority,
     )
     reasoning = cfg.reasoning_parser if req.separate_reasoning else None
     return Prepared(obj, [ids], req.n, model, int(time.time()), f"chatcmpl-{uuid.uuid4().hex}", plan, reasoning)

@@ -72,6 +72,7 @@ class _SamplingExtras(_Body):
     # KV cache namespace (vLLM's cache_salt, SGLang's extra_key): prefixes are shared only within it
     cache_salt: Optional[StrictStr] = None
     extra_key: Optional[StrictStr] = None
+    priority: Optional[int] = None  # SGLang's (--enable-priority-scheduling)
     # SGLang / vLLM extras that change the output (runtime/server/openai_extras.py maps them)
     stop_regex: Optional[Union[str, list[str]]] = None
     ebnf: Optional[str] = None

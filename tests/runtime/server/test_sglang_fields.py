@@ -141,6 +141,10 @@ def test_sglang_launch_flags():
                       "--grammar-backend", "outlines", "--stream-interval", "2"])
     assert a.incremental_streaming_output and a.mem_fraction_static == 0.3 and a.stream_interval == 2
     assert [n.split(":")[0] for n in a._sglang_noted_flags] == ["--enable-metrics", "--cuda-graph-max-bs 8"]
+    a = p.parse_args(["--model-path", "m", "--enable-priority-scheduling", "--schedule-low-priority-values-first",
+                      "--default-priority-value", "3", "--disable-priority-preemption"])
+    assert a.enable_priority_scheduling and a.schedule_low_priority_values_first and a.default_priority_value == 3
+    assert [n.split(":")[0] for n in a._sglang_noted_flags] == ["--disable-priority-preemption"]
     for argv in (["--model-path", "m", "--no-such-flag"], ["--model-path", "m", "--quantization", "fp8"]):
         with pytest.raises(SystemExit):
             p.parse_args(argv)
