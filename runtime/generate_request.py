@@ -31,8 +31,11 @@ class GenerateReqInput(msgspec.Struct, kw_only=True, forbid_unknown_fields=True)
     return_logprob: bool | list[bool] = False
     logprob_start_len: int | list[int] | None = None
     top_logprobs_num: int | list[int] | None = None
+    # SGLang's: one list of token ids (shared by a batch) or one list per prompt (or one id)
+    token_ids_logprob: int | list[int | list[int]] | None = None
     return_text_in_logprobs: bool = False
     stream: bool = False
+    priority: int | None = None  # SGLang's: one value for the whole request (--enable-priority-scheduling)
     # KV cache namespaces: requests share cached prefixes only with requests of the same pair
     cache_salt: str | list[str] | None = None  # vLLM/OpenAI's name
     extra_key: str | list[str] | None = None  # SGLang's name
@@ -94,10 +97,12 @@ class GenerateReqInput(msgspec.Struct, kw_only=True, forbid_unknown_fields=True)
             raise ValueError("rid must be a non-empty string (or a list of them for a batch)")
         logprob = [
             LogprobOptions.from_dict({"return_logprob": rlp, "logprob_start_len": start, "top_logprobs_num": top,
+                                      "token_ids_logprob": ids,
                                       "return_text_in_logprobs": self.return_text_in_logprobs})
-            for rlp, start, top in zip(per(self.return_logprob, "return_logprob"),
-                                       per(self.logprob_start_len, "logprob_start_len"),
-                                       per(self.top_logprobs_num, "top_logprobs_num"))
+            for rlp, start, top, ids in zip(per(self.return_logprob, "return_logprob"),
+                                            per(self.logprob_start_len, "logprob_start_len"),
+                                            per(self.top_logprobs_num, "top_logprobs_num"),
+                                            self._token_ids_per_prompt(nb))
         ]
         salts = per(self.cache_salt, "cache_salt")
         extras = per(self.extra_key, "extra_key")
@@ -120,11 +125,30 @@ class GenerateReqInput(msgspec.Struct, kw_only=True, forbid_unknown_fields=True)
                         logprob=logprob[i],
                         stream=self.stream,
                         cache_namespace=namespaces[i],
+                        priority=self.priority,
                     )
                 )
         if len({r.rid for r in out}) != len(out):
             raise ValueError("rid: request ids must be unique")
         return out
+
+    def _token_ids_per_prompt(self, nb: int) -> list[list[int] | None]:
+        """SGLang's shapes: an id or a flat list is every prompt's; a list of lists gives one per prompt
+        (a batch only)."""
+        v = self.token_ids_logprob
+        if v is None or v == []:
+            return [None] * nb
+        if isinstance(v, int):
+            return [[v]] * nb
+        if all(isinstance(x, int) for x in v):
+            return [list(v)] * nb
+        if not all(isinstance(x, list) for x in v):
+            raise ValueError("token_ids_logprob: a list of token ids, or one such list per prompt, not a mix")
+        if not self.is_batch:
+            raise ValueError("token_ids_logprob: a single prompt takes a flat list of token ids")
+        if len(v) != nb:
+            raise ValueError(f"token_ids_logprob: expected {nb} lists (one per prompt), got {len(v)}")
+        return [list(x) for x in v]
 
 
 

@@ -14,8 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from radixlm.runtime.protocol import TokenLogprob
-from radixlm.runtime.sampler import apply_logit_bias, top_logprobs
+from radixlm.runtime.sampler import apply_logit_bias
 from radixlm.runtime.sampling_params import SamplingParams
 from radixlm.runtime.server_args import ServerArgs
 
@@ -162,13 +161,9 @@ class GrammarManager:
             out.counters.total_generated += 1
             if scored_now:
                 assert lp_row is not None, "a sampled token with logprobs comes with its row"
-                r.new_output_token_logprobs.append(TokenLogprob(float(lp_row[tok]), tok))
-                if r.logprob.top_logprobs_num:
-                    r.new_output_top_logprobs.append(top_logprobs(lp_row, r.logprob.top_logprobs_num))
+                out.push_logprobs(r, tok, lp_row)
             elif r.logprob.return_logprob:  # placeholders, replaced in verify_forced before anything is sent
-                r.new_output_token_logprobs.append(TokenLogprob(None, tok))
-                if r.logprob.top_logprobs_num:
-                    r.new_output_top_logprobs.append([])
+                out.push_logprobs(r, tok, None)
         if not held:
             reason = out.check_finish(r, r.output_ids[-1])
             if reason is not None:
@@ -189,17 +184,12 @@ class GrammarManager:
                 out.truncate(r, idx)
                 r.grammar.matcher.reset_to(state)
                 if r.logprob.return_logprob:
-                    r.new_output_token_logprobs.append(TokenLogprob(float(lp[k][choice]), choice))
-                    if r.logprob.top_logprobs_num:
-                        r.new_output_top_logprobs.append(top_logprobs(lp[k], r.logprob.top_logprobs_num))
+                    out.push_logprobs(r, choice, lp[k])
                 out.append_token(r, choice, lp[k] if lp is not None else None)
                 return
             r.forced.pop(0)
             if r.logprob.return_logprob:
-                off = out_pos - r.sent_len
-                r.new_output_token_logprobs[off] = TokenLogprob(float(lp[k][forced_tok]), forced_tok)
-                if r.logprob.top_logprobs_num:
-                    r.new_output_top_logprobs[off] = top_logprobs(lp[k], r.logprob.top_logprobs_num)
+                out.push_logprobs(r, forced_tok, lp[k], at=out_pos - r.sent_len)
             reason = out.check_finish(r, forced_tok, upto=out_pos + 1)
             if reason is None and not r.forced and r.grammar.matcher.is_finished():
                 reason = {"type": "stop", "matched": None}

@@ -23,7 +23,7 @@ from radixlm.runtime.kv_manager import KVManager
 from radixlm.runtime.model_runner import ForwardOutput
 from radixlm.runtime.protocol import ReqOutput, TokenLogprob
 from radixlm.runtime.req import Req
-from radixlm.runtime.sampler import top_logprobs
+from radixlm.runtime.sampler import token_ids_logprobs, top_logprobs
 from radixlm.runtime.scheduler_stats import SchedulerCounters
 
 logger = logging.getLogger("radixlm.scheduler")
@@ -148,10 +148,28 @@ class OutputProcessor:
 
     def _accept(self, r: Req, tok: int, lp_row: torch.Tensor | None) -> None:
         if lp_row is not None:
-            r.new_output_token_logprobs.append(TokenLogprob(float(lp_row[tok]), tok))
-            if r.logprob.top_logprobs_num:
-                r.new_output_top_logprobs.append(top_logprobs(lp_row, r.logprob.top_logprobs_num))
+            self.push_logprobs(r, tok, lp_row)
         self.append_token(r, tok, lp_row)
+
+    @staticmethod
+    def push_logprobs(r: Req, tok: int, row: torch.Tensor | None, at: int | None = None) -> None:
+        """Record output token ``tok``'s logprob entries from its log-softmax ``row``: its own logprob, its
+        top logprobs and its ``token_ids_logprob`` entries, appended (``at`` None) or replacing the entries
+        at offset ``at``. ``row`` None records placeholders (jump-forward tokens scored later)."""
+        opts = r.logprob
+        entries: list[tuple[list, Any]] = [(r.new_output_token_logprobs,
+                                            TokenLogprob(None if row is None else float(row[tok]), tok))]
+        if opts.top_logprobs_num:
+            entries.append((r.new_output_top_logprobs,
+                            [] if row is None else top_logprobs(row, opts.top_logprobs_num)))
+        if opts.token_ids_logprob:
+            entries.append((r.new_output_token_ids_logprobs,
+                            [] if row is None else token_ids_logprobs(row, opts.token_ids_logprob)))
+        for lst, value in entries:
+            if at is None:
+                lst.append(value)
+            else:
+                lst[at] = value
 
     def guarded(self, r: Req, stage: str, fn: Any, *args: Any) -> Any:
         """``fn(*args)``; if it raises, fail ``r`` alone and return None."""
@@ -176,10 +194,13 @@ class OutputProcessor:
 
     def _input_logprobs(self, r: Req, lp: torch.Tensor, row0: int, pos0: int, n: int) -> None:
         start, n_in = r.logprob.logprob_start_len, len(r.input_ids)
+        ids = r.logprob.token_ids_logprob
         if pos0 == 0 and start == 0:
             r.new_input_token_logprobs.append(TokenLogprob(None, r.input_ids[0]))
             if r.logprob.top_logprobs_num:
                 r.new_input_top_logprobs.append(None)
+            if ids:
+                r.new_input_token_ids_logprobs.append(None)
         for j in range(n):
             nxt = pos0 + j + 1  # the logits at position p score the token at p + 1
             if start <= nxt < n_in:
@@ -188,6 +209,8 @@ class OutputProcessor:
                 r.new_input_token_logprobs.append(TokenLogprob(float(row[tok]), tok))
                 if r.logprob.top_logprobs_num:
                     r.new_input_top_logprobs.append(top_logprobs(row, r.logprob.top_logprobs_num))
+                if ids:
+                    r.new_input_token_ids_logprobs.append(token_ids_logprobs(row, ids))
         if pos0 + n >= n_in:
             r.input_logprobs_done = True
 
@@ -254,6 +277,8 @@ class OutputProcessor:
             del r.new_output_token_logprobs[off:]
             if r.logprob.top_logprobs_num:
                 del r.new_output_top_logprobs[off:]
+            if r.logprob.token_ids_logprob:
+                del r.new_output_token_ids_logprobs[off:]
 
     def finish(self, r: Req, reason: dict) -> None:
         r.finish_reason = reason
@@ -299,6 +324,10 @@ class OutputProcessor:
                 out.input_top_logprobs, r.new_input_top_logprobs = r.new_input_top_logprobs, []
                 out.output_top_logprobs = r.new_output_top_logprobs[:k]
                 del r.new_output_top_logprobs[:k]
+            if r.logprob.token_ids_logprob:
+                out.input_token_ids_logprobs, r.new_input_token_ids_logprobs = r.new_input_token_ids_logprobs, []
+                out.output_token_ids_logprobs = r.new_output_token_ids_logprobs[:k]
+                del r.new_output_token_ids_logprobs[:k]
         if r.finished:
             self.counters.mark()
         return out

@@ -23,33 +23,41 @@ class _Msg(msgspec.Struct, tag=True, kw_only=True, omit_defaults=True):
 
 # --------------------------------------------------------------------------- logprob options
 class LogprobOptions(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
-    """SGLang's four request-level logprob options: the one definition, used by the DSL (``gen``,
+    """SGLang's request-level logprob options: the one definition, used by the DSL (``gen``,
     ``run``), ``GenerateReqInput.normalize``, the wire (``TokenizedGenerateReq``) and ``Req``.
 
     ``logprob_start_len`` -1 (SGLang's ``None``) asks for output logprobs only; from ``k`` >= 0 the
     prompt's tokens ``k..`` are scored too. ``top_logprobs_num`` > 0 adds that many alternatives per
-    position. ``return_text_in_logprobs`` adds each token's text to the entries (front end only).
+    position. ``token_ids_logprob`` adds, per position, the logprobs of exactly those token ids (in
+    the order given; ``meta_info``'s ``input_token_ids_logprobs`` / ``output_token_ids_logprobs``).
+    ``return_text_in_logprobs`` adds each token's text to the entries (front end only).
     """
 
     return_logprob: bool = False
     logprob_start_len: int = -1
     top_logprobs_num: int = 0
+    token_ids_logprob: tuple[int, ...] | None = None
     return_text_in_logprobs: bool = False
 
     FIELDS: ClassVar[tuple[str, ...]] = (
-        "return_logprob", "logprob_start_len", "top_logprobs_num", "return_text_in_logprobs")
+        "return_logprob", "logprob_start_len", "top_logprobs_num", "token_ids_logprob", "return_text_in_logprobs")
 
     def __post_init__(self) -> None:
         if self.logprob_start_len < -1:
             raise ValueError(f"logprob_start_len must be >= -1, got {self.logprob_start_len}")
         if self.top_logprobs_num < 0:
             raise ValueError(f"top_logprobs_num must be >= 0, got {self.top_logprobs_num}")
+        if self.token_ids_logprob is not None and any(t < 0 for t in self.token_ids_logprob):
+            bad = min(self.token_ids_logprob)
+            raise ValueError(f"token_ids_logprob: token id {bad} is out of the vocabulary (negative)")
 
     @classmethod
     def from_dict(cls, d: dict[str, Any] | None) -> "LogprobOptions":
         """User input (kwargs or a body's fields; ``None`` values mean unset) → validated options.
         Raises ValueError naming the field."""
         values = {k: v for k, v in (d or {}).items() if v is not None}
+        if values.get("token_ids_logprob") in ([], ()):
+            del values["token_ids_logprob"]  # SGLang: an empty list asks for nothing
         unknown = sorted(k for k in values if k not in cls.FIELDS)
         if unknown:
             raise ValueError(f"unknown logprob option(s) {unknown}")
@@ -97,6 +105,8 @@ class TokenizedGenerateReq(_Msg):
     # The KV cache namespace (from cache_salt / extra_key, see generate_request.cache_namespace): the
     # request shares radix-tree nodes and disk blocks only with requests of the same namespace.
     cache_namespace: str = ""
+    # SGLang's request priority (--enable-priority-scheduling); None: the server's default
+    priority: int | None = None
 
 
 class AbortReq(_Msg):
@@ -133,6 +143,9 @@ class ReqOutput(msgspec.Struct, kw_only=True, omit_defaults=True):
     input_top_logprobs: list[list[TokenLogprob] | None] | None = None
     output_token_logprobs: list[TokenLogprob] | None = None
     output_top_logprobs: list[list[TokenLogprob]] | None = None
+    # token_ids_logprob: per position, the requested ids' logprobs (None for the prompt's first token)
+    input_token_ids_logprobs: list[list[TokenLogprob] | None] | None = None
+    output_token_ids_logprobs: list[list[TokenLogprob]] | None = None
     # Set when the request failed in the scheduler: the message its client gets.
     error: str | None = None
 

@@ -26,6 +26,7 @@ class Req:
     sampling_params: SamplingParams
     logprob: LogprobOptions = LogprobOptions()  # with return_logprob False, the others are defaults
     cache_namespace: str = ""  # radix-tree and disk-tier namespace (cache_salt / extra_key); "" is shared
+    priority: int | None = None  # SGLang's priority field (used with --enable-priority-scheduling)
     arrival: int = 0  # scheduler step at which it arrived (FCFS order and aging)
     output_ids: list[int] = field(default_factory=list)
 
@@ -53,6 +54,8 @@ class Req:
     new_input_top_logprobs: list[list[TokenLogprob] | None] = field(default_factory=list)
     new_output_token_logprobs: list[TokenLogprob] = field(default_factory=list)
     new_output_top_logprobs: list[list[TokenLogprob]] = field(default_factory=list)
+    new_input_token_ids_logprobs: list[list[TokenLogprob] | None] = field(default_factory=list)
+    new_output_token_ids_logprobs: list[list[TokenLogprob]] = field(default_factory=list)
     sent_len: int = 0  # output tokens already reported
 
     @property

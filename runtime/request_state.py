@@ -36,6 +36,8 @@ class RequestState:
     input_top_logprobs: list = field(default_factory=list)
     output_token_logprobs: list[TokenLogprob] = field(default_factory=list)
     output_top_logprobs: list = field(default_factory=list)
+    input_token_ids_logprobs: list = field(default_factory=list)
+    output_token_ids_logprobs: list = field(default_factory=list)
 
     def __post_init__(self) -> None:
         sp = self.req.sampling_params
@@ -54,6 +56,8 @@ class RequestState:
         self.input_top_logprobs.extend(out.input_top_logprobs or ())
         self.output_token_logprobs.extend(out.output_token_logprobs or ())
         self.output_top_logprobs.extend(out.output_top_logprobs or ())
+        self.input_token_ids_logprobs.extend(out.input_token_ids_logprobs or ())
+        self.output_token_ids_logprobs.extend(out.output_token_ids_logprobs or ())
         if out.error:
             self.error = out.error
         ids = out.new_token_ids
@@ -109,7 +113,7 @@ class RequestState:
             return [(e.logprob, e.token_id, self.tokenizer.decode([e.token_id])) for e in entries]
         return [(e.logprob, e.token_id, None) for e in entries]
 
-    def _meta_info(self, input_lp, input_top, output_lp, output_top) -> dict[str, Any]:
+    def _meta_info(self, input_lp, input_top, output_lp, output_top, input_ids_lp=(), output_ids_lp=()) -> dict[str, Any]:
         """SGLang's ``meta_info`` with the given logprob entries (all so far, or one step's)."""
         meta: dict[str, Any] = {
             "id": self.rid,
@@ -125,6 +129,9 @@ class RequestState:
             if opts.top_logprobs_num:
                 meta["input_top_logprobs"] = [None if e is None else self._lp(e) for e in (input_top or ())]
                 meta["output_top_logprobs"] = [None if e is None else self._lp(e) for e in (output_top or ())]
+            if opts.token_ids_logprob:  # SGLang: per position, (logprob, id, text|None) for exactly those ids
+                meta["input_token_ids_logprobs"] = [self._lp(e) or None for e in (input_ids_lp or ())]
+                meta["output_token_ids_logprobs"] = [self._lp(e) or None for e in (output_ids_lp or ())]
         if self.error:
             meta["error"] = self.error
         return meta
@@ -132,7 +139,8 @@ class RequestState:
     def result(self, streaming: bool = False) -> dict:
         """Everything so far (``streaming``: text held back where a stop string may still match)."""
         meta = self._meta_info(self.input_token_logprobs, self.input_top_logprobs,
-                               self.output_token_logprobs, self.output_top_logprobs)
+                               self.output_token_logprobs, self.output_top_logprobs,
+                               self.input_token_ids_logprobs, self.output_token_ids_logprobs)
         return {
             "text": self.stream_text() if streaming else self.text(),
             "output_ids": list(self.output_ids),
@@ -143,7 +151,8 @@ class RequestState:
         """What a streaming client has not seen after ``update(out)``: the text past ``sent`` characters
         (``len(stream_text())`` before the update), ``out``'s ids and logprob entries."""
         meta = self._meta_info(out.input_token_logprobs, out.input_top_logprobs,
-                               out.output_token_logprobs, out.output_top_logprobs)
+                               out.output_token_logprobs, out.output_top_logprobs,
+                               out.input_token_ids_logprobs, out.output_token_ids_logprobs)
         return {"text": self.stream_text()[sent:], "output_ids": list(out.new_token_ids), "meta_info": meta}
 
 

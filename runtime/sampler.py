@@ -139,6 +139,12 @@ def apply_logit_bias(logits: torch.Tensor, sps: list) -> torch.Tensor:
     return logits
 
 
+def token_ids_logprobs(row: torch.Tensor, ids: tuple[int, ...]) -> list[TokenLogprob]:
+    """The logprobs of exactly ``ids`` (in their order) in one log-softmax row [V] (token_ids_logprob)."""
+    vals = row[list(ids)].tolist()
+    return [TokenLogprob(float(v), int(i)) for v, i in zip(vals, ids)]
+
+
 def top_logprobs(row: torch.Tensor, k: int) -> list[TokenLogprob]:
     """The k most likely tokens of one log-softmax row [V], best first."""
     vals, ids = row.topk(k)

@@ -10,6 +10,15 @@ Aging (all policies): a request that has waited ``lpm_aging_steps`` scheduler st
 front, oldest first, and nothing behind it is admitted until it is. So a cache-cold request waits at
 most ``lpm_aging_steps`` steps plus the steps needed to free memory for it.
 
+Priority (``--enable-priority-scheduling``, SGLang's request field ``priority``): among the requests
+that are not aged, higher values are admitted first (lower first with
+``--schedule-low-priority-values-first``); a request without one takes ``--default-priority-value``,
+else it comes after every request that has one. Within one priority the policy's order holds (the sort
+is stable). Aging stays above priority: an aged request goes to the front whatever its priority, so
+a low priority means "later", never "never": the starvation bound above holds for every request.
+Without the flag the field is ignored (or refused, ``--abort-on-priority-when-disabled``). Running
+requests are never preempted for a higher priority.
+
 Above ``lpm_fallback_queue_len`` waiting requests, ``lpm`` and ``dfs-weight`` fall back to ``fcfs``:
 matching every queued prompt against the tree each step costs more than it saves.
 """
@@ -18,9 +27,32 @@ from __future__ import annotations
 
 import random
 from collections import defaultdict
+from dataclasses import dataclass
+from typing import Any
 
 from radixlm.runtime.radix_cache import RadixCache, TreeNode
 from radixlm.runtime.req import Req
+
+
+@dataclass(frozen=True)
+class Priority:
+    """How the ``priority`` field orders admission (SGLang's flags); ``enabled`` False: it is ignored."""
+
+    enabled: bool = False
+    low_first: bool = False
+    default: int | None = None
+
+    @classmethod
+    def from_args(cls, args: Any) -> "Priority":
+        return cls(args.enable_priority_scheduling, args.schedule_low_priority_values_first,
+                   args.default_priority_value)
+
+    def key(self, req: Req) -> tuple[int, int]:
+        """Sort key: requests with a priority first, by value in the flag's direction."""
+        p = req.priority if req.priority is not None else self.default
+        if p is None:
+            return (1, 0)
+        return (0, p if self.low_first else -p)
 
 
 class SchedulePolicy:
@@ -31,18 +63,21 @@ class SchedulePolicy:
         aging_steps: int,
         fallback_queue_len: int,
         seed: int = 0,
+        priority: Priority = Priority(),
     ):
         self.policy = policy
         self.cache = cache
         self.aging_steps = aging_steps
         self.fallback_queue_len = fallback_queue_len
         self.rng = random.Random(seed)
+        self.priority = priority
 
     def is_aged(self, req: Req, step: int) -> bool:
         return step - req.arrival >= self.aging_steps
 
     def order(self, waiting: list[Req], step: int) -> list[Req]:
-        """Return the waiting requests in admission order (aged ones first, oldest first)."""
+        """Return the waiting requests in admission order (aged ones first, oldest first; then, with priority
+        scheduling, by priority; then by the policy)."""
         aged = sorted((r for r in waiting if self.is_aged(r, step)), key=lambda r: r.arrival)
         rest = [r for r in waiting if not self.is_aged(r, step)]
         policy = self.policy
@@ -60,6 +95,8 @@ class SchedulePolicy:
             self.rng.shuffle(rest)
         else:
             rest.sort(key=lambda r: r.arrival)
+        if self.priority.enabled:
+            rest.sort(key=self.priority.key)  # stable: the policy's order within one priority
         return aged + rest
 
     def _dfs_weight(self, reqs: list[Req]) -> list[Req]:

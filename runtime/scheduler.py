@@ -44,7 +44,7 @@ from radixlm.runtime.protocol import (
 )
 from radixlm.runtime.kv_tiers import create_cache
 from radixlm.runtime.req import Req
-from radixlm.runtime.schedule_policy import SchedulePolicy
+from radixlm.runtime.schedule_policy import Priority, SchedulePolicy
 from radixlm.runtime.scheduler_stats import SchedulerCounters
 from radixlm.runtime.server_args import ServerArgs
 from radixlm.runtime.hf_tokenizer import eos_token_ids, load_tokenizer
@@ -64,7 +64,8 @@ class Scheduler:
         self.cache = create_cache(args, self.runner.kv_pool)  # RadixCache, or HiRadixCache with KV tiers
         self.kv = KVManager(self.runner.kv_pool, self.runner.req_to_token_pool, self.cache)
         self.policy = SchedulePolicy(
-            args.schedule_policy, self.cache, args.lpm_aging_steps, args.lpm_fallback_queue_len, args.random_seed
+            args.schedule_policy, self.cache, args.lpm_aging_steps, args.lpm_fallback_queue_len, args.random_seed,
+            Priority.from_args(args),
         )
         self.eos_ids = eos_token_ids(self.tokenizer, args.model_path)
         self.context_len = self.runner.context_len
@@ -143,6 +144,7 @@ class Scheduler:
             sampling_params=sp,
             logprob=tr.logprob.for_scheduler(),
             cache_namespace=tr.cache_namespace,
+            priority=tr.priority,
             arrival=self.step_count,
         )
         # Front ends validated the pattern; the compile runs in the background, off this loop.

@@ -62,6 +62,15 @@ class ServerArgs:
     max_prefill_tokens: int = arg(16384, "prompt tokens computed per scheduler step, over all requests")
     disable_radix_cache: bool = arg(False, "turn prefix caching off (the no-cache baseline)")
     lpm_aging_steps: int = arg(32, "a waiting request goes to the front after this many scheduler steps")
+    enable_priority_scheduling: bool = arg(
+        False, "admit waiting requests by their priority field first (higher values first), then by the policy; "
+        "aged requests still go first")
+    schedule_low_priority_values_first: bool = arg(
+        False, "with --enable-priority-scheduling, lower priority values are admitted first")
+    default_priority_value: Optional[int] = arg(
+        None, "with --enable-priority-scheduling, the priority of a request that gives none (none: after all others)")
+    abort_on_priority_when_disabled: bool = arg(
+        False, "without --enable-priority-scheduling, refuse (400) a request that gives a priority instead of ignoring it")
     lpm_fallback_queue_len: int = arg(128, "above this many waiting requests lpm/dfs-weight fall back to fcfs")
     in_batch_prefix_threshold: int = arg(
         32, "defer a request for one step when a request admitted now computes this many of its uncached tokens"

@@ -66,8 +66,6 @@ INERT: dict[str, str] = {
     "background": "background requests",
     "require_reasoning": "forced reasoning",
     "max_thinking_tokens": "thinking budgets",
-    "priority": "priority scheduling",
-    "token_ids_logprob": "logprobs of chosen token ids",
 }
 
 BOOKKEEPING: frozenset[str] = frozenset({

@@ -37,6 +37,8 @@ IGNORED_FLAGS: dict[str, tuple[bool, str]] = {
     "--kv-cache-dtype": (True, "the KV cache takes the model's --dtype"),
     "--watchdog-timeout": (True, "the launcher watches its child processes instead"),
     "--page-size": (True, "the KV pool's page size is 1"),
+    "--disable-priority-preemption": (False, "priority orders admission only; running requests are never preempted"),
+    "--priority-scheduling-preemption-threshold": (True, "priority orders admission only; no preemption"),
     "--quantization": (True, "quantization is not implemented; a non-empty value is refused below"),
 }
 

@@ -56,6 +56,8 @@ class RequestLimits:
     # A text prompt longer than this (in characters) cannot fit in max_prompt_tokens tokens: refused
     # before tokenizing it (a 10 MB prompt took 21 s to tokenize only to be refused)
     max_prompt_chars: int | None = None
+    # False with --abort-on-priority-when-disabled and no --enable-priority-scheduling: a priority is refused
+    priority_allowed: bool = True
 
     @classmethod
     def from_args(cls, args: "ServerArgs", vocab_size: int | None, context_len: int | None,
@@ -72,6 +74,7 @@ class RequestLimits:
             max_prompts_per_request=args.max_prompts_per_request,
             max_sequences_per_request=args.max_prompts_per_request,
             max_prompt_tokens=max_prompt,
+            priority_allowed=args.enable_priority_scheduling or not args.abort_on_priority_when_disabled,
         )
 
 
@@ -231,6 +234,13 @@ def check_types(obj: "GenerateReqInput") -> None:
     _one_or_list(obj.return_logprob, "return_logprob", lambda x: isinstance(x, bool), "a boolean", allow_none=False)
     _one_or_list(obj.logprob_start_len, "logprob_start_len", _is_int, "an integer")
     _one_or_list(obj.top_logprobs_num, "top_logprobs_num", _is_int, "an integer")
+    tids = obj.token_ids_logprob
+    if tids is not None:
+        rows = [tids] if _is_int(tids) else [x if isinstance(x, list) else [x] for x in tids] if isinstance(tids, list) else None
+        if rows is None or not all(_is_int(t) for row in rows for t in row):
+            raise ValueError("token_ids_logprob must be a list of integer token ids (or one list per prompt)")
+        if len(rows) > MAX_LIST_ITEMS or any(len(row) > MAX_LIST_ITEMS for row in rows):
+            raise ValueError(f"token_ids_logprob: over the limit of {MAX_LIST_ITEMS} entries")
     for name in ("return_text_in_logprobs", "stream"):
         if not isinstance(getattr(obj, name), bool):
             raise ValueError(f"{name} must be a boolean, got {type(getattr(obj, name)).__name__}")
@@ -307,6 +317,16 @@ def check_request(r: "TokenizedGenerateReq", limits: RequestLimits) -> None:
     check_int(r.logprob.logprob_start_len, "logprob_start_len", -1, n_in - 1)
     top_hi = MAX_TOP_LOGPROBS if vocab is None else min(MAX_TOP_LOGPROBS, vocab)
     check_int(r.logprob.top_logprobs_num, "top_logprobs_num", 0, top_hi)
+    if r.logprob.token_ids_logprob is not None:
+        if len(r.logprob.token_ids_logprob) > MAX_LIST_ITEMS:
+            raise ValueError(f"token_ids_logprob: {len(r.logprob.token_ids_logprob)} ids, over the limit of "
+                             f"{MAX_LIST_ITEMS}")
+        check_token_ids(r.logprob.token_ids_logprob, "token_ids_logprob", vocab)
+    if r.priority is not None:
+        check_int(r.priority, "priority")
+        if not limits.priority_allowed:
+            raise ValueError("priority: priority scheduling is disabled on this server (--enable-priority-scheduling); "
+                             "send the request without a priority")
     check_sampling_params(r.sampling_params, limits)
 
 

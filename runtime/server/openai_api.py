@@ -96,13 +96,14 @@ def _sampling_params(req: CompletionRequest | ChatCompletionRequest, max_new_tok
         "no_stop_trim": req.no_stop_trim,
         "logit_bias": logit_bias_ids(req.logit_bias),
     }
-    sp.update(constrained_sampling_fields(req.response_format, req.regex, vllm_guided_fields(req.model_extra or {})))
+    sp.update(constrained_sampling_fields(req.response_format, req.regex, vllm_guided_fields(req.model_extra or {}),
+                                          req.structural_tag))
     try:
         extras = sglang_fields({f: getattr(req, f) for f in EXTRA_FIELDS})
     except ValueError as e:
         raise RequestError(str(e), param=str(e).split(":", 1)[0]) from None
     sp["no_stop_trim"] = bool(sp["no_stop_trim"] or extras.pop("no_stop_trim", False))
-    if "ebnf" in extras and (sp.get("regex") is not None or sp.get("json_schema") is not None):
+    if "ebnf" in extras and any(sp.get(k) is not None for k in ("regex", "json_schema", "structural_tag")):
         raise RequestError("ebnf: only one grammar per request (regex, response_format or a guided field "
                            "is also given)", param="ebnf")
     sp.update(extras)
@@ -187,6 +188,7 @@ def prepare_completion(req: CompletionRequest, tokenizer: Any, model_info: dict,
         stream=req.stream,
         cache_salt=req.cache_salt,
         extra_key=req.extra_key,
+        priority=req.priority,
     )
     return Prepared(obj, prompts, req.n, model, int(time.time()), f"cmpl-{uuid.uuid4().hex}", echo=echo)
 
@@ -270,7 +272,7 @@ def prepare_chat(
     if grammar is not None and cfg.reasoning_parser is not None:  # reason first, then call (calls are constrained)
         grammar = cfg.reasoning_parser.wrap_grammar(grammar, prose_first=plan.mode == "auto")
     if grammar is not None:
-        if "regex" in sp or "json_schema" in sp:
+        if any(k in sp for k in ("regex", "json_schema", "ebnf", "structural_tag")):
             raise RequestError("tool_choice: tool calls and response_format/regex cannot constrain one output "
                                "together; use tool_choice='none'", param="tool_choice")
         sp["regex"] = grammar
@@ -288,6 +290,7 @@ def prepare_chat(
         stream=req.stream,
         cache_salt=req.cache_salt,
         extra_key=req.extra_key,
+        priority=req.priority,
     )
     reasoning = cfg.reasoning_parser if req.separate_reasoning else None
     return Prepared(obj, [ids], req.n, model, int(time.time()), f"chatcmpl-{uuid.uuid4().hex}", plan, reasoning)

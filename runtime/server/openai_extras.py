@@ -21,7 +21,6 @@ REFUSED: dict[str, str] = {
     "allowed_token_ids": "allowed_token_ids is not implemented; use logit_bias or a regex",
     "truncate_prompt_tokens": "prompt truncation is not implemented",
     "guided_whitespace_pattern": "set the server's --constrained-json-whitespace-pattern instead",
-    "structural_tag": "structural tags are served on /generate (xgrammar), not yet on the OpenAI routes",
     "stream_interval": "chunking applies to /generate streams; OpenAI streams send every token",
     "custom_logit_processor": "custom logit processors are not supported",
     "lora_path": "LoRA adapters are not supported",

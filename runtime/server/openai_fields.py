@@ -63,14 +63,34 @@ def vllm_guided_fields(extra: dict[str, Any]) -> dict[str, str]:
     return fields
 
 
+def _structural_tag(response_format: ResponseFormat) -> str:
+    """SGLang's ``response_format: {"type": "structural_tag", ...}`` as the ``structural_tag`` sampling field
+    (the same JSON /generate takes: its legacy structures/triggers form or xgrammar's ``format`` form)."""
+    tag = {"type": "structural_tag", **(response_format.model_extra or {})}
+    if "structures" not in tag and "format" not in tag:
+        raise RequestError("response_format: a structural_tag needs structures and triggers (or format)",
+                           param="response_format")
+    if "structures" in tag:
+        if tag.pop("at_least_one", False):
+            raise NotSupportedError("response_format.at_least_one: not supported (a structural tag's triggers "
+                                    "are optional here)", param="response_format")
+        if "triggers" not in tag:
+            raise RequestError("response_format: a structural_tag needs triggers", param="response_format")
+    return json.dumps(tag)
+
+
 def constrained_sampling_fields(response_format: ResponseFormat | None, regex: str | None,
-                                guided: dict[str, str] | None = None) -> dict[str, str]:
-    """THE place where OpenAI's ``response_format``, the extra ``regex`` field and vLLM's guided fields
-    become SamplingParams fields (``regex`` / ``json_schema``); the patterns themselves are validated by the
-    shared front end. At most one of the three may constrain a request."""
+                                guided: dict[str, str] | None = None,
+                                structural_tag: str | dict | None = None) -> dict[str, str]:
+    """THE place where OpenAI's ``response_format``, the extra ``regex`` / ``structural_tag`` fields and
+    vLLM's guided fields become SamplingParams fields (``regex`` / ``json_schema`` / ``structural_tag``); the
+    patterns themselves are validated by the shared front end. At most one of them may constrain a request."""
     sources: list[dict[str, str]] = [guided] if guided else []
     if regex is not None:
         sources.append({"regex": regex})
+    if structural_tag is not None:
+        sources.append({"structural_tag": structural_tag if isinstance(structural_tag, str)
+                        else json.dumps(structural_tag)})
     if response_format is not None and response_format.type != "text":
         if response_format.type == "json_object":
             sources.append({"json_schema": JSON_OBJECT_SCHEMA})
@@ -84,8 +104,11 @@ def constrained_sampling_fields(response_format: ResponseFormat | None, regex: s
             if not response_format.regex:
                 raise RequestError("response_format.regex is required", param="response_format")
             sources.append({"regex": response_format.regex})
+        elif response_format.type == "structural_tag":
+            sources.append({"structural_tag": _structural_tag(response_format)})
     if len(sources) > 1:
-        raise RequestError("regex, vLLM's guided fields and response_format are mutually exclusive", param="regex")
+        raise RequestError("regex, structural_tag, vLLM's guided fields and response_format are mutually exclusive",
+                           param="regex")
     return sources[0] if sources else {}
 
 

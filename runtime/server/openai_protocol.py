@@ -29,9 +29,11 @@ class StreamOptions(_Body):
 
 
 class ResponseFormat(_Body):
-    type: Literal["text", "json_object", "json_schema", "regex"]
+    type: Literal["text", "json_object", "json_schema", "regex", "structural_tag"]
     json_schema: Optional[dict[str, Any]] = None  # {"name", "schema", "strict"} as OpenAI sends it
     regex: Optional[str] = None
+    # SGLang's structural_tag: {"structures": [{"begin", "schema", "end"}], "triggers": [...]} (legacy form)
+    # or xgrammar's {"format": {...}}; the other keys travel in model_extra (openai_fields maps them)
 
 
 class _SamplingExtras(_Body):
@@ -70,9 +72,11 @@ class _SamplingExtras(_Body):
     # KV cache namespace (vLLM's cache_salt, SGLang's extra_key): prefixes are shared only within it
     cache_salt: Optional[StrictStr] = None
     extra_key: Optional[StrictStr] = None
+    priority: Optional[int] = None  # SGLang's (--enable-priority-scheduling)
     # SGLang / vLLM extras that change the output (runtime/server/openai_extras.py maps them)
     stop_regex: Optional[Union[str, list[str]]] = None
     ebnf: Optional[str] = None
+    structural_tag: Optional[Union[str, dict[str, Any]]] = None  # SGLang's sampling field, as on /generate
     sampling_seed: Optional[int] = None
     # (vLLM's guided_* / structured_outputs stay extras: openai_fields.vllm_guided_fields reads them)
     include_stop_str_in_output: bool = False

@@ -136,6 +136,42 @@ def test_logprob_start_len_and_text(llama_engine):
     assert len(out["meta_info"]["output_token_logprobs"]) == out["meta_info"]["completion_tokens"]
 
 
+def test_token_ids_logprob_matches_the_full_distribution(llama_engine, make_model):
+    """token_ids_logprob: per position, exactly the asked ids' logprobs, equal to the same ids' entries of
+    the full distribution (transformers' log-softmax over prompt + output), for the prompt from
+    logprob_start_len and for every output token; the top-logprob path agrees where both report an id;
+    absent without return_logprob; streamed entries add up to the final ones."""
+    ids = [5, 17, 3, 17]  # order and duplicates are kept, as SGLang gathers them
+    kw = dict(return_logprob=True, logprob_start_len=0, return_text_in_logprobs=True)
+    sp = {"temperature": 0, "max_new_tokens": 5, "ignore_eos": True}
+    res = llama_engine.generate("The quick brown fox", sp, token_ids_logprob=ids, top_logprobs_num=64, **kw)
+    meta = res["meta_info"]
+    assert len(meta["input_token_ids_logprobs"]) == meta["prompt_tokens"]
+    assert meta["input_token_ids_logprobs"][0] is None  # the first prompt token has no logprob
+    assert len(meta["output_token_ids_logprobs"]) == meta["completion_tokens"] == 5
+    model, _ = _hf(make_model("llama"))
+    seq = [e[1] for e in meta["input_token_logprobs"]] + res["output_ids"]
+    with torch.no_grad():
+        lp = torch.log_softmax(model(torch.tensor([seq])).logits[0].float(), dim=-1)  # row p scores token p + 1
+    rows = meta["input_token_ids_logprobs"][1:] + meta["output_token_ids_logprobs"]
+    tops = meta["input_top_logprobs"][1:] + meta["output_top_logprobs"]
+    assert len(rows) == len(seq) - 1
+    for p, (got, top) in enumerate(zip(rows, tops)):
+        assert [e[1] for e in got] == ids
+        assert all(abs(e[0] - float(lp[p, e[1]])) < 1e-4 for e in got), (p, got)
+        assert all(e[2] == llama_engine.tokenizer.decode([e[1]]) for e in got)
+        table = {e[1]: e[0] for e in top}
+        assert all(abs(e[0] - table[e[1]]) < 1e-4 for e in got if e[1] in table)
+    # a batch may give one list per prompt; a flat list is every prompt's
+    batch = llama_engine.generate(["a b", "c d"], sp, token_ids_logprob=[[1], [2, 3]], return_logprob=True)
+    assert [[e[1] for e in row] for row in batch[1]["meta_info"]["output_token_ids_logprobs"]] == [[2, 3]] * 5
+    assert [e[1] for e in batch[0]["meta_info"]["output_token_ids_logprobs"][0]] == [1]
+    off = llama_engine.generate("a b", sp, token_ids_logprob=ids)
+    assert "output_token_ids_logprobs" not in off["meta_info"]
+    chunks = list(llama_engine.generate("The quick brown fox", sp, token_ids_logprob=ids, stream=True, **kw))
+    assert chunks[-1]["meta_info"]["output_token_ids_logprobs"] == meta["output_token_ids_logprobs"]
+
+
 def test_seed_same_alone_and_in_batch(llama_engine):
     sp = {"temperature": 1.0, "top_p": 0.9, "max_new_tokens": 16, "seed": 1234, "ignore_eos": True}
     alone = llama_engine.generate("Once upon a time", sp)
@@ -259,6 +295,10 @@ def test_concurrent_threads(llama_engine):
         ({"prompt": None, "input_ids": [10**9]}, "input_ids"),
         ({"prompt": "hello", "return_logprob": True, "logprob_start_len": 99}, "logprob_start_len"),
         ({"prompt": "word " * 3000}, "input_ids"),
+        ({"return_logprob": True, "token_ids_logprob": [1, 10**9]}, "token_ids_logprob"),
+        ({"return_logprob": True, "token_ids_logprob": [-1]}, "token_ids_logprob"),
+        ({"return_logprob": True, "token_ids_logprob": [[1], [2]]}, "token_ids_logprob"),
+        ({"return_logprob": True, "token_ids_logprob": ["a"]}, "token_ids_logprob"),
     ],
 )
 def test_bad_input_is_rejected_and_engine_carries_on(llama_engine, kwargs, field):

@@ -152,3 +152,66 @@ def test_request_that_can_never_fit_is_rejected(model_path):
         # Clipped to the pool: finishes with "length" instead of hanging.
         assert out["meta_info"]["finish_reason"]["type"] == "length"
         eng.check_memory()
+
+
+# ----------------------------------------------------------------------------- priority scheduling
+def _prio_reqs(priorities):
+    from radixlm.runtime.req import Req
+
+    return [Req(rid=f"r{i}", input_ids=[1, 2, 3], sampling_params=SamplingParams(), priority=p, arrival=i)
+            for i, p in enumerate(priorities)]
+
+
+def test_priority_orders_admission_and_aging_stays_above_it():
+    from radixlm.runtime.schedule_policy import Priority, SchedulePolicy
+
+    reqs = _prio_reqs([None, 1, 5, 1, None])
+
+    def order(priority, step=0, policy="fcfs"):
+        pol = SchedulePolicy(policy, None, aging_steps=100, fallback_queue_len=128, priority=priority)
+        return [r.rid for r in pol.order(list(reqs), step)]
+
+    assert order(Priority()) == ["r0", "r1", "r2", "r3", "r4"]  # flag off: the field is ignored
+    # SGLang's default: higher values first; ties keep the policy's order; no priority: after all others
+    assert order(Priority(enabled=True)) == ["r2", "r1", "r3", "r0", "r4"]
+    assert order(Priority(enabled=True, low_first=True)) == ["r1", "r3", "r2", "r0", "r4"]
+    assert order(Priority(enabled=True, default=3)) == ["r2", "r0", "r4", "r1", "r3"]
+    # within one priority, lof's order (longest max_new_tokens first) holds
+    reqs[1].sampling_params = SamplingParams(max_new_tokens=500)
+    reqs[3].sampling_params = SamplingParams(max_new_tokens=900)
+    assert order(Priority(enabled=True), policy="lof") == ["r2", "r3", "r1", "r0", "r4"]
+    # aging stays above priority: at step 100 r0 and r1 (arrived at 0 and 1) have waited 100 and 99 steps
+    assert order(Priority(enabled=True), step=100) == ["r0", "r2", "r1", "r3", "r4"]
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_priority_admission_order_in_the_scheduler(model_path, enabled):
+    """One request runs at a time (max_running_requests=1): with the flag requests finish in priority order
+    (under the default lpm policy), without it in arrival order."""
+    args = ServerArgs(model_path=model_path, dtype="float32", device="cpu", max_total_tokens=2048,
+                      max_running_requests=1, enable_priority_scheduling=enabled)
+    sched = Scheduler(args)
+    sp = SamplingParams(temperature=0, max_new_tokens=2, ignore_eos=True)
+    for rid, prio, text in (("low", 0, "one two three"), ("high", 10, "four five six"), ("mid", 5, "seven eight"),
+                            ("none", None, "nine ten")):
+        sched.add_request(TokenizedGenerateReq(rid=rid, input_ids=sched.tokenizer(text).input_ids,
+                                               sampling_params=sp, priority=prio))
+    finished = []
+    while sched.has_work():
+        finished += [o.rid for o in sched.step() if o.finished]
+    assert finished == (["high", "mid", "low", "none"] if enabled else ["low", "high", "mid", "none"])
+    sched.check_memory()
+
+
+def test_priority_refused_when_disabled_with_the_abort_flag(model_path):
+    with Engine(model_path=model_path, dtype="float32", device="cpu", max_total_tokens=2048,
+                abort_on_priority_when_disabled=True) as eng:
+        with pytest.raises(ValueError, match="^priority: "):
+            eng.generate("hello", {"max_new_tokens": 2}, priority=3)
+        assert eng.generate("hello", {"max_new_tokens": 2, "temperature": 0})["meta_info"]["completion_tokens"] == 2
+        eng.check_memory()
+    with Engine(model_path=model_path, dtype="float32", device="cpu", max_total_tokens=2048) as eng:
+        # SGLang's default: without --enable-priority-scheduling a priority is accepted and has no effect
+        assert eng.generate("hello", {"max_new_tokens": 2}, priority=3)["meta_info"]["completion_tokens"] == 2
+        with pytest.raises(ValueError, match="priority"):
+            eng.generate("hello", {"max_new_tokens": 2}, priority="high")

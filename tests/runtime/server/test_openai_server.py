@@ -91,3 +91,63 @@ def test_continuous_usage_stats(oai):
     completion = [u.completion_tokens for u in usages]
     assert completion == sorted(completion) and completion[-1] == 6 and not chunks[-1].choices
     assert len({u.prompt_tokens for u in usages}) == 1
+
+
+def _check_tagged(text: str, begin: str, end: str, allowed: set) -> int:
+    """Text outside the tags is free; inside each tag the JSON is one of ``allowed`` (the last tag may be cut
+    by max_tokens: then a prefix of one). Returns the number of complete tags."""
+    import json
+    import re
+
+    complete = 0
+    rest = text
+    while begin in rest:
+        _, _, after = rest.partition(begin)
+        body, found, rest = after.partition(end)
+        if not found:
+            assert any(json.dumps(a, separators=(",", ":")).startswith(re.sub(r"\s", "", body)) for a in allowed), body
+            return complete
+        assert json.loads(body) in [dict(a) for a in allowed], body
+        complete += 1
+    return complete
+
+
+def test_structural_tag_response_format(rt, oai, tiny_llama):
+    """SGLang's response_format structural_tag, both forms, through the openai client: the trigger opens
+    the structure, whose JSON matches the schema; with xgrammar's format form the tag is required."""
+    from transformers import AutoTokenizer
+
+    schema = {"type": "object", "properties": {"a": {"enum": [1, 2]}}, "required": ["a"],
+              "additionalProperties": False}
+    allowed = [{"a": 1}, {"a": 2}]
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    lt = tok.convert_tokens_to_ids("<")
+    # no whitespace tokens, so the random model cannot pad JSON with whitespace until max_tokens runs out
+    bias = {str(i): -100 for i in range(len(tok)) if tok.decode([i]) and not tok.decode([i]).strip()}
+    legacy = {"type": "structural_tag", "structures": [{"begin": "<f>", "schema": schema, "end": "</f>"}],
+              "triggers": ["<"]}
+    # a strong bias on "<" makes the model fire the trigger; the grammar then forces the rest
+    c = oai.completions.create(model="default", prompt="call:", max_tokens=40, temperature=0,
+                               extra_body={"response_format": legacy}, logit_bias={**bias, str(lt): 50})
+    text = c.choices[0].text
+    assert text.startswith("<f>") and _check_tagged(text, "<f>", "</f>", allowed) >= 1, text
+    assert "<" not in text.replace("<f>", "").replace("</f>", ""), text  # every "<" opened a structure
+    fmt = {"type": "structural_tag", "format": {"type": "sequence", "elements": [
+        {"type": "const_string", "value": "Result: "},
+        {"type": "tag", "begin": "<r>", "content": {"type": "json_schema", "json_schema": schema}, "end": "</r>"}]}}
+    msg = oai.chat.completions.create(model="default", messages=[{"role": "user", "content": "go"}],
+                                      max_tokens=40, temperature=0, response_format=fmt, logit_bias=bias)
+    content = msg.choices[0].message.content
+    assert content.startswith("Result: <r>") and _check_tagged(content, "<r>", "</r>", allowed) == 1, content
+    s = oai.completions.create(model="default", prompt="x", max_tokens=40, temperature=0.9, seed=1,
+                               extra_body={"structural_tag": fmt})  # SGLang's sampling-field name, as on /generate
+    assert s.choices[0].text.startswith("Result: <r>")
+    for bad, param in (({"type": "structural_tag"}, "response_format"),
+                       ({**legacy, "at_least_one": True}, "response_format")):
+        with pytest.raises(openai.BadRequestError) as e:
+            oai.completions.create(model="default", prompt="x", max_tokens=2, extra_body={"response_format": bad})
+        assert e.value.response.json()["error"]["param"] == param
+    with pytest.raises(openai.BadRequestError) as e:
+        oai.completions.create(model="default", prompt="x", max_tokens=2,
+                               extra_body={"response_format": legacy, "regex": "a+"})
+    assert oai.completions.create(model="default", prompt="x", max_tokens=1).choices  # nothing disturbed

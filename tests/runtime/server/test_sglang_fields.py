@@ -96,7 +96,7 @@ def test_null_sglang_fields_are_dropped_and_real_values_refused():
             "return_routed_experts": False, "lora_id": [None, None], "log_metrics": True, "rid": "r"}
     assert split_sglang_extras(body) == {"text": "hi", "rid": "r"}
     for field, value in (("lora_path", "adapter"), ("return_hidden_states", True), ("session_id", "s1"),
-                         ("priority", 5), ("image_data", "x.png"), ("token_ids_logprob", [1, 2])):
+                         ("image_data", "x.png")):
         with pytest.raises(ValueError, match=f"^{field}: "):
             split_sglang_extras({"text": "hi", field: value})
     assert "bogus" in split_sglang_extras({"bogus": 1})  # not SGLang's: left for the request model to refuse
@@ -113,6 +113,10 @@ def test_parse_generate_body_applies_the_rules():
     assert e.value.param == "lora_path" and e.value.status == 400
     with pytest.raises(RequestError, match="bogus"):
         parse_generate_body({"text": "hi", "bogus": None})
+    assert parse_generate_body({"text": "hi", "token_ids_logprob": [1, 2]}).token_ids_logprob == [1, 2]
+    with pytest.raises(RequestError) as e:
+        parse_generate_body({"text": "hi", "token_ids_logprob": [1, "a"]})
+    assert e.value.param == "token_ids_logprob" and e.value.status == 400
 
 
 # ----------------------------------------------------------------------------- OpenAI extras
@@ -137,6 +141,10 @@ def test_sglang_launch_flags():
                       "--grammar-backend", "outlines", "--stream-interval", "2"])
     assert a.incremental_streaming_output and a.mem_fraction_static == 0.3 and a.stream_interval == 2
     assert [n.split(":")[0] for n in a._sglang_noted_flags] == ["--enable-metrics", "--cuda-graph-max-bs 8"]
+    a = p.parse_args(["--model-path", "m", "--enable-priority-scheduling", "--schedule-low-priority-values-first",
+                      "--default-priority-value", "3", "--disable-priority-preemption"])
+    assert a.enable_priority_scheduling and a.schedule_low_priority_values_first and a.default_priority_value == 3
+    assert [n.split(":")[0] for n in a._sglang_noted_flags] == ["--disable-priority-preemption"]
     for argv in (["--model-path", "m", "--no-such-flag"], ["--model-path", "m", "--quantization", "fp8"]):
         with pytest.raises(SystemExit):
             p.parse_args(argv)
