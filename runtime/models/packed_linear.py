@@ -5,7 +5,7 @@ kernel's blocked layout on every call. At decode batch sizes the weights' traffi
 bounds a step, and that repacking is most of it. oneDNN can take the weight reordered once, at load, into
 its own blocked layout (``torch.ops.mkldnn._reorder_linear_weight``) and then reads it as it is
 (``torch.ops.mkldnn._linear_pointwise``). Measured on the llama ``small`` shapes, 2 threads, the four
-layer linears plus the vocabulary projection per call (python /tmp-style microbenchmark, quiet machine):
+layer linears plus the vocabulary projection, per call, weights hot in cache, quiet machine):
 
     rows (tokens)        1      4      16     64     200    2048
     float32  packed    0.91   0.94   1.83   5.13   14.1   150    ms
