@@ -15,7 +15,6 @@ import logging
 from radixlm.runtime.kv_manager import KVManager
 from radixlm.runtime.radix_cache import RadixCache
 from radixlm.runtime.req import Req
-from radixlm.runtime.prefix_match import shares_prefix
 from radixlm.runtime.schedule_policy import SchedulePolicy
 from radixlm.runtime.scheduler_stats import SchedulerCounters
 from radixlm.runtime.server_args import ServerArgs
@@ -141,7 +140,7 @@ class BatchBuilder:
             return False
         head = req.tokens(0, n)
         return any(
-            shares_prefix(head, a.input_ids, n) if n <= len(a.input_ids) else shares_prefix(head, a.all_ids, n)
+            a.tokens(0, n) == head  # one C-level list compare per pair (shorter lists never compare equal)
             for a in admitted
             if a.cache_namespace == req.cache_namespace  # other namespaces never share its prefix
         )

@@ -24,7 +24,3 @@ def common_prefix_len(a: Sequence, b: Sequence, start: int = 0) -> int:
         i += 1
     return i
 
-
-def shares_prefix(a: Sequence, b: Sequence, n: int) -> bool:
-    """True if ``a`` and ``b`` both have at least ``n`` elements and agree on the first ``n``."""
-    return len(a) >= n and len(b) >= n and a[:n] == b[:n]

@@ -62,11 +62,12 @@ class _Group:
     batch: int
     qmax: int
     valid: torch.Tensor | None = None  # [Bg, Lmax] bool, key j < seq_len (decode groups, compiled path)
-    _bias: dict = field(default_factory=dict)  # (G, dtype) → the cascade suffix mask as an additive bias
+    _bias: dict = field(default_factory=dict)  # (G, dtype) → folded_bias, built at the step's first layer
 
     def folded_bias(self, G: int, dtype: torch.dtype) -> torch.Tensor:
         """``mask`` [Bg, 1, Qmax, L] with each query row repeated for the G query heads of a KV head (the
-        layout of ``_fold_gqa``), as 0 / -inf in ``dtype``: [Bg, 1, Qmax * G, L]. Built once per step."""
+        row layout of the GQA-folded queries in the cascade and in decodes), as 0 / -inf in ``dtype``:
+        [Bg, 1, Qmax * G, L]. Built once per step."""
         key = (G, dtype)
         if key not in self._bias:
             m = self.mask.repeat_interleave(G, dim=2)

@@ -1,11 +1,11 @@
 """Linear layers with their weights prepacked for oneDNN: the CPU's fast path at serving batch sizes.
 
 torch's ``F.linear`` on the CPU calls MKL's sgemm on the row-major weight and repacks it into the
-kernel's blocked layout on every call. At decode batch sizes the weights' traffic, not the arithmetic,
-bounds a step, and that repacking is most of it. oneDNN can take the weight reordered once, at load, into
-its own blocked layout (``torch.ops.mkldnn._reorder_linear_weight``) and then reads it as it is
+kernel's blocked layout on every call, which at small batch sizes costs as much as the product itself.
+oneDNN can take the weight reordered once, at load, into its own blocked layout
+(``torch.ops.mkldnn._reorder_linear_weight``) and then read it as it is
 (``torch.ops.mkldnn._linear_pointwise``). Measured on the llama ``small`` shapes, 2 threads, the four
-layer linears plus the vocabulary projection, per call, weights hot in cache, quiet machine):
+layer linears plus the vocabulary projection per call, weights hot in cache, quiet machine:
 
     rows (tokens)        1      4      16     64     200    2048
     float32  packed    0.91   0.94   1.83   5.13   14.1   150    ms
@@ -14,7 +14,9 @@ layer linears plus the vocabulary projection, per call, weights hot in cache, qu
     bfloat16 F.linear  1.22   0.95   1.11   2.21   6.8    34.6
 
 So every batch of 2 to a few hundred rows is 1.2-2.2x faster; a single decoding request in float32 pays
-about 0.25 ms per layer set more, and a 2k-token prefill is within a few percent either way. Only the
+about 0.25 ms per layer set more, and a 2k-token prefill is within a few percent either way. In the
+model, where the weights come from DRAM rather than cache, the gain is smaller: a 16-request decode
+step's linears went from 17.3 to 13.9 ms (docs/benchmarks.md, the levers table). Only the
 packed copy is kept (the row-major weight is dropped), so weight memory does not grow. The results agree
 with ``F.linear`` to rounding (a different summation order); tests compare tokens and logprobs with
 transformers on the default path, which is this one on the CPU.
@@ -22,12 +24,8 @@ transformers on the default path, which is this one on the CPU.
 
 from __future__ import annotations
 
-import logging
-
 import torch
 from torch import nn
-
-logger = logging.getLogger(__name__)
 
 # The row count oneDNN is told to expect when it chooses the blocked layout (any row count works).
 _PACK_ROWS_HINT = 1024
