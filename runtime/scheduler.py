@@ -63,6 +63,7 @@ class Scheduler:
         self.runner = ModelRunner(args)
         self.cache = create_cache(args, self.runner.kv_pool)  # RadixCache, or HiRadixCache with KV tiers
         self.kv = KVManager(self.runner.kv_pool, self.runner.req_to_token_pool, self.cache)
+        self._warned_priority = False  # the one warning about priorities sent while the flag is off
         self.policy = SchedulePolicy(
             args.schedule_policy, self.cache, args.lpm_aging_steps, args.lpm_fallback_queue_len, args.random_seed,
             Priority.from_args(args),
@@ -138,6 +139,11 @@ class Scheduler:
         # A request may never outgrow the pool or the context: clip its budget (finish_reason "length").
         if n_in + sp.max_new_tokens > limit:
             sp = sp.replace(max_new_tokens=limit - n_in)
+        if tr.priority is not None and not self.policy.priority.enabled and not self._warned_priority:
+            # SGLang accepts and ignores it without the flag; say so once rather than silently.
+            logger.warning("request %s sent priority=%d but priority scheduling is off "
+                           "(--enable-priority-scheduling); priorities are ignored", tr.rid, tr.priority)
+            self._warned_priority = True
         req = Req(
             rid=tr.rid,
             input_ids=list(tr.input_ids),

@@ -185,7 +185,7 @@ def test_priority_orders_admission_and_aging_stays_above_it():
 
 
 @pytest.mark.parametrize("enabled", [True, False])
-def test_priority_admission_order_in_the_scheduler(model_path, enabled):
+def test_priority_admission_order_in_the_scheduler(model_path, enabled, caplog):
     """One request runs at a time (max_running_requests=1): with the flag requests finish in priority order
     (under the default lpm policy), without it in arrival order."""
     args = ServerArgs(model_path=model_path, dtype="float32", device="cpu", max_total_tokens=2048,
@@ -200,6 +200,9 @@ def test_priority_admission_order_in_the_scheduler(model_path, enabled):
     while sched.has_work():
         finished += [o.rid for o in sched.step() if o.finished]
     assert finished == (["high", "mid", "low", "none"] if enabled else ["low", "high", "mid", "none"])
+    # Ignored without the flag, but not silently: one warning, at the first request that sent a priority.
+    warnings = [r for r in caplog.records if "priority scheduling is off" in r.getMessage()]
+    assert len(warnings) == (0 if enabled else 1)
     sched.check_memory()
 
 
