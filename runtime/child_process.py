@@ -13,6 +13,7 @@ copy their parent's ``sys.path``, so they inherit the clean path.
 
 from __future__ import annotations
 
+import importlib
 import os
 import sys
 from pathlib import Path
@@ -33,6 +34,29 @@ def _is_repository_root(entry: str) -> bool:
 def isolate_sys_path() -> None:
     """Drop the repository root (and ``''`` when the working directory is the root) from ``sys.path``."""
     sys.path[:] = [p for p in sys.path if not _is_repository_root(p)]
+
+
+def bind_hub_kernels() -> None:
+    """Bind the bare name ``kernels`` to Hugging Face's package (when it is installed) before anything asks.
+
+    For processes that keep the repository root on ``sys.path`` by design: pytest puts it back for every
+    test module it imports, and a notebook started in the root has it. transformers (5.25 and later
+    depend on ``kernels``) does ``from kernels import ...`` while loading a model; once the real package
+    sits in ``sys.modules`` under that name, our folder can no longer answer.
+    """
+    current = sys.modules.get("kernels")
+    origin = getattr(current, "__file__", None)
+    if origin is not None and not _is_repository_root(str(Path(origin).parent.parent)):
+        return  # already the real package
+    sys.modules.pop("kernels", None)
+    saved = sys.path[:]
+    isolate_sys_path()
+    try:
+        importlib.import_module("kernels")
+    except ImportError:  # not installed: transformers does not probe for it either
+        pass
+    finally:
+        sys.path[:] = saved
 
 
 def python_command(module: str, *args: str) -> list[str]:

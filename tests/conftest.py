@@ -19,6 +19,10 @@ except ImportError:  # pragma: no cover
 
 import pytest
 
+from radixlm.runtime.child_process import bind_hub_kernels
+
+bind_hub_kernels()  # pytest keeps the repository root on sys.path: our kernels/ must not answer transformers
+
 ARCHS = ("llama", "qwen2", "mistral")
 
 
