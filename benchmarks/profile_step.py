@@ -47,7 +47,8 @@ def main() -> None:
     ap.add_argument("--num-prompts", type=int, default=64)
     ap.add_argument("--rows", type=int, default=12)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
-    ap.add_argument("--enable-torch-compile", action="store_true", help="decode attention through torch.compile")
+    ap.add_argument("--enable-torch-compile", action="store_true", help="fused elementwise ops through torch.compile")
+    ap.add_argument("--disable-cpu-paged-decode", action="store_true", help="decodes through the bucketed gather path")
     ap.add_argument("--no-profiler", action="store_true", help="wall times only (the profiler adds overhead)")
     args = ap.parse_args()
     if args.threads:
@@ -57,7 +58,8 @@ def main() -> None:
 
     prompts = random_prompts(AutoTokenizer.from_pretrained(path), args.num_prompts, 64, 512)
     sched = Scheduler(ServerArgs.from_kwargs(model_path=path, dtype=args.dtype, device="cpu",
-                                             enable_torch_compile=args.enable_torch_compile))
+                                             enable_torch_compile=args.enable_torch_compile,
+                                             disable_cpu_paged_decode=args.disable_cpu_paged_decode))
     sp = SamplingParams(temperature=0.0, max_new_tokens=64, ignore_eos=True)
     # Warm up allocator and kernels on a throw-away request.
     sched.add_request(TokenizedGenerateReq(rid="warm", input_ids=prompts[0][:32], sampling_params=sp.replace(max_new_tokens=2)))

@@ -92,10 +92,9 @@ class ModelRunner:
             self.max_total_tokens, self.num_layers, self.num_kv_heads, self.head_dim, self.dtype, self.device
         )
         self.attn_backend = create_attention_backend(
-            args.resolved_attention_backend, self.kv_pool, self.req_to_token_pool, args.enable_torch_compile
+            args.resolved_attention_backend, self.kv_pool, self.req_to_token_pool, not args.disable_cpu_paged_decode
         )
-        if args.enable_torch_compile:  # fused elementwise ops and decode attention, compiled now
-            from radixlm.runtime.attention.compiled_decode import warm_up
+        if args.enable_torch_compile:  # fused elementwise ops, compiled now
             from radixlm.runtime.models import decoder_ops
 
             t0 = time.perf_counter()
@@ -104,8 +103,7 @@ class ModelRunner:
             decoder_ops.install(self.model, ops)
             with torch.inference_mode():  # as forward runs: dynamo guards on the grad mode
                 decoder_ops.warm_up(ops, self.model, cfg, q_heads, self.num_kv_heads, self.dtype, self.device)
-                warm_up(q_heads, self.num_kv_heads, self.head_dim, self.dtype, self.device)
-            logger.info("torch.compile: elementwise ops and decode attention ready in %.1f s", time.perf_counter() - t0)
+            logger.info("torch.compile: elementwise ops ready in %.1f s", time.perf_counter() - t0)
         self.sampler = DeviceSampler(self.vocab_size, self.device, args.random_seed)
         self.forward_time = 0.0  # seconds spent in forward passes (for overhead accounting)
         if self.tp:  # every rank reaches this point: the port broadcast is a collective

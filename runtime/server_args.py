@@ -100,8 +100,14 @@ class ServerArgs:
         "auto", "attention implementation; auto: triton on CUDA, torch on the CPU", ("auto", "torch", "triton")
     )
     enable_torch_compile: bool = arg(
-        False, "torch.compile the decoder's elementwise ops and the torch backend's decode attention (reads "
-        "the KV pool in place); the first start compiles for about a minute, later ones hit inductor's cache"
+        False, "torch.compile the decoder's elementwise ops (RMSNorm, RoPE, SiLU-and-multiply, each fused into "
+        "one loop) for calls of 256 rows or more (prefill; decode batches stay eager, faster there); the "
+        "first start compiles for about a minute, later ones hit inductor's cache"
+    )
+    disable_cpu_paged_decode: bool = arg(
+        False, "on the CPU, decode attention gathers each request's context and runs torch's flash kernel "
+        "instead of the native paged decode kernel that reads the KV pool in place (built on first use with "
+        "the C++ compiler; see runtime/attention/cpu_paged_decode.py)"
     )
     disable_cpu_packed_linear: bool = arg(
         False, "on the CPU, keep the linear layers on F.linear (MKL) instead of oneDNN with weights prepacked "

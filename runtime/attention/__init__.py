@@ -7,14 +7,12 @@ from radixlm.runtime.memory_pool import KVPool, ReqToTokenPool
 
 
 def create_attention_backend(name: str, kv_pool: KVPool, req_to_token_pool: ReqToTokenPool,
-                             compile_decode: bool = False) -> AttentionBackend:
-    """``compile_decode``: the torch backend's decode attention through torch.compile (torch only)."""
-    if compile_decode and name != "torch":
-        raise ValueError(f"enable_torch_compile applies to the torch attention backend, not {name!r}")
+                             paged_decode: bool = True) -> AttentionBackend:
+    """``paged_decode``: the torch backend's CPU decodes through the native paged kernel (torch only)."""
     if name == "torch":
         from radixlm.runtime.attention.torch_backend import TorchAttnBackend, TorchAttnConfig
 
-        return TorchAttnBackend(kv_pool, req_to_token_pool, TorchAttnConfig(compile_decode=compile_decode))
+        return TorchAttnBackend(kv_pool, req_to_token_pool, TorchAttnConfig(paged_decode=paged_decode))
     if name == "triton":
         from radixlm.runtime.attention.triton_backend import TritonAttnBackend
 

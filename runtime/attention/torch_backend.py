@@ -2,9 +2,12 @@
 
 Batched over requests with padding, in groups chosen so that the padding stays small and the cheapest
 SDPA path applies:
-  * decodes (one new token): bucketed by context length, so a batch with contexts of 64 to 576 tokens
-    does not pad every request to 576 (a bucket's shortest context is at least ``bucket_ratio`` of its
-    longest);
+  * decodes (one new token): on the CPU, one group for all of them, read in place by the native paged
+    decode kernel (cpu_paged_decode.py: no gather, no padding, ragged lengths; behind a shared prefix
+    that many requests would each read, the kernel reads each request's suffix and the cascade below
+    the prefix). Without it (another device, no compiler, ``paged_decode=False``) they are bucketed by
+    context length, so a batch with contexts of 64 to 576 tokens does not pad every request to 576 (a
+    bucket's shortest context is at least ``bucket_ratio`` of its longest);
   * causal extends (several new tokens after at most ``causal_max_prefix`` cached ones: fresh prompts,
     and the prompts whose only cache hit is their BOS token): SDPA's causal path, no mask. A request
     with P cached tokens is laid out as a causal sequence of P + n rows whose first P query rows are
@@ -44,24 +47,35 @@ class TorchAttnConfig:
     """How the torch backend groups a step's requests (every choice gives the same result)."""
 
     cascade_min_shared: int = 32  # shared KV slots below which the plain padded path is as cheap
+    # Paged decodes cascade only when that spares the kernel at least this many key reads per layer,
+    # (requests - 1) x shared slots: the cascade's gather, flash call and merge cost about as much as
+    # the kernel reading ~25k keys itself (interpolated between the two workloads below). Measured on the llama ``small`` shapes, 2 threads: chat
+    # (16 requests behind 256 slots: 3.8k) and fork tree (32 behind 512: 16k) decode attention took
+    # 1.3-1.4 s / 0.34 s with the cascade and 0.73-0.79 s / 0.25-0.27 s without; few-shot (200 behind
+    # 1,000: 199k) needs it (docs/benchmarks.md, the levers table).
+    paged_cascade_min_saved_keys: int = 32768
     causal_max_prefix: int = 16  # cached tokens up to which an extend takes the causal path
     bucket_ratio: float = 0.75  # in a bucket, shortest context >= this x longest (1.0: equal lengths only)
-    # Decode groups read the pool in place through a kernel torch.compile generates (compiled_decode.py)
-    # instead of gathering each request's padded context per layer.
-    compile_decode: bool = False
+    # On the CPU, decodes read the pool in place through the native paged decode kernel
+    # (cpu_paged_decode.py), all in one group, instead of gathering each bucket's padded context per
+    # layer. False (or no compiler to build it): the gather path.
+    paged_decode: bool = True
 
 
 @dataclass
 class _Group:
     tokens: torch.Tensor  # [Tg] indices of this group's tokens in the step's [T] token order
-    kv_idx: torch.Tensor  # [Bg, Lmax] int64 KV slots (0 = padding)
+    kv_idx: torch.Tensor | None  # [Bg, Lmax] int64 KV slots (0 = padding); None for the paged decode group
     mask: torch.Tensor | None  # [Bg, 1, Qmax, Lmax] bool, True = may attend (None: see `causal`)
     causal: bool  # no mask: plain causal attention (causal extends), or all keys valid (equal decodes)
     shared: torch.Tensor | None  # [P] KV slots every request of the group starts with (cascade), or None
     q_flat: torch.Tensor  # [Tg] row of each token in the padded [Bg * Qmax] query layout
     batch: int
     qmax: int
-    valid: torch.Tensor | None = None  # [Bg, Lmax] bool, key j < seq_len (decode groups, compiled path)
+    # The paged decode group (kernel reads the pool in place; with ``shared`` only each request's suffix
+    # after it): each request's req_to_token row and context length, [Bg] int64 each.
+    rows: torch.Tensor | None = None
+    seq_lens: torch.Tensor | None = None
     _bias: dict = field(default_factory=dict)  # (G, dtype) → folded_bias, built at the step's first layer
 
     def folded_bias(self, G: int, dtype: torch.dtype) -> torch.Tensor:
@@ -87,11 +101,12 @@ class TorchAttnBackend(AttentionBackend):
         self.config = config
         # Gather targets reused across layers and steps: [n, Hkv, D] each, grown on demand.
         self._k_ws = self._v_ws = None
-        self._decode_kernel = None
-        if config.compile_decode:
-            from radixlm.runtime.attention.compiled_decode import compiled_decode_attention
+        self._paged = None
+        if config.paged_decode and torch.device(kv_pool.device).type == "cpu":
+            from radixlm.runtime.attention import cpu_paged_decode
 
-            self._decode_kernel = compiled_decode_attention()
+            kernel = cpu_paged_decode.load()
+            self._paged = kernel if kernel is not None and kernel.supports(kv_pool.dtype) else None
 
     def init_forward_metadata(self, fb: ForwardBatch) -> None:
         device = fb.input_ids.device
@@ -106,7 +121,14 @@ class TorchAttnBackend(AttentionBackend):
         groups = []
         if decodes:
             shared = self._shared_prefix(fb, decodes, [seq[b] for b in decodes])
-            if shared is not None:
+            if self._paged is not None:  # one group whatever the lengths: the kernel needs no padding
+                if shared is not None and (len(decodes) - 1) * shared.numel() < cfg.paged_cascade_min_saved_keys:
+                    shared = None  # the kernel reads the shared slots per request faster than a cascade
+                idx = torch.tensor(decodes, dtype=torch.int64, device=device)
+                groups.append(_Group(torch.tensor([starts[b] for b in decodes], dtype=torch.int64, device=device),
+                                     None, None, False, shared, torch.arange(len(decodes), device=device),
+                                     len(decodes), 1, rows=fb.req_pool_indices[idx], seq_lens=fb.seq_lens[idx]))
+            elif shared is not None:
                 groups.append(self._group(fb, decodes, starts, device, shared=shared))
             else:
                 groups += [self._group(fb, m, starts, device) for m in _buckets(decodes, seq, cfg.bucket_ratio)]
@@ -145,9 +167,6 @@ class TorchAttnBackend(AttentionBackend):
             return _Group(tokens, kv_idx, None, True, None, q_b * lmax + prefix_lens[q_b] + q_i, B, lmax)
         qmax = max(ext)
         q_flat = q_b * qmax + q_i
-        if self._decode_kernel is not None and shared is None and qmax == 1 and B >= 2 and lmax >= 2:
-            # Sizes of 1 would specialise the compiled graph: such groups stay on the eager path.
-            return _Group(tokens, kv_idx, None, False, None, q_flat, B, qmax, valid=j[None, :] < seq_lens[:, None])
         if shared is None and qmax == 1 and all(x == lmax for x in seq):
             return _Group(tokens, kv_idx, None, False, None, q_flat, B, qmax)
         i = torch.arange(qmax, device=device)  # [Qmax]
@@ -192,11 +211,11 @@ class TorchAttnBackend(AttentionBackend):
     def _attend(self, q: torch.Tensor, g: _Group, layer_id: int, sm_scale: float) -> torch.Tensor:
         """q [Tg, Hq, D] of one group → o [Tg, Hq, D]."""
         Hq, D = q.shape[1], q.shape[2]
-        if g.valid is not None:  # compiled decode: keys and values read from the pool in place
-            k_buf, v_buf = self.kv_pool.k_buffers[layer_id], self.kv_pool.v_buffers[layer_id]
-            return self._decode_kernel(q.contiguous(), k_buf, v_buf, g.kv_idx, g.valid, sm_scale)
         if g.shared is not None:
             return self._cascade(q, g, layer_id, sm_scale)
+        if g.rows is not None:  # paged decode: keys and values read from the pool in place
+            return self._paged(q, self.kv_pool.k_buffers[layer_id], self.kv_pool.v_buffers[layer_id],
+                               self.req_to_token, g.rows, g.seq_lens, sm_scale)
         k_all, v_all = self._gather(layer_id, g.kv_idx.reshape(-1))
         k_all = k_all.view(g.batch, -1, *k_all.shape[1:])  # [B, Lmax, Hkv, D]
         v_all = v_all.view(g.batch, -1, *v_all.shape[1:])
@@ -244,6 +263,10 @@ class TorchAttnBackend(AttentionBackend):
         o_s, lse_s = _attention_with_lse(qs, ks, vs, None, scale)  # [1, Hkv, T*G, D], [1, Hkv, T*G]
         o_s = o_s.view(Hkv, T, G, D).transpose(0, 1).reshape(T, Hq, D)
         lse_s = lse_s.view(Hkv, T, G).transpose(0, 1).reshape(T, Hq)
+        if g.rows is not None:  # paged decodes: each request's suffix read from the pool in place
+            o_u, lse_u = self._paged(q, k_buf, v_buf, self.req_to_token, g.rows, g.seq_lens, scale,
+                                     begin=g.shared.numel(), return_lse=True)  # [Tg, Hq, D], [Tg, Hq]
+            return _merge(o_s, lse_s, o_u, lse_u)
         # Own suffix: gathered per request, queries padded to [B, Qmax], masked (causal within the step).
         B, Q, lu = g.batch, g.qmax, g.kv_idx.shape[1]
         ku, vu = self._gather(layer_id, g.kv_idx.reshape(-1))
@@ -256,10 +279,15 @@ class TorchAttnBackend(AttentionBackend):
         lse_u = lse_u.view(B, Hkv, Q, G).permute(0, 2, 1, 3).reshape(B * Q, Hq)
         if Q > 1:
             o_u, lse_u = o_u.index_select(0, g.q_flat), lse_u.index_select(0, g.q_flat)
-        # Merge the two partial softmaxes by their log-sum-exps (every real query sees itself in the suffix).
-        lse = torch.logaddexp(lse_s, lse_u)  # [Tg, Hq]
-        w_s, w_u = torch.exp(lse_s - lse)[..., None], torch.exp(lse_u - lse)[..., None]
-        return (o_s.float() * w_s + o_u.float() * w_u).to(q.dtype)
+        return _merge(o_s, lse_s, o_u, lse_u)
+
+
+def _merge(o_s: torch.Tensor, lse_s: torch.Tensor, o_u: torch.Tensor, lse_u: torch.Tensor) -> torch.Tensor:
+    """Two partial softmax attentions over disjoint keys, o [T, Hq, D] with their lse [T, Hq], → the
+    attention over all of them. Every real query sees itself in the suffix, so lse_u is finite."""
+    lse = torch.logaddexp(lse_s, lse_u)  # [T, Hq]
+    w_s, w_u = torch.exp(lse_s - lse)[..., None], torch.exp(lse_u - lse)[..., None]
+    return (o_s.float() * w_s + o_u.float() * w_u).to(o_s.dtype)
 
 
 def _attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None,

@@ -7,6 +7,7 @@ import threading
 import pytest
 import torch
 
+from radixlm.runtime.attention import cpu_paged_decode
 from radixlm.runtime.engine import Engine
 
 PROMPTS = [
@@ -52,7 +53,10 @@ def _hf(path):
 
 
 def test_greedy_matches_transformers(arch_engine):
+    """The default CPU path: decodes through the native paged kernel (when a compiler can build it)."""
     _, path, eng = arch_engine
+    if cpu_paged_decode.load() is not None:
+        assert eng.scheduler.runner.attn_backend._paged is not None
     model, tok = _hf(path)
     outs = eng.generate(PROMPTS, {"temperature": 0, "max_new_tokens": 12})
     assert len(outs) == len(PROMPTS)
@@ -64,16 +68,28 @@ def test_greedy_matches_transformers(arch_engine):
         assert out["meta_info"]["prompt_tokens"] == ids.shape[1]
 
 
-@pytest.mark.slow  # compiles the decode kernel (tens of seconds on a cold inductor cache)
-def test_compiled_decode_matches_transformers(make_model):
-    """--enable-torch-compile: greedy tokens identical to transformers, logprobs within 1e-4 (float32)."""
+@pytest.mark.parametrize("flags", [
+    pytest.param({"enable_torch_compile": True}, marks=pytest.mark.slow, id="compiled-elementwise-ops"),
+    pytest.param({"disable_cpu_paged_decode": True}, id="gathered-decode"),
+])
+def test_other_paths_match_transformers(make_model, flags):
+    """--enable-torch-compile (inductor-fused elementwise ops; a cold cache compiles for tens of seconds) and
+    the gather path for decodes: greedy tokens identical to transformers, logprobs within 1e-4 (float32)."""
+    from radixlm.runtime.models.decoder_ops import COMPILED_FROM_ROWS, EAGER
+
     path = make_model("llama")
     model, tok = _hf(path)
-    with Engine(model_path=path, dtype="float32", device="cpu", max_total_tokens=4096,
-                enable_torch_compile=True) as eng:
-        assert eng.scheduler.runner.attn_backend.config.compile_decode
-        outs = eng.generate(PROMPTS, {"temperature": 0, "max_new_tokens": 12}, return_logprob=True)
-        for prompt, out in zip(PROMPTS, outs):
+    # One long prompt, so the first prefill step has enough rows to take the compiled ops (decodes do not).
+    prompts = PROMPTS + [" ".join(f"step {i} of the long prompt" for i in range(60))]
+    assert sum(len(tok(p).input_ids) for p in prompts) >= COMPILED_FROM_ROWS
+    with Engine(model_path=path, dtype="float32", device="cpu", max_total_tokens=4096, **flags) as eng:
+        runner = eng.scheduler.runner
+        if flags.get("enable_torch_compile"):
+            assert runner.model.model.norm.ops is not EAGER
+        else:
+            assert runner.attn_backend._paged is None
+        outs = eng.generate(prompts, {"temperature": 0, "max_new_tokens": 12}, return_logprob=True)
+        for prompt, out in zip(prompts, outs):
             ids = tok(prompt, return_tensors="pt").input_ids
             with torch.no_grad():
                 ref = model.generate(ids, do_sample=False, max_new_tokens=12, attention_mask=torch.ones_like(ids),

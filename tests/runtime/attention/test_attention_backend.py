@@ -19,9 +19,10 @@ def _setup(hq: int, hkv: int, d: int = 16):
     return kv, table
 
 
+@pytest.mark.parametrize("paged", [True, False], ids=["paged-suffix", "gathered-suffix"])
 @pytest.mark.parametrize("mode", ["decode", "extend"])
 @pytest.mark.parametrize("hq,hkv", [(4, 4), (8, 2)])
-def test_cascade_matches_padded_attention(mode, hq, hkv):
+def test_cascade_matches_padded_attention(mode, hq, hkv, paged):
     kv, table = _setup(hq, hkv)
     shared = torch.arange(1, 61)  # 60 slots every request starts with
     prefix_lens = [70, 75, 66, 90]  # cached tokens: the shared 60 + own ones
@@ -41,12 +42,17 @@ def test_cascade_matches_padded_attention(mode, hq, hkv):
     k, v = torch.randn(T, hkv, 16), torch.randn(T, hkv, 16)
     outs = []
     for min_shared in (32, 10**9):  # cascade, then the plain path
-        backend = TorchAttnBackend(kv, table, TorchAttnConfig(cascade_min_shared=min_shared))
+        backend = TorchAttnBackend(kv, table, TorchAttnConfig(cascade_min_shared=min_shared, paged_decode=paged,
+                                                              paged_cascade_min_saved_keys=0))
         fb = ForwardBatch.build(*fb_args)
         backend.init_forward_metadata(fb)
-        assert (fb.attn_metadata.groups[-1].shared is not None) == (min_shared == 32)
+        g = fb.attn_metadata.groups[-1]
+        assert (g.shared is not None) == (min_shared == 32)
+        # decodes with the kernel: the suffix (or the whole context) is read in place, nothing gathered
+        assert (g.rows is not None) == (paged and mode == "decode" and backend._paged is not None)
         outs.append(backend.forward(q, k, v, 0, fb, 0.25))
     torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(outs[0], _reference(kv, table, q, prefix_lens, extend, 0.25), rtol=1e-5, atol=1e-5)
 
 
 def _reference(kv: KVPool, table: ReqToTokenPool, q, prefix_lens, extend, scale):
@@ -68,9 +74,10 @@ def _reference(kv: KVPool, table: ReqToTokenPool, q, prefix_lens, extend, scale)
 
 
 CONFIGS = [
-    TorchAttnConfig(),
-    TorchAttnConfig(bucket_ratio=1.0),  # every distinct length its own bucket
-    TorchAttnConfig(bucket_ratio=0.0),  # one bucket: the whole group padded
+    TorchAttnConfig(),  # decodes through the native paged kernel
+    TorchAttnConfig(paged_decode=False),  # decodes gathered, bucketed by length
+    TorchAttnConfig(paged_decode=False, bucket_ratio=1.0),  # every distinct length its own bucket
+    TorchAttnConfig(paged_decode=False, bucket_ratio=0.0),  # one bucket: the whole group padded
     TorchAttnConfig(causal_max_prefix=0),  # BOS hits through the masked path
     TorchAttnConfig(causal_max_prefix=10**9, cascade_min_shared=10**9),  # every extend causal
 ]
@@ -81,14 +88,6 @@ CONFIGS = [
 def test_every_grouping_matches_the_reference(config, hq, hkv):
     """A mixed step: decodes of unequal contexts, fresh prompts, 1-token (BOS) hits, longer prefixes."""
     _check_mixed_step(config, hq, hkv)
-
-
-@pytest.mark.slow  # torch.compile of the decode kernel takes tens of seconds on a cold cache
-@pytest.mark.parametrize("hq,hkv", [(4, 4), (8, 2)])
-def test_compiled_decode_matches_the_reference(hq, hkv):
-    """The decode groups through the kernel torch.compile generates (reads the pool in place)."""
-    _check_mixed_step(TorchAttnConfig(compile_decode=True), hq, hkv)
-    _check_mixed_step(TorchAttnConfig(compile_decode=True, bucket_ratio=0.0), hq, hkv)
 
 
 def _check_mixed_step(config: TorchAttnConfig, hq: int, hkv: int) -> None:
@@ -121,10 +120,42 @@ def test_decode_buckets_bound_padding():
     lens = lens[:8]
     fb = ForwardBatch.build(ForwardMode.DECODE, [5] * 8, [n - 1 for n in lens], torch.tensor([table.req_to_token[b, n - 1] for b, n in enumerate(lens)]),
                             list(range(8)), [n - 1 for n in lens], [1] * 8, "cpu")
-    TorchAttnBackend(kv, table).init_forward_metadata(fb)
+    TorchAttnBackend(kv, table, TorchAttnConfig(paged_decode=False)).init_forward_metadata(fb)
     groups = fb.attn_metadata.groups
     assert len(groups) > 1
     for g in groups:
         lmax = g.kv_idx.shape[1]
         members = [int(t) for t in g.tokens]
         assert all(lens[m] >= 0.75 * lmax for m in members)
+
+
+def test_paged_decode_is_one_group_without_padding():
+    """With the native kernel, decodes of any lengths form one group that carries no gather index."""
+    kv, table = _setup(8, 2)
+    lens = [3, 40, 17, 1, 90]
+    for b, n in enumerate(lens):
+        table.req_to_token[b, :n] = torch.arange(1, n + 1) + 100 * b
+    fb = ForwardBatch.build(ForwardMode.DECODE, [5] * 5, [n - 1 for n in lens],
+                            torch.tensor([table.req_to_token[b, n - 1] for b, n in enumerate(lens)]),
+                            list(range(5)), [n - 1 for n in lens], [1] * 5, "cpu")
+    TorchAttnBackend(kv, table).init_forward_metadata(fb)
+    (g,) = fb.attn_metadata.groups
+    assert g.kv_idx is None and g.seq_lens.tolist() == lens and g.rows.tolist() == list(range(5))
+
+
+def test_paged_decodes_cascade_only_when_it_spares_enough_reads():
+    """4 decodes behind 60 shared slots spare the kernel 3 x 60 = 180 key reads: cascade at a limit of 180, not 181."""
+    kv, table = _setup(8, 2)
+    lens = [70, 75, 66, 90]
+    for b, n in enumerate(lens):
+        table.req_to_token[b, :n] = torch.cat([torch.arange(1, 61), torch.arange(n - 60) + 100 * (b + 1)])
+    for limit, cascades in ((180, True), (181, False)):
+        fb = ForwardBatch.build(ForwardMode.DECODE, [5] * 4, [n - 1 for n in lens],
+                                torch.tensor([table.req_to_token[b, n - 1] for b, n in enumerate(lens)]),
+                                list(range(4)), [n - 1 for n in lens], [1] * 4, "cpu")
+        backend = TorchAttnBackend(kv, table, TorchAttnConfig(paged_cascade_min_saved_keys=limit))
+        if backend._paged is None:
+            pytest.skip("no C++ compiler: the paged kernel is unavailable")
+        backend.init_forward_metadata(fb)
+        (g,) = fb.attn_metadata.groups
+        assert (g.shared is not None) == cascades and g.rows is not None
