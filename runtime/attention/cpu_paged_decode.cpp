@@ -17,6 +17,10 @@
 #include <cstring>
 #include <vector>
 
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
 namespace {
 
 constexpr int64_t BLK = 32;  // keys per online-softmax block
@@ -58,6 +62,32 @@ inline float exp_nonpos(float x) {
   return p * scale;
 }
 
+// q . k over D elements, q pre-scaled. With AVX-512: 16 lanes per step and a shuffle tree at the end
+// (_mm512_reduce_add_ps); left to itself, the compiler added the 16 lanes one after another (a chain of
+// 16 dependent adds per dot product) and converted bfloat16 keys one element at a time. Measured with
+// 64 requests of 320 keys, 2 threads: bfloat16 1.72-1.77 -> 0.86-1.02 ms, float32 within noise.
+#if defined(__AVX512F__)
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const uint16_t* p) {  // bfloat16 -> float32: the 16 bits become each lane's high half
+  const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+}
+#endif
+
+template <typename T>
+inline float dot(const float* q, const T* k, int64_t D) {
+  int64_t d = 0;
+  float s = 0.f;
+#if defined(__AVX512F__)
+  __m512 acc = _mm512_setzero_ps();
+  for (; d + 16 <= D; d += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(q + d), load16(k + d), acc);
+  s = _mm512_reduce_add_ps(acc);
+#endif
+#pragma omp simd reduction(+ : s)
+  for (int64_t e = d; e < D; ++e) s += q[e] * load(k[e]);
+  return s;
+}
+
 inline void prefetch_row(const void* p, int64_t bytes) {
   const char* c = static_cast<const char*>(p);
   for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(c + o);
@@ -97,11 +127,7 @@ void paged_decode(const T* q, const T* k, const T* v, const int64_t* req_to_toke
         for (int64_t kvh = 0; kvh < Hkv; ++kvh) {  // query heads kvh*G .. kvh*G+G-1 share this KV head
           const T* kh = kj + kvh * D;
           for (int64_t h = kvh * G; h < (kvh + 1) * G; ++h) {
-            const float* qh = qs + h * D;
-            float dot = 0.f;
-#pragma omp simd reduction(+ : dot)
-            for (int64_t d = 0; d < D; ++d) dot += qh[d] * load(kh[d]);
-            sc[h * BLK + j] = dot;
+            sc[h * BLK + j] = dot(qs + h * D, kh, D);
           }
         }
       }
