@@ -120,10 +120,11 @@ class TorchAttnBackend(AttentionBackend):
         masked = [b for b, n in enumerate(ext) if n > 1 and pre[b] > cfg.causal_max_prefix]
         groups = []
         if decodes:
-            shared = self._shared_prefix(fb, decodes, [seq[b] for b in decodes])
+            min_shared = cfg.cascade_min_shared
+            if self._paged is not None and len(decodes) > 1:  # the prefix must spare enough kernel reads
+                min_shared = max(min_shared, -(-cfg.paged_cascade_min_saved_keys // (len(decodes) - 1)))
+            shared = self._shared_prefix(fb, decodes, [seq[b] for b in decodes], min_shared)
             if self._paged is not None:  # one group whatever the lengths: the kernel needs no padding
-                if shared is not None and (len(decodes) - 1) * shared.numel() < cfg.paged_cascade_min_saved_keys:
-                    shared = None  # the kernel reads the shared slots per request faster than a cascade
                 idx = torch.tensor(decodes, dtype=torch.int64, device=device)
                 groups.append(_Group(torch.tensor([starts[b] for b in decodes], dtype=torch.int64, device=device),
                                      None, None, False, shared, torch.arange(len(decodes), device=device),
@@ -134,18 +135,20 @@ class TorchAttnBackend(AttentionBackend):
                 groups += [self._group(fb, m, starts, device) for m in _buckets(decodes, seq, cfg.bucket_ratio)]
         groups += [self._group(fb, m, starts, device, causal=True) for m in _buckets(causal, seq, cfg.bucket_ratio)]
         if masked:
-            shared = self._shared_prefix(fb, masked, [pre[b] for b in masked])
+            shared = self._shared_prefix(fb, masked, [pre[b] for b in masked], cfg.cascade_min_shared)
             groups.append(self._group(fb, masked, starts, device, shared=shared))
         fb.attn_metadata = TorchAttnMetadata(groups)
 
-    def _shared_prefix(self, fb: ForwardBatch, members: list[int], visible: list[int]) -> torch.Tensor | None:
-        """The longest run of KV slots all ``members`` start with, within ``visible`` of each, if long enough."""
+    def _shared_prefix(self, fb: ForwardBatch, members: list[int], visible: list[int],
+                       min_shared: int) -> torch.Tensor | None:
+        """The longest run of KV slots all ``members`` start with, within ``visible`` of each, if at least
+        ``min_shared`` long."""
         cap = min(visible)
-        if len(members) < 2 or cap < self.config.cascade_min_shared:
+        if len(members) < 2 or cap < min_shared:
             return None
         rows = self.req_to_token[fb.req_pool_indices[torch.tensor(members, device=fb.input_ids.device)], :cap]
         p = int((rows == rows[:1]).all(dim=0).long().cumprod(0).sum())
-        return rows[0, :p] if p >= self.config.cascade_min_shared else None
+        return rows[0, :p] if p >= min_shared else None
 
     def _group(self, fb: ForwardBatch, members: list[int], starts: list[int], device, causal: bool = False,
                shared: torch.Tensor | None = None) -> _Group:
