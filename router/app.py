@@ -5,9 +5,10 @@
   forwarded byte for byte; a streaming answer is passed through chunk by chunk.
 * **Failover**: a worker that refuses the connection or answers 503 (its scheduler is gone) is taken
   out, and the request goes to the next worker; so does a request whose connection failed in any other
-  way before the answer began (nothing had reached the client). A worker that
+  way before the answer began (nothing had reached the client), and that worker is health-checked at
+  once (a refused connection takes it out). A worker that
   fails after it started answering ends that request with an error: a 502 body, or for a stream an SSE
-  error event and ``[DONE]``. A request in flight on a worker that the health checks take out fails at
+  error event and ``[DONE]``, and is health-checked at once too. A request in flight on a worker that the health checks take out fails at
   once; nothing waits on a dead worker. No healthy worker: 503.
 * ``/abort_request``: to the worker that holds the ``rid`` (every worker if the router does not know it);
   ``abort_all`` to every worker.
@@ -137,6 +138,7 @@ class Router:
         self.policy = make_policy(args.policy, args.cache_aware, args.seed)
         self.metrics = RouterMetrics()
         self.rids: dict[str, Worker] = {}
+        self._probes: set[asyncio.Future] = set()  # health checks started by a failed request
         self.started = time.time()
 
     async def start(self) -> None:
@@ -144,6 +146,8 @@ class Router:
         self.workers.start()
 
     async def close(self) -> None:
+        for task in list(self._probes):
+            task.cancel()
         await self.workers.stop()
         await self.client.aclose()
 
@@ -190,6 +194,10 @@ class Router:
                     # goes to the next worker, and the health checks judge this one.
                     if isinstance(e, httpx.ConnectError):
                         w.mark_down(f"{type(e).__name__}: {e}")
+                    elif not isinstance(e, WorkerDied):
+                        # e.g. a pooled connection to a process that was killed: probe it now rather
+                        # than at the next interval, so a dead worker is out before this answer is.
+                        await self.workers.check(w)
                     self._failed_attempt(w)
                     continue
                 if resp.status_code == 503:  # its scheduler is gone (or not up yet)
@@ -210,6 +218,12 @@ class Router:
             finally:
                 if not done:
                     self._finish(w, key, rids, failed=False)
+
+    def _probe_soon(self, w: Worker) -> None:
+        """A health check of ``w`` in the background (a stream that broke must not wait for it)."""
+        task = asyncio.ensure_future(self.workers.check(w))
+        self._probes.add(task)
+        task.add_done_callback(self._probes.discard)
 
     def _failed_attempt(self, w: Worker) -> None:
         w.errors_total += 1
@@ -242,6 +256,8 @@ class Router:
                 except (_TRANSPORT_ERRORS + (WorkerDied,)) as e:
                     failed = True  # the health checks decide whether the worker itself is gone
                     self.metrics.errors.labels(w.url).inc()
+                    if not isinstance(e, WorkerDied):  # at once, not at the next interval
+                        self._probe_soon(w)
                     # a torn event is ended first, so the error is an event of its own
                     yield (b"" if at_boundary else b"\n\n") + _sse_error(
                         f"worker {w.url} failed during the stream: {type(e).__name__}: {e}")

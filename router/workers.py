@@ -3,7 +3,7 @@
 Every ``health_check_interval_s`` the router asks each worker's ``/health`` and reads its
 ``/get_server_info`` (its scheduler's stats are the cache summary: how many tokens its radix tree
 holds, evictable + locked). A worker that fails ``health_failure_threshold`` liveness checks in a row,
-or refuses a connection, is taken out: no new
+or refuses a connection (to a request or to a check), is taken out: no new
 requests, and the requests in flight on it fail at once with an error (``Worker.dead`` wakes them), so
 no client waits on a dead worker. A check that succeeds again puts it back.
 
@@ -179,7 +179,10 @@ class WorkerSet:
             w.failures_in_row += 1
             reason = f"health check failed: {type(e).__name__}: {e}"
             w.last_error = reason
-            if w.failures_in_row >= self.failure_threshold or not w.healthy:
+            # A refused connection is unambiguous (nothing listens: the process is gone); a timeout or
+            # an error answer may be a busy worker, so those count toward the threshold.
+            if (isinstance(e, httpx.ConnectError) or w.failures_in_row >= self.failure_threshold
+                    or not w.healthy):
                 w.mark_down(reason)
             return False
         finally:

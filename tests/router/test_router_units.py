@@ -207,6 +207,40 @@ def test_trees_are_bounded_without_summaries():
     assert tree.size <= 900 and tree.match("29" * 50) == 100
 
 
+def test_a_refused_check_takes_a_worker_out_at_once_a_timeout_counts_to_the_threshold():
+    import asyncio
+
+    import httpx
+
+    from radixlm.router.workers import WorkerSet
+
+    failure: list[Exception] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if failure:
+            raise failure[0]
+        if request.url.path == "/health":
+            return httpx.Response(200)
+        return httpx.Response(200, json=_info(0, 0))
+
+    async def run() -> None:
+        client = httpx.AsyncClient(transport=httpx.MockTransport(handler))
+        ws = WorkerSet(("http://w:1",), client, {}, 1.0, 3, max_tree_chars=1000)
+        w = ws.workers["http://w:1"]
+        assert await ws.check(w) and w.available
+        failure.append(httpx.ReadTimeout("slow"))  # a busy worker: one strike of three
+        assert not await ws.check(w) and w.available and not w.dead.is_set()
+        assert not await ws.check(w) and w.available
+        failure[0] = httpx.ConnectError("refused")  # nothing listens: out now
+        assert not await ws.check(w)
+        assert not w.available and w.dead.is_set() and "ConnectError" in w.last_error
+        failure.clear()
+        assert await ws.check(w) and w.available  # back when it answers again
+        await client.aclose()
+
+    asyncio.run(run())
+
+
 def test_dp_replicas_get_their_own_port_devices_and_rendezvous():
     from radixlm.runtime.distributed.data_parallel import replica_args
     from radixlm.runtime.server_args import ServerArgs
