@@ -12,7 +12,11 @@ SDPA path applies:
     and the prompts whose only cache hit is their BOS token): SDPA's causal path, no mask. A request
     with P cached tokens is laid out as a causal sequence of P + n rows whose first P query rows are
     padding, so its new token i sits at row P + i and sees keys j <= P + i, exactly the cached prefix
-    and itself. Right padding never leaks into a valid row. Bucketed like decodes;
+    and itself. Right padding never leaks into a valid row. A request with at least
+    ``ragged_min_tokens`` new tokens attends on its own (one SDPA call per request and layer, on the
+    step's own K/V rows: nothing gathered from the pool but the P cached ones, nothing padded to a
+    longer neighbour; a 2k-token prefill's attention measured 15 against 19 ms per layer bucketed);
+    shorter ones are bucketed like decodes, where one call for many requests is cheaper;
   * masked extends (chunks and cache hits with a longer prefix, jump-forward runs): one boolean mask
     ``[B, 1, Qmax, Lmax]``, or the cascade path below.
 Per group and step it builds one gather index ``[B, Lmax]`` into the KV pool (and a mask where needed);
@@ -55,6 +59,7 @@ class TorchAttnConfig:
     # 1,000: 199k) needs it (docs/benchmarks.md, the levers table).
     paged_cascade_min_saved_keys: int = 32768
     causal_max_prefix: int = 16  # cached tokens up to which an extend takes the causal path
+    ragged_min_tokens: int = 32  # new tokens from which a causal extend attends on its own, unpadded
     bucket_ratio: float = 0.75  # in a bucket, shortest context >= this x longest (1.0: equal lengths only)
     # On the CPU, decodes read the pool in place through the native paged decode kernel
     # (cpu_paged_decode.py), all in one group, instead of gathering each bucket's padded context per
@@ -89,9 +94,18 @@ class _Group:
         return self._bias[key]
 
 
+@dataclass(frozen=True)
+class _Ragged:
+    """Causal extends attended one request at a time on the step's own K/V rows (no padding)."""
+
+    spans: list[tuple[int, int]]  # (first row in the step's [T] tokens, new tokens) per request
+    prefixes: list[torch.Tensor | None]  # the P <= causal_max_prefix cached KV slots of each, or None
+
+
 @dataclass
 class TorchAttnMetadata:
     groups: list[_Group]
+    ragged: _Ragged | None = None
 
 
 class TorchAttnBackend(AttentionBackend):
@@ -133,11 +147,17 @@ class TorchAttnBackend(AttentionBackend):
                 groups.append(self._group(fb, decodes, starts, device, shared=shared))
             else:
                 groups += [self._group(fb, m, starts, device) for m in _buckets(decodes, seq, cfg.bucket_ratio)]
+        alone = [b for b in causal if ext[b] >= cfg.ragged_min_tokens]
+        causal = [b for b in causal if ext[b] < cfg.ragged_min_tokens]
         groups += [self._group(fb, m, starts, device, causal=True) for m in _buckets(causal, seq, cfg.bucket_ratio)]
         if masked:
             shared = self._shared_prefix(fb, masked, [pre[b] for b in masked], cfg.cascade_min_shared)
             groups.append(self._group(fb, masked, starts, device, shared=shared))
-        fb.attn_metadata = TorchAttnMetadata(groups)
+        ragged = None
+        if alone:
+            prefixes = [self.req_to_token[fb.req_pool_indices[b], :pre[b]] if pre[b] else None for b in alone]
+            ragged = _Ragged([(starts[b], ext[b]) for b in alone], prefixes)
+        fb.attn_metadata = TorchAttnMetadata(groups, ragged)
 
     def _shared_prefix(self, fb: ForwardBatch, members: list[int], visible: list[int],
                        min_shared: int) -> torch.Tensor | None:
@@ -189,12 +209,35 @@ class TorchAttnBackend(AttentionBackend):
         self.kv_pool.set_kv(layer_id, fb.out_cache_loc, k, v)
         md: TorchAttnMetadata = fb.attn_metadata
         T, Hq, D = q.shape
-        if len(md.groups) == 1 and md.groups[0].tokens.numel() == T:
+        if md.ragged is None and len(md.groups) == 1 and md.groups[0].tokens.numel() == T:
             return self._attend(q, md.groups[0], layer_id, sm_scale)
         o = q.new_empty((T, Hq, D))
         for g in md.groups:
             o.index_copy_(0, g.tokens, self._attend(q.index_select(0, g.tokens), g, layer_id, sm_scale))
+        if md.ragged is not None:
+            self._attend_ragged(q, k, v, md.ragged, layer_id, sm_scale, o)
         return o
+
+    def _attend_ragged(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, r: _Ragged, layer_id: int,
+                       sm_scale: float, o: torch.Tensor) -> None:
+        """Causal attention of each request in ``r`` on its own rows of q [T, Hq, D], k/v [T, Hkv, D],
+        written into o [T, Hq, D]. A request with P cached slots gets them from the pool and P zero query
+        rows in front, so SDPA's top-left causal alignment puts new token i at row P + i."""
+        k_buf, v_buf = self.kv_pool.k_buffers[layer_id], self.kv_pool.v_buffers[layer_id]
+        gqa = k.shape[1] != q.shape[1]
+        for (s, n), pre in zip(r.spans, r.prefixes):
+            # The keys as the pool holds them (a no-op when the pool has the model's dtype).
+            qq = q[s:s + n]
+            kk, vv = k[s:s + n].to(k_buf.dtype).to(q.dtype), v[s:s + n].to(v_buf.dtype).to(q.dtype)
+            if pre is not None:
+                p = pre.numel()
+                qq = torch.cat([qq.new_zeros((p, *qq.shape[1:])), qq])
+                kk = torch.cat([k_buf.index_select(0, pre).to(q.dtype), kk])
+                vv = torch.cat([v_buf.index_select(0, pre).to(q.dtype), vv])
+            out = F.scaled_dot_product_attention(qq.transpose(0, 1)[None], kk.transpose(0, 1)[None],
+                                                 vv.transpose(0, 1)[None], is_causal=True, scale=sm_scale,
+                                                 enable_gqa=gqa)  # [1, Hq, P + n, D]
+            o[s:s + n] = out[0, :, out.shape[2] - n:].transpose(0, 1)
 
     def _gather(self, layer_id: int, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V of the KV slots ``flat`` [n] → two [n, Hkv, D] views of the workspace buffers.

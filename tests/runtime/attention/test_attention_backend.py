@@ -80,6 +80,9 @@ CONFIGS = [
     TorchAttnConfig(paged_decode=False, bucket_ratio=0.0),  # one bucket: the whole group padded
     TorchAttnConfig(causal_max_prefix=0),  # BOS hits through the masked path
     TorchAttnConfig(causal_max_prefix=10**9, cascade_min_shared=10**9),  # every extend causal
+    TorchAttnConfig(ragged_min_tokens=2),  # every causal extend on its own, unpadded
+    TorchAttnConfig(ragged_min_tokens=2, causal_max_prefix=10**9, cascade_min_shared=10**9),  # with prefixes
+    TorchAttnConfig(ragged_min_tokens=10**9),  # every causal extend bucketed
 ]
 
 
@@ -106,6 +109,8 @@ def _check_mixed_step(config: TorchAttnConfig, hq: int, hkv: int) -> None:
                             torch.cat(locs), list(range(9)), prefix_lens, extend, "cpu")
     backend = TorchAttnBackend(kv, table, config)
     backend.init_forward_metadata(fb)
+    # the longest fresh prompt has 30 new tokens: alone (unpadded) exactly when the config allows it
+    assert (fb.attn_metadata.ragged is not None) == (config.ragged_min_tokens <= 30)
     out = backend.forward(q, k, v, 0, fb, 0.25)
     torch.testing.assert_close(out, _reference(kv, table, q, prefix_lens, extend, 0.25), rtol=1e-5, atol=1e-5)
     assert not torch.isnan(out).any()
