@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> None:
     p = sub.add_parser("make-tiny-model", help="write a small random Hugging Face model directory")
     p.add_argument("dir")
     p.add_argument("--arch", choices=["llama", "qwen2", "mistral"], default="llama")
-    p.add_argument("--preset", choices=["tiny", "small"], default="tiny")
+    p.add_argument("--preset", choices=["tiny", "tiny64", "small"], default="tiny")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--chat-template-family", choices=sorted(FAMILIES), default="chatml",
                    help="chat template to write: ChatML, or a tool-calling / reasoning family (default: chatml)")

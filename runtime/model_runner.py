@@ -91,14 +91,16 @@ class ModelRunner:
         self.kv_pool = KVPool(
             self.max_total_tokens, self.num_layers, self.num_kv_heads, self.head_dim, self.dtype, self.device
         )
+        q_heads = cfg.num_attention_heads // (self.tp.world_size if self.tp else 1)
         self.attn_backend = create_attention_backend(
-            args.resolved_attention_backend, self.kv_pool, self.req_to_token_pool, not args.disable_cpu_paged_decode
+            args.resolved_attention_backend, self.kv_pool, self.req_to_token_pool,
+            paged_decode=not args.disable_cpu_paged_decode, paged_extend=not args.disable_cpu_paged_extend,
+            num_heads=q_heads,
         )
         if args.enable_torch_compile:  # fused elementwise ops, compiled now
             from radixlm.runtime.models import decoder_ops
 
             t0 = time.perf_counter()
-            q_heads = cfg.num_attention_heads // (self.tp.world_size if self.tp else 1)
             ops = decoder_ops.compiled_ops()
             decoder_ops.install(self.model, ops)
             with torch.inference_mode():  # as forward runs: dynamo guards on the grad mode

@@ -109,6 +109,11 @@ class ServerArgs:
         "instead of the native paged decode kernel that reads the KV pool in place (built on first use with "
         "the C++ compiler; see runtime/attention/cpu_paged_decode.py)"
     )
+    disable_cpu_paged_extend: bool = arg(
+        False, "on the CPU, extend (prefill) attention runs torch's flash kernel per request or padded group "
+        "instead of the native paged extend kernel (AVX-512; built on first use with the C++ compiler; see "
+        "runtime/attention/cpu_paged_extend.py)"
+    )
     disable_cpu_packed_linear: bool = arg(
         False, "on the CPU, keep the linear layers on F.linear (MKL) instead of oneDNN with weights prepacked "
         "at load (1.2-2x faster at batch sizes 2-200; see runtime/models/packed_linear.py)"

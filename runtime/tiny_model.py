@@ -65,6 +65,8 @@ class Preset:
 PRESETS = {
     # ~0.3M parameters: fast tests.
     "tiny": Preset(1536, 64, 2, 4, 2, 128, 2048),
+    # ~0.5M parameters with head size 64 (the sizes the native CPU attention kernels are built for): tests.
+    "tiny64": Preset(1536, 128, 2, 2, 1, 256, 2048),
     # ~25-30M parameters: benchmarks.
     "small": Preset(6144, 512, 8, 8, 4, 1408, 4096),
 }

@@ -1,9 +1,9 @@
 // Paged decode attention for the CPU: one query token per request, keys and values read in place from
 // the KV pool through the request's row of req_to_token (no gathered copy of the context).
 //
-// Built on first use by cpu_paged_decode.py (g++ -O3 -march=native -fopenmp) and called through ctypes,
-// so it includes no torch headers and compiles in about a second. OpenMP is the same runtime torch
-// loaded (libgomp.so.1 is matched by soname), so torch.set_num_threads governs it too.
+// Built on first use by cpu_kernels.py (g++ -O3 -march=native -fopenmp) and called through ctypes
+// (cpu_paged_decode.py), so it includes no torch headers and compiles in about a second. OpenMP is the
+// same runtime torch loaded (libgomp.so.1 is matched by soname), so torch.set_num_threads governs it too.
 //
 // Per request (one OpenMP task each): every query head of the request against every KV slot of its
 // context, in blocks of BLK keys with an online softmax (running max m, running sum l, accumulator

@@ -11,11 +11,9 @@ contiguous (27 GB/s, near the 32 GB/s this machine reads with 2 threads), 2.6-2.
 pool, against 35-39 ms for a plain gather + SDPA (docs/benchmarks.md, the levers table).
 
 No maintained library ships such a kernel for the CPU build of torch pinned here (IPEX supports older
-torch releases only; sgl-kernel's CPU kernels are not on the index), so radixlm builds its own, on
-first use, with the system C++ compiler (``$CXX`` or ``g++``; the same one inductor needs), into a cache
-keyed by the source, the flags and the CPU (``$RADIXLM_KERNEL_CACHE``, default
-``~/.cache/radixlm/kernels``). It takes about a second and happens once per machine. Without a compiler
-``load()`` returns None and the backend keeps the gather path (logged once).
+torch releases only; sgl-kernel's CPU kernels are not on the index), so radixlm builds its own on first
+use (``cpu_kernels.py``: the system C++ compiler, a cache keyed by source, flags and CPU). Without a
+compiler ``load()`` returns None and the backend keeps the gather path (logged once).
 
 The arithmetic is float32 whatever the storage (float32 or bfloat16), in a different summation order
 than SDPA's, so results agree with the other paths to rounding (tests compare them, and tokens and
@@ -25,21 +23,11 @@ logprobs with transformers).
 from __future__ import annotations
 
 import ctypes
-import hashlib
-import logging
-import os
-import platform
-import shutil
-import subprocess
-import tempfile
-from pathlib import Path
 
 import torch
 
-logger = logging.getLogger(__name__)
+from radixlm.runtime.attention import cpu_kernels
 
-_SOURCE = Path(__file__).with_name("cpu_paged_decode.cpp")
-_FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
 _P, _I, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
 _ARGTYPES = [_P, _P, _P, _P, _I, _P, _P, _I, _P, _P, _I, _I, _I, _I, _F]
 
@@ -85,50 +73,12 @@ class PagedDecodeKernel:
         return (out, lse) if return_lse else out
 
 
-_loaded: dict[str, PagedDecodeKernel | None] = {}
-
-
 def load() -> PagedDecodeKernel | None:
     """The kernel, built on first use (cached on disk) and loaded once per process; None if it cannot be."""
     if "kernel" not in _loaded:
-        try:
-            _loaded["kernel"] = PagedDecodeKernel(ctypes.CDLL(str(_build())))
-        except (OSError, RuntimeError, subprocess.SubprocessError) as e:
-            logger.warning("CPU paged decode kernel unavailable (%s): decode attention gathers the context", e)
-            _loaded["kernel"] = None
+        lib = cpu_kernels.load_library("cpu_paged_decode", "decode attention gathers the context")
+        _loaded["kernel"] = None if lib is None else PagedDecodeKernel(lib)
     return _loaded["kernel"]
 
 
-def _cpu_flags() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next((line for line in f if line.startswith("flags")), "")
-    except OSError:
-        return ""
-
-
-def _build() -> Path:
-    """Compile the source into the cache (atomically: concurrent builders each rename a finished file)."""
-    cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
-    if not cxx:
-        raise RuntimeError("no C++ compiler ($CXX, g++ or c++) on PATH")
-    src = _SOURCE.read_bytes()
-    key = hashlib.sha256(b"\0".join([src, cxx.encode(), " ".join(_FLAGS).encode(), platform.machine().encode(),
-                                      _cpu_flags().encode()])).hexdigest()[:16]
-    cache = Path(os.environ.get("RADIXLM_KERNEL_CACHE") or Path.home() / ".cache" / "radixlm" / "kernels")
-    target = cache / f"cpu_paged_decode-{key}.so"
-    if target.exists():
-        return target
-    cache.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache)
-    os.close(fd)
-    try:
-        proc = subprocess.run([cxx, *_FLAGS, str(_SOURCE), "-o", tmp], capture_output=True, text=True, timeout=120)
-        if proc.returncode != 0:
-            raise RuntimeError(f"{cxx} failed: {proc.stderr.strip()[-500:]}")
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    logger.info("built the CPU paged decode kernel: %s", target)
-    return target
+_loaded: dict[str, PagedDecodeKernel | None] = {}

@@ -19,6 +19,9 @@ SDPA path applies:
     shorter ones are bucketed like decodes, where one call for many requests is cheaper;
   * masked extends (chunks and cache hits with a longer prefix, jump-forward runs): one boolean mask
     ``[B, 1, Qmax, Lmax]``, or the cascade path below.
+On the CPU with AVX-512 and a head size of 64 or 128, every extend except a shared prefix's cascade
+(causal ones and masked ones alike) instead goes through the native paged extend kernel
+(cpu_paged_extend.py) in one call per layer, which reads each request's K/V in place.
 Per group and step it builds one gather index ``[B, Lmax]`` into the KV pool (and a mask where needed);
 every layer then does one gather per K and V, into reused workspace buffers (a fresh multi-megabyte
 tensor per layer costs more in page faults than the copy itself), and one SDPA call per group. No
@@ -65,6 +68,10 @@ class TorchAttnConfig:
     # (cpu_paged_decode.py), all in one group, instead of gathering each bucket's padded context per
     # layer. False (or no compiler to build it): the gather path.
     paged_decode: bool = True
+    # On the CPU, causal extends, and masked ones without a shared prefix, go through the native paged
+    # extend kernel (cpu_paged_extend.py), all in one call. False (no AVX-512, no compiler, shapes it
+    # does not cover, or the backend not told the query heads): the paths above.
+    paged_extend: bool = True
 
 
 @dataclass
@@ -102,25 +109,45 @@ class _Ragged:
     prefixes: list[torch.Tensor | None]  # the P <= causal_max_prefix cached KV slots of each, or None
 
 
+@dataclass(frozen=True)
+class _PagedExtends:
+    """Extends attended by the native kernel in one call, reading the pool in place; [B] int64 each."""
+
+    rows: torch.Tensor  # each request's req_to_token row
+    q_start: torch.Tensor  # its first token in the step's [T] order
+    prefix: torch.Tensor  # cached slots before its new tokens
+    n_new: torch.Tensor
+
+
 @dataclass
 class TorchAttnMetadata:
     groups: list[_Group]
     ragged: _Ragged | None = None
+    paged_extends: _PagedExtends | None = None
 
 
 class TorchAttnBackend(AttentionBackend):
-    def __init__(self, kv_pool: KVPool, req_to_token_pool: ReqToTokenPool, config: TorchAttnConfig = TorchAttnConfig()):
+    def __init__(self, kv_pool: KVPool, req_to_token_pool: ReqToTokenPool, config: TorchAttnConfig = TorchAttnConfig(),
+                 num_heads: int | None = None):
+        """``num_heads``: query heads per layer; the extend kernel is used only when it is given and covered."""
         self.kv_pool = kv_pool
         self.req_to_token = req_to_token_pool.req_to_token
         self.config = config
         # Gather targets reused across layers and steps: [n, Hkv, D] each, grown on demand.
         self._k_ws = self._v_ws = None
-        self._paged = None
-        if config.paged_decode and torch.device(kv_pool.device).type == "cpu":
+        self._paged = self._extend = None
+        on_cpu = torch.device(kv_pool.device).type == "cpu"
+        if config.paged_decode and on_cpu:
             from radixlm.runtime.attention import cpu_paged_decode
 
             kernel = cpu_paged_decode.load()
             self._paged = kernel if kernel is not None and kernel.supports(kv_pool.dtype) else None
+        if config.paged_extend and on_cpu and num_heads is not None:
+            from radixlm.runtime.attention import cpu_paged_extend
+
+            kernel = cpu_paged_extend.load()
+            hkv, d = kv_pool.k_buffers[0].shape[1:]
+            self._extend = kernel if kernel is not None and kernel.supports(kv_pool.dtype, num_heads, hkv, d) else None
 
     def init_forward_metadata(self, fb: ForwardBatch) -> None:
         device = fb.input_ids.device
@@ -147,17 +174,29 @@ class TorchAttnBackend(AttentionBackend):
                 groups.append(self._group(fb, decodes, starts, device, shared=shared))
             else:
                 groups += [self._group(fb, m, starts, device) for m in _buckets(decodes, seq, cfg.bucket_ratio)]
+        shared = None
+        if masked:
+            shared = self._shared_prefix(fb, masked, [pre[b] for b in masked], cfg.cascade_min_shared)
+        kernel_extends: list[int] = []
+        if self._extend is not None:  # every extend but a shared prefix's (the cascade reads it once)
+            kernel_extends, causal = causal, []
+            if shared is None:
+                kernel_extends, masked = sorted(kernel_extends + masked), []
         alone = [b for b in causal if ext[b] >= cfg.ragged_min_tokens]
         causal = [b for b in causal if ext[b] < cfg.ragged_min_tokens]
         groups += [self._group(fb, m, starts, device, causal=True) for m in _buckets(causal, seq, cfg.bucket_ratio)]
         if masked:
-            shared = self._shared_prefix(fb, masked, [pre[b] for b in masked], cfg.cascade_min_shared)
             groups.append(self._group(fb, masked, starts, device, shared=shared))
-        ragged = None
+        ragged = paged_extends = None
         if alone:
             prefixes = [self.req_to_token[fb.req_pool_indices[b], :pre[b]] if pre[b] else None for b in alone]
             ragged = _Ragged([(starts[b], ext[b]) for b in alone], prefixes)
-        fb.attn_metadata = TorchAttnMetadata(groups, ragged)
+        if kernel_extends:
+            idx = torch.tensor(kernel_extends, dtype=torch.int64, device=device)
+            paged_extends = _PagedExtends(fb.req_pool_indices[idx].contiguous(),
+                                          torch.tensor([starts[b] for b in kernel_extends], dtype=torch.int64),
+                                          fb.prefix_lens[idx].contiguous(), fb.extend_lens[idx].contiguous())
+        fb.attn_metadata = TorchAttnMetadata(groups, ragged, paged_extends)
 
     def _shared_prefix(self, fb: ForwardBatch, members: list[int], visible: list[int],
                        min_shared: int) -> torch.Tensor | None:
@@ -209,13 +248,17 @@ class TorchAttnBackend(AttentionBackend):
         self.kv_pool.set_kv(layer_id, fb.out_cache_loc, k, v)
         md: TorchAttnMetadata = fb.attn_metadata
         T, Hq, D = q.shape
-        if md.ragged is None and len(md.groups) == 1 and md.groups[0].tokens.numel() == T:
+        if md.ragged is None and md.paged_extends is None and len(md.groups) == 1 and md.groups[0].tokens.numel() == T:
             return self._attend(q, md.groups[0], layer_id, sm_scale)
         o = q.new_empty((T, Hq, D))
         for g in md.groups:
             o.index_copy_(0, g.tokens, self._attend(q.index_select(0, g.tokens), g, layer_id, sm_scale))
         if md.ragged is not None:
             self._attend_ragged(q, k, v, md.ragged, layer_id, sm_scale, o)
+        if md.paged_extends is not None:
+            e = md.paged_extends
+            self._extend(q, self.kv_pool.k_buffers[layer_id], self.kv_pool.v_buffers[layer_id], self.req_to_token,
+                         e.rows, e.q_start, e.prefix, e.n_new, sm_scale, o)
         return o
 
     def _attend_ragged(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, r: _Ragged, layer_id: int,

@@ -68,37 +68,50 @@ def test_greedy_matches_transformers(arch_engine):
         assert out["meta_info"]["prompt_tokens"] == ids.shape[1]
 
 
-@pytest.mark.parametrize("flags", [
-    pytest.param({"enable_torch_compile": True}, marks=pytest.mark.slow, id="compiled-elementwise-ops"),
-    pytest.param({"disable_cpu_paged_decode": True}, id="gathered-decode"),
+@pytest.mark.parametrize("preset,flags", [
+    pytest.param("tiny", {"enable_torch_compile": True}, marks=pytest.mark.slow, id="compiled-elementwise-ops"),
+    pytest.param("tiny", {"disable_cpu_paged_decode": True}, id="gathered-decode"),
+    pytest.param("tiny64", {}, id="native-kernels-head-size-64"),
+    pytest.param("tiny64", {"disable_cpu_paged_extend": True}, id="flash-extends-head-size-64"),
 ])
-def test_other_paths_match_transformers(make_model, flags):
-    """--enable-torch-compile (inductor-fused elementwise ops; a cold cache compiles for tens of seconds) and
-    the gather path for decodes: greedy tokens identical to transformers, logprobs within 1e-4 (float32)."""
+def test_other_paths_match_transformers(make_model, preset, flags):
+    """--enable-torch-compile (inductor-fused elementwise ops; a cold cache compiles for tens of seconds),
+    the gather path for decodes, and at head size 64 the native extend kernel (fresh prompts, then
+    extends behind their cached prefixes) or torch's flash kernel instead: greedy tokens identical to
+    transformers, logprobs within 1e-4 (float32)."""
+    from radixlm.runtime.attention import cpu_paged_extend
     from radixlm.runtime.models.decoder_ops import COMPILED_FROM_ROWS, EAGER
 
-    path = make_model("llama")
+    path = make_model("llama", preset)
     model, tok = _hf(path)
     # One long prompt, so the first prefill step has enough rows to take the compiled ops (decodes do not).
     prompts = PROMPTS + [" ".join(f"step {i} of the long prompt" for i in range(60))]
     assert sum(len(tok(p).input_ids) for p in prompts) >= COMPILED_FROM_ROWS
     with Engine(model_path=path, dtype="float32", device="cpu", max_total_tokens=4096, **flags) as eng:
-        runner = eng.scheduler.runner
+        backend = eng.scheduler.runner.attn_backend
         if flags.get("enable_torch_compile"):
-            assert runner.model.model.norm.ops is not EAGER
-        else:
-            assert runner.attn_backend._paged is None
-        outs = eng.generate(prompts, {"temperature": 0, "max_new_tokens": 12}, return_logprob=True)
-        for prompt, out in zip(prompts, outs):
-            ids = tok(prompt, return_tensors="pt").input_ids
-            with torch.no_grad():
-                ref = model.generate(ids, do_sample=False, max_new_tokens=12, attention_mask=torch.ones_like(ids),
-                                     output_scores=True, return_dict_in_generate=True)
-            assert out["output_ids"] == ref.sequences[0, ids.shape[1]:].tolist(), prompt
-            got = [lp for lp, _, _ in out["meta_info"]["output_token_logprobs"]]
-            want = [torch.log_softmax(sc[0].float(), -1)[t].item() for sc, t in zip(ref.scores, out["output_ids"])]
-            assert max(abs(a - b) for a, b in zip(got, want)) < 1e-4, prompt
+            assert eng.scheduler.runner.model.model.norm.ops is not EAGER
+        elif flags.get("disable_cpu_paged_decode"):
+            assert backend._paged is None
+        native = preset == "tiny64" and not flags and cpu_paged_extend.load() is not None
+        assert (backend._extend is not None) == native
+        _check_against_transformers(eng, model, tok, prompts)
+        # the same prompts continued: each an extend behind its own cached prompt (the masked path)
+        _check_against_transformers(eng, model, tok, [p + " and then a few more words" for p in prompts])
         eng.check_memory()
+
+
+def _check_against_transformers(eng, model, tok, prompts: list[str]) -> None:
+    outs = eng.generate(prompts, {"temperature": 0, "max_new_tokens": 12}, return_logprob=True)
+    for prompt, out in zip(prompts, outs):
+        ids = tok(prompt, return_tensors="pt").input_ids
+        with torch.no_grad():
+            ref = model.generate(ids, do_sample=False, max_new_tokens=12, attention_mask=torch.ones_like(ids),
+                                 output_scores=True, return_dict_in_generate=True)
+        assert out["output_ids"] == ref.sequences[0, ids.shape[1]:].tolist(), prompt
+        got = [lp for lp, _, _ in out["meta_info"]["output_token_logprobs"]]
+        want = [torch.log_softmax(sc[0].float(), -1)[t].item() for sc, t in zip(ref.scores, out["output_ids"])]
+        assert max(abs(a - b) for a, b in zip(got, want)) < 1e-4, prompt
 
 
 def test_logprobs_match_transformers(arch_engine):

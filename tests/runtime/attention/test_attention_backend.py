@@ -5,9 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
+from radixlm.runtime.attention import cpu_paged_extend as paged_extend
 from radixlm.runtime.attention.torch_backend import TorchAttnBackend, TorchAttnConfig
 from radixlm.runtime.forward_batch import ForwardBatch, ForwardMode
 from radixlm.runtime.memory_pool import KVPool, ReqToTokenPool
+
+
+D = 64  # a head size the native kernels cover
 
 
 def _setup(hq: int, hkv: int, d: int = 16):
@@ -74,7 +78,8 @@ def _reference(kv: KVPool, table: ReqToTokenPool, q, prefix_lens, extend, scale)
 
 
 CONFIGS = [
-    TorchAttnConfig(),  # decodes through the native paged kernel
+    TorchAttnConfig(),  # decodes and extends through the native paged kernels
+    TorchAttnConfig(paged_extend=False),  # extends through torch's flash kernel
     TorchAttnConfig(paged_decode=False),  # decodes gathered, bucketed by length
     TorchAttnConfig(paged_decode=False, bucket_ratio=1.0),  # every distinct length its own bucket
     TorchAttnConfig(paged_decode=False, bucket_ratio=0.0),  # one bucket: the whole group padded
@@ -94,7 +99,7 @@ def test_every_grouping_matches_the_reference(config, hq, hkv):
 
 
 def _check_mixed_step(config: TorchAttnConfig, hq: int, hkv: int) -> None:
-    kv, table = _setup(hq, hkv)
+    kv, table = _setup(hq, hkv, D)
     prefix_lens = [0, 1, 1, 40, 17, 9, 0, 120, 33]
     extend = [12, 30, 5, 1, 1, 6, 1, 1, 9]
     nxt, locs = 1, []
@@ -103,14 +108,18 @@ def _check_mixed_step(config: TorchAttnConfig, hq: int, hkv: int) -> None:
         nxt += p + n
         locs.append(table.req_to_token[b, p : p + n])
     T = sum(extend)
-    q = torch.randn(T, hq, 16)
-    k, v = torch.randn(T, hkv, 16), torch.randn(T, hkv, 16)
+    q = torch.randn(T, hq, D)
+    k, v = torch.randn(T, hkv, D), torch.randn(T, hkv, D)
     fb = ForwardBatch.build(ForwardMode.EXTEND, [5] * T, [p + i for p, n in zip(prefix_lens, extend) for i in range(n)],
                             torch.cat(locs), list(range(9)), prefix_lens, extend, "cpu")
-    backend = TorchAttnBackend(kv, table, config)
+    backend = TorchAttnBackend(kv, table, config, num_heads=hq)
     backend.init_forward_metadata(fb)
-    # the longest fresh prompt has 30 new tokens: alone (unpadded) exactly when the config allows it
-    assert (fb.attn_metadata.ragged is not None) == (config.ragged_min_tokens <= 30)
+    md = fb.attn_metadata
+    if backend._extend is not None:  # every extend in the kernel's one call (no prefix is shared here)
+        assert md.paged_extends.n_new.tolist() == [n for n in extend if n > 1] and md.ragged is None
+    else:  # the longest fresh prompt has 30 new tokens: alone (unpadded) exactly when the config allows it
+        assert md.paged_extends is None and (md.ragged is not None) == (config.ragged_min_tokens <= 30)
+    assert (backend._extend is not None) == (config.paged_extend and paged_extend.load() is not None)
     out = backend.forward(q, k, v, 0, fb, 0.25)
     torch.testing.assert_close(out, _reference(kv, table, q, prefix_lens, extend, 0.25), rtol=1e-5, atol=1e-5)
     assert not torch.isnan(out).any()

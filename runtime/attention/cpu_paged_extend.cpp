@@ -1,0 +1,234 @@
+// Paged causal extend attention for the CPU: several new query tokens per request, keys and values
+// read in place from the KV pool through the request's row of req_to_token.
+//
+// Built and loaded like cpu_paged_decode.cpp (see cpu_kernels.py). Needs AVX-512 (the Python side only
+// loads it when the CPU has it) and a head size that is a multiple of 16.
+//
+// New token i of request b sits at position prefix[b] + i and sees the slots 0 .. prefix[b] + i of its
+// row. One OpenMP task per (request, block of QB query positions); inside, per KV head, the R = QB * G
+// query rows that read it (QB positions x the G query heads of the KV head) go over the keys in blocks
+// of 16 with an online softmax:
+//   * scores: the block's keys are copied transposed into Kt [D][16], so one vector holds 16 keys' d-th
+//     elements and each row's scores for the block are one accumulator (R accumulators, a broadcast
+//     query element and one FMA per row and d): the products run at the FMA units' rate instead of a
+//     horizontal sum per dot product;
+//   * softmax: each row's 16 scores are one vector (max, exp, sum), the causal mask a lane mask on the
+//     diagonal blocks only;
+//   * values: the block's V rows are copied contiguous, and each pair of rows keeps its D accumulators
+//     in registers while the 16 keys stream past.
+// All arithmetic is float32 whatever the storage (float32 or bfloat16).
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#include <immintrin.h>
+
+namespace {
+
+constexpr int64_t KB = 16;  // keys per block: one AVX-512 vector of float32
+constexpr int64_t R = 16;   // query rows per task and KV head (QB positions x G heads)
+
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const uint16_t* p) {  // bfloat16 -> float32: the 16 bits become each lane's high half
+  const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+}
+inline float load1(float x) { return x; }
+inline float load1(uint16_t x) {
+  const uint32_t u = uint32_t(x) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+inline void store1(float x, float* p) { *p = x; }
+inline void store1(float x, uint16_t* p) {  // round to nearest even, as torch does
+  uint32_t u;
+  std::memcpy(&u, &x, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) { *p = 0x7fc0; return; }
+  u += 0x7fffu + ((u >> 16) & 1u);
+  *p = uint16_t(u >> 16);
+}
+
+// exp(x) for x <= 0, 16 lanes: 2^n * p(r), x = n ln2 + r, p the degree-6 Taylor polynomial (relative
+// error below 2e-7), as exp_nonpos in cpu_paged_decode.cpp.
+inline __m512 exp16(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.42860682030941723212e-6f), r);
+  __m512 p = _mm512_set1_ps(1.f / 720);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 120));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 24));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 6));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+  return _mm512_scalef_ps(p, n);
+}
+
+// q, out [T, Hq, D]; k, v [slots, Hkv, D]; req_to_token [rows, stride]; per request b of B: rows[b] (its
+// row), q_start[b] (its first token in q), prefix[b] (cached slots before its new tokens), n_new[b].
+template <typename T, int64_t D>
+void causal_extend(const T* q, const T* k, const T* v, const int64_t* req_to_token, int64_t stride,
+                   const int64_t* rows, const int64_t* q_start, const int64_t* prefix, const int64_t* n_new,
+                   T* out, int64_t B, int64_t Hq, int64_t Hkv, float scale) {
+  constexpr int64_t DV = D / 16;  // vectors per head row
+  const int64_t G = Hq / Hkv;
+  const int64_t QB = R / G;  // query positions per task (the caller guarantees G divides R)
+  const int64_t row_len = Hkv * D;
+  // Key blocks of each request (its first block's index in the packed buffers), and the tasks.
+  std::vector<int64_t> blk0(B + 1, 0), task_b, task_i, pack_b, pack_j;
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t nblk = (prefix[b] + n_new[b] + KB - 1) / KB;
+    blk0[b + 1] = blk0[b] + nblk;
+    for (int64_t j = 0; j < nblk; ++j) {
+      pack_b.push_back(b);
+      pack_j.push_back(j);
+    }
+    for (int64_t i = 0; i < n_new[b]; i += QB) {
+      task_b.push_back(b);
+      task_i.push_back(i);
+    }
+  }
+  // Packed once per call, read by every task of the request: K transposed per block [blk][Hkv][D][KB]
+  // (one vector = 16 keys' d-th elements), V per block [blk][Hkv][KB][D]; float32, zeros past the end.
+  std::vector<float> kp(blk0[B] * Hkv * D * KB), vp(blk0[B] * Hkv * KB * D);
+  const int64_t npack = int64_t(pack_b.size()), ntasks = int64_t(task_b.size());
+#pragma omp parallel
+  {
+#pragma omp for schedule(static)
+    for (int64_t t = 0; t < npack; ++t) {
+      const int64_t b = pack_b[t], j0 = pack_j[t] * KB, len = prefix[b] + n_new[b];
+      const int64_t* slot = req_to_token + rows[b] * stride;
+      float* kb = kp.data() + (blk0[b] + pack_j[t]) * Hkv * D * KB;
+      float* vb = vp.data() + (blk0[b] + pack_j[t]) * Hkv * KB * D;
+      for (int64_t j = 0; j < KB; ++j) {
+        if (j0 + j >= len) {
+          for (int64_t h = 0; h < Hkv; ++h) {
+            for (int64_t d = 0; d < D; ++d) kb[(h * D + d) * KB + j] = 0.f;
+            for (int64_t d = 0; d < D; ++d) vb[(h * KB + j) * D + d] = 0.f;
+          }
+          continue;
+        }
+        const T* kr = k + slot[j0 + j] * row_len;
+        const T* vr = v + slot[j0 + j] * row_len;
+        for (int64_t h = 0; h < Hkv; ++h) {
+          for (int64_t d = 0; d < D; ++d) kb[(h * D + d) * KB + j] = load1(kr[h * D + d]);
+          for (int64_t dv = 0; dv < DV; ++dv) _mm512_storeu_ps(vb + (h * KB + j) * D + dv * 16, load16(vr + h * D + dv * 16));
+        }
+      }
+    }
+    alignas(64) float qs[R][D];   // the rows' scaled queries
+    alignas(64) float acc[R][D];  // output accumulators
+    alignas(64) float pr[R][KB];  // the block's probabilities per row
+    float m[R], l[R];
+    int64_t pos[R];  // each row's absolute position (its last visible key)
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t t = 0; t < ntasks; ++t) {
+      const int64_t b = task_b[t], i0 = task_i[t];
+      const int64_t nq = std::min(QB, n_new[b] - i0);  // positions in this block (the last may be short)
+      const int64_t last = prefix[b] + i0 + nq - 1;    // the block's last visible key
+      for (int64_t kvh = 0; kvh < Hkv; ++kvh) {
+        for (int64_t r = 0; r < R; ++r) {  // row r: position r / G of the block, query head kvh*G + r % G
+          const int64_t qi = std::min(r / G, nq - 1);  // a short block repeats its last position
+          pos[r] = prefix[b] + i0 + qi;
+          const T* src = q + ((q_start[b] + i0 + qi) * Hq + kvh * G + r % G) * D;
+          for (int64_t d = 0; d < D; ++d) qs[r][d] = load1(src[d]) * scale;
+          for (int64_t d = 0; d < D; ++d) acc[r][d] = 0.f;
+          m[r] = -INFINITY;
+          l[r] = 0.f;
+        }
+        for (int64_t j0 = 0; j0 <= last; j0 += KB) {
+          const float* kt = kp.data() + ((blk0[b] + j0 / KB) * Hkv + kvh) * D * KB;
+          const float* vb = vp.data() + ((blk0[b] + j0 / KB) * Hkv + kvh) * KB * D;
+          const int64_t n = std::min(KB, last + 1 - j0);
+          __m512 sc[R];
+          for (int64_t r = 0; r < R; ++r) sc[r] = _mm512_setzero_ps();
+          for (int64_t d = 0; d < D; ++d) {
+            const __m512 kd = _mm512_loadu_ps(kt + d * KB);
+            for (int64_t r = 0; r < R; ++r) sc[r] = _mm512_fmadd_ps(_mm512_set1_ps(qs[r][d]), kd, sc[r]);
+          }
+          const __m512i lane = _mm512_add_epi32(_mm512_set1_epi32(int32_t(j0)),
+                                                _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
+          for (int64_t r = 0; r < R; ++r) {  // online softmax over the block's visible keys
+            const __mmask16 ok = _mm512_cmple_epi32_mask(lane, _mm512_set1_epi32(int32_t(pos[r])));
+            const float mx = std::max(m[r], _mm512_mask_reduce_max_ps(ok, sc[r]));
+            const __m512 p = _mm512_maskz_mov_ps(ok, exp16(_mm512_sub_ps(sc[r], _mm512_set1_ps(mx))));
+            const float alpha = std::exp(m[r] - mx);  // 0 for the first block (m = -inf)
+            l[r] = l[r] * alpha + _mm512_reduce_add_ps(p);
+            m[r] = mx;
+            _mm512_store_ps(pr[r], p);
+            if (alpha != 1.f) {
+              const __m512 a = _mm512_set1_ps(alpha);
+              for (int64_t dv = 0; dv < DV; ++dv)
+                _mm512_store_ps(&acc[r][dv * 16], _mm512_mul_ps(a, _mm512_load_ps(&acc[r][dv * 16])));
+            }
+          }
+          for (int64_t r = 0; r < R; r += 2) {  // acc[r] += sum_j p[r][j] v_j, two rows at a time
+            __m512 a0[DV], a1[DV];
+            for (int64_t dv = 0; dv < DV; ++dv) {
+              a0[dv] = _mm512_load_ps(&acc[r][dv * 16]);
+              a1[dv] = _mm512_load_ps(&acc[r + 1][dv * 16]);
+            }
+            for (int64_t j = 0; j < n; ++j) {
+              const __m512 p0 = _mm512_set1_ps(pr[r][j]), p1 = _mm512_set1_ps(pr[r + 1][j]);
+              for (int64_t dv = 0; dv < DV; ++dv) {
+                const __m512 vv = _mm512_loadu_ps(vb + j * D + dv * 16);
+                a0[dv] = _mm512_fmadd_ps(p0, vv, a0[dv]);
+                a1[dv] = _mm512_fmadd_ps(p1, vv, a1[dv]);
+              }
+            }
+            for (int64_t dv = 0; dv < DV; ++dv) {
+              _mm512_store_ps(&acc[r][dv * 16], a0[dv]);
+              _mm512_store_ps(&acc[r + 1][dv * 16], a1[dv]);
+            }
+          }
+        }
+        for (int64_t r = 0; r < R; ++r) {
+          if (r / G >= nq) continue;  // a repeated row of a short block
+          const float inv = 1.f / l[r];  // every position sees at least key 0
+          T* dst = out + ((q_start[b] + i0 + r / G) * Hq + kvh * G + r % G) * D;
+          for (int64_t d = 0; d < D; ++d) store1(acc[r][d] * inv, dst + d);
+        }
+      }
+    }
+  }
+}
+
+template <typename T>
+int dispatch(const T* q, const T* k, const T* v, const int64_t* req_to_token, int64_t stride, const int64_t* rows,
+             const int64_t* q_start, const int64_t* prefix, const int64_t* n_new, T* out, int64_t B, int64_t Hq,
+             int64_t Hkv, int64_t D, float scale) {
+  if (Hq % Hkv || R % (Hq / Hkv)) return 1;
+  if (D == 64)
+    causal_extend<T, 64>(q, k, v, req_to_token, stride, rows, q_start, prefix, n_new, out, B, Hq, Hkv, scale);
+  else if (D == 128)
+    causal_extend<T, 128>(q, k, v, req_to_token, stride, rows, q_start, prefix, n_new, out, B, Hq, Hkv, scale);
+  else
+    return 1;
+  return 0;
+}
+
+}  // namespace
+
+extern "C" {
+
+int radixlm_causal_extend_f32(const float* q, const float* k, const float* v, const int64_t* req_to_token,
+                              int64_t stride, const int64_t* rows, const int64_t* q_start, const int64_t* prefix,
+                              const int64_t* n_new, float* out, int64_t B, int64_t Hq, int64_t Hkv, int64_t D,
+                              float scale) {
+  return dispatch<float>(q, k, v, req_to_token, stride, rows, q_start, prefix, n_new, out, B, Hq, Hkv, D, scale);
+}
+
+int radixlm_causal_extend_bf16(const uint16_t* q, const uint16_t* k, const uint16_t* v, const int64_t* req_to_token,
+                               int64_t stride, const int64_t* rows, const int64_t* q_start, const int64_t* prefix,
+                               const int64_t* n_new, uint16_t* out, int64_t B, int64_t Hq, int64_t Hkv, int64_t D,
+                               float scale) {
+  return dispatch<uint16_t>(q, k, v, req_to_token, stride, rows, q_start, prefix, n_new, out, B, Hq, Hkv, D, scale);
+}
+
+}  // extern "C"
