@@ -94,8 +94,15 @@ CONFIGS = [
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda c: f"{c}")
 @pytest.mark.parametrize("hq,hkv", [(4, 4), (8, 2)])
 def test_every_grouping_matches_the_reference(config, hq, hkv):
-    """A mixed step: decodes of unequal contexts, fresh prompts, 1-token (BOS) hits, longer prefixes."""
+    """A mixed step: decodes of unequal contexts, fresh prompts, 1-token (BOS) hits, longer prefixes.
+    Every slot no request owns holds NaN, as an uninitialised pool may: only the padding slot 0, which
+    the pool zeroes, may be read besides the requests' own."""
     _check_mixed_step(config, hq, hkv)
+
+
+def test_the_pool_zeroes_its_padding_slot():
+    kv = KVPool(64, num_layers=2, num_kv_heads=2, head_dim=8, dtype=torch.float32, device="cpu")
+    assert all((b[0] == 0).all() for b in kv.k_buffers + kv.v_buffers)
 
 
 def _check_mixed_step(config: TorchAttnConfig, hq: int, hkv: int) -> None:
@@ -107,6 +114,9 @@ def _check_mixed_step(config: TorchAttnConfig, hq: int, hkv: int) -> None:
         table.req_to_token[b, : p + n] = torch.arange(nxt, nxt + p + n)
         nxt += p + n
         locs.append(table.req_to_token[b, p : p + n])
+    for buf in kv.k_buffers + kv.v_buffers:  # slots nobody owns: garbage; the padding slot: zeros
+        buf[nxt:] = float("nan")
+        buf[0] = 0.0
     T = sum(extend)
     q = torch.randn(T, hq, D)
     k, v = torch.randn(T, hkv, D), torch.randn(T, hkv, D)
