@@ -64,8 +64,11 @@ class SlotAllocator:
         return out
 
     def free(self, slots: torch.Tensor) -> None:
+        """Give slots back. They go to the front, so the next ``alloc`` reuses them before any slot
+        never handed out: the working set stays as compact as the load allows (its pages resident and
+        warm in cache), and untouched slots cost no memory until the load needs them."""
         if slots.numel():
-            self._free = torch.cat((self._free, slots.to(device=self.device, dtype=torch.int64)))
+            self._free = torch.cat((slots.to(device=self.device, dtype=torch.int64), self._free))
 
 
 class KVPool(SlotAllocator):

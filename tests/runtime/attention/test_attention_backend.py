@@ -100,11 +100,6 @@ def test_every_grouping_matches_the_reference(config, hq, hkv):
     _check_mixed_step(config, hq, hkv)
 
 
-def test_the_pool_zeroes_its_padding_slot():
-    kv = KVPool(64, num_layers=2, num_kv_heads=2, head_dim=8, dtype=torch.float32, device="cpu")
-    assert all((b[0] == 0).all() for b in kv.k_buffers + kv.v_buffers)
-
-
 def _check_mixed_step(config: TorchAttnConfig, hq: int, hkv: int) -> None:
     kv, table = _setup(hq, hkv, D)
     prefix_lens = [0, 1, 1, 40, 17, 9, 0, 120, 33]
