@@ -143,7 +143,9 @@ class KVManager:
             req.kv_len = idx
 
     def flush(self) -> None:
+        """Empty the tree; the pool starts again as a fresh one does, its free slots in order."""
         self.cache.reset(free_slots=True)
+        self.kv_pool.defragment()
 
     # ------------------------------------------------------------------ invariant
     def check(self, running: list[Req]) -> None:

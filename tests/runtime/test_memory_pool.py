@@ -33,3 +33,25 @@ def test_the_free_list_holds_each_slot_once_and_never_slot_0():
 def test_the_pool_zeroes_its_padding_slot():
     kv = KVPool(64, num_layers=2, num_kv_heads=2, head_dim=8, dtype=torch.float32, device="cpu")
     assert all((b[0] == 0).all() for b in kv.k_buffers + kv.v_buffers)
+
+
+def test_defragment_puts_the_free_list_in_slot_order():
+    """Decode steps free slots interleaved across requests; after a defragment (a cache flush does one)
+    allocation hands out contiguous runs from the lowest slot again."""
+    a = SlotAllocator(32)
+    s = a.alloc(32)
+    a.free(s[1::2])
+    a.free(s[::2])
+    a.defragment()
+    assert a.alloc(32).tolist() == list(range(1, 33))
+
+
+def test_a_flush_leaves_the_pool_in_order(tiny_llama):
+    from radixlm.runtime.engine import Engine
+
+    with Engine(model_path=tiny_llama, device="cpu", max_total_tokens=2048) as eng:
+        eng.generate(["one prompt", "and another one", "a third, longer than the others"], {"max_new_tokens": 6})
+        assert eng.flush_cache()["success"]  # the tree gives back decode slots interleaved across requests
+        free = eng._call(lambda: eng.scheduler.runner.kv_pool._free.clone())
+        assert torch.equal(free, torch.arange(1, 2049))
+        eng.check_memory()
