@@ -4,8 +4,9 @@
 // Built and loaded like cpu_paged_decode.cpp (see cpu_kernels.py). Needs AVX-512F (the Python side only
 // loads it when the CPU has it), a head size of 64 or 128, and a query-head group that divides R = 16.
 //
-// New token i of request b sits at position prefix[b] + i and sees the slots 0 .. prefix[b] + i of its
-// row. First, each request's keys are read from the pool once and packed in blocks of 16 keys, as
+// New token i of request b sits at position prefix[b] + i and sees the slots begin .. prefix[b] + i of
+// its row (begin = 0: its whole context; begin > 0: the suffix after a prefix that a cascade attends
+// separately, for which the kernel also writes each row's log-sum-exp so the two parts can be merged). First, each request's keys are read from the pool once and packed in blocks of 16 keys, as
 // float32: K transposed ([D][16]: one vector holds 16 keys' d-th elements), V as rows. Then one OpenMP
 // task per (request, block of QB query positions); inside, per KV head, the R = QB * G query rows that
 // read it (QB positions x the G query heads of the KV head) go over the key blocks with an online
@@ -74,11 +75,13 @@ inline __m512 exp16(__m512 x) {
 }
 
 // q, out [T, Hq, D]; k, v [slots, Hkv, D]; req_to_token [rows, stride]; per request b of B: rows[b] (its
-// row), q_start[b] (its first token in q), prefix[b] (cached slots before its new tokens), n_new[b].
+// row), q_start[b] (its first token in q), prefix[b] (cached slots before its new tokens), n_new[b];
+// begin <= every prefix[b]: the first slot read; lse [T, Hq] or null: log-sum-exp of each written row's
+// scaled scores.
 template <typename T, int64_t D>
 void causal_extend(const T* q, const T* k, const T* v, const int64_t* req_to_token, int64_t stride,
                    const int64_t* rows, const int64_t* q_start, const int64_t* prefix, const int64_t* n_new,
-                   T* out, int64_t B, int64_t Hq, int64_t Hkv, float scale) {
+                   int64_t begin, T* out, float* lse, int64_t B, int64_t Hq, int64_t Hkv, float scale) {
   constexpr int64_t DV = D / 16;  // vectors per head row
   const int64_t G = Hq / Hkv;
   const int64_t QB = R / G;  // query positions per task (the caller guarantees G divides R)
@@ -86,7 +89,7 @@ void causal_extend(const T* q, const T* k, const T* v, const int64_t* req_to_tok
   // Key blocks of each request (its first block's index in the packed buffers), and the tasks.
   std::vector<int64_t> blk0(B + 1, 0), task_b, task_i, pack_b, pack_j;
   for (int64_t b = 0; b < B; ++b) {
-    const int64_t nblk = (prefix[b] + n_new[b] + KB - 1) / KB;
+    const int64_t nblk = (prefix[b] - begin + n_new[b] + KB - 1) / KB;
     blk0[b + 1] = blk0[b] + nblk;
     for (int64_t j = 0; j < nblk; ++j) {
       pack_b.push_back(b);
@@ -105,8 +108,8 @@ void causal_extend(const T* q, const T* k, const T* v, const int64_t* req_to_tok
   {
 #pragma omp for schedule(static)
     for (int64_t t = 0; t < npack; ++t) {
-      const int64_t b = pack_b[t], j0 = pack_j[t] * KB, len = prefix[b] + n_new[b];
-      const int64_t* slot = req_to_token + rows[b] * stride;
+      const int64_t b = pack_b[t], j0 = pack_j[t] * KB, len = prefix[b] - begin + n_new[b];
+      const int64_t* slot = req_to_token + rows[b] * stride + begin;
       float* kb = kp.data() + (blk0[b] + pack_j[t]) * Hkv * D * KB;
       float* vb = vp.data() + (blk0[b] + pack_j[t]) * Hkv * KB * D;
       for (int64_t j = 0; j < KB; ++j) {
@@ -129,16 +132,16 @@ void causal_extend(const T* q, const T* k, const T* v, const int64_t* req_to_tok
     alignas(64) float acc[R][D];  // output accumulators
     alignas(64) float pr[R][KB];  // the block's probabilities per row
     float m[R], l[R];
-    int64_t pos[R];  // each row's absolute position (its last visible key)
+    int64_t pos[R];  // each row's last visible key, counted from begin
 #pragma omp for schedule(dynamic, 1)
     for (int64_t t = 0; t < ntasks; ++t) {
       const int64_t b = task_b[t], i0 = task_i[t];
       const int64_t nq = std::min(QB, n_new[b] - i0);  // positions in this block (the last may be short)
-      const int64_t last = prefix[b] + i0 + nq - 1;    // the block's last visible key
+      const int64_t last = prefix[b] - begin + i0 + nq - 1;  // the block's last visible key
       for (int64_t kvh = 0; kvh < Hkv; ++kvh) {
         for (int64_t r = 0; r < R; ++r) {  // row r: position r / G of the block, query head kvh*G + r % G
           const int64_t qi = std::min(r / G, nq - 1);  // a short block repeats its last position
-          pos[r] = prefix[b] + i0 + qi;
+          pos[r] = prefix[b] - begin + i0 + qi;
           const T* src = q + ((q_start[b] + i0 + qi) * Hq + kvh * G + r % G) * D;
           for (int64_t d = 0; d < D; ++d) qs[r][d] = load1(src[d]) * scale;
           for (int64_t d = 0; d < D; ++d) acc[r][d] = 0.f;
@@ -193,9 +196,11 @@ void causal_extend(const T* q, const T* k, const T* v, const int64_t* req_to_tok
         }
         for (int64_t r = 0; r < R; ++r) {
           if (r / G >= nq) continue;  // a repeated row of a short block
-          const float inv = 1.f / l[r];  // every position sees at least key 0
-          T* dst = out + ((q_start[b] + i0 + r / G) * Hq + kvh * G + r % G) * D;
+          const float inv = 1.f / l[r];  // every position sees at least its own key
+          const int64_t row = (q_start[b] + i0 + r / G) * Hq + kvh * G + r % G;
+          T* dst = out + row * D;
           for (int64_t d = 0; d < D; ++d) store1(acc[r][d] * inv, dst + d);
+          if (lse) lse[row] = m[r] + std::log(l[r]);
         }
       }
     }
@@ -204,13 +209,17 @@ void causal_extend(const T* q, const T* k, const T* v, const int64_t* req_to_tok
 
 template <typename T>
 int dispatch(const T* q, const T* k, const T* v, const int64_t* req_to_token, int64_t stride, const int64_t* rows,
-             const int64_t* q_start, const int64_t* prefix, const int64_t* n_new, T* out, int64_t B, int64_t Hq,
-             int64_t Hkv, int64_t D, float scale) {
-  if (Hq % Hkv || R % (Hq / Hkv)) return 1;
+             const int64_t* q_start, const int64_t* prefix, const int64_t* n_new, int64_t begin, T* out, float* lse,
+             int64_t B, int64_t Hq, int64_t Hkv, int64_t D, float scale) {
+  if (Hq % Hkv || R % (Hq / Hkv) || begin < 0) return 1;
+  for (int64_t b = 0; b < B; ++b)
+    if (prefix[b] < begin) return 1;
   if (D == 64)
-    causal_extend<T, 64>(q, k, v, req_to_token, stride, rows, q_start, prefix, n_new, out, B, Hq, Hkv, scale);
+    causal_extend<T, 64>(q, k, v, req_to_token, stride, rows, q_start, prefix, n_new, begin, out, lse, B, Hq, Hkv,
+                         scale);
   else if (D == 128)
-    causal_extend<T, 128>(q, k, v, req_to_token, stride, rows, q_start, prefix, n_new, out, B, Hq, Hkv, scale);
+    causal_extend<T, 128>(q, k, v, req_to_token, stride, rows, q_start, prefix, n_new, begin, out, lse, B, Hq, Hkv,
+                          scale);
   else
     return 1;
   return 0;
@@ -222,16 +231,18 @@ extern "C" {
 
 int radixlm_causal_extend_f32(const float* q, const float* k, const float* v, const int64_t* req_to_token,
                               int64_t stride, const int64_t* rows, const int64_t* q_start, const int64_t* prefix,
-                              const int64_t* n_new, float* out, int64_t B, int64_t Hq, int64_t Hkv, int64_t D,
-                              float scale) {
-  return dispatch<float>(q, k, v, req_to_token, stride, rows, q_start, prefix, n_new, out, B, Hq, Hkv, D, scale);
+                              const int64_t* n_new, int64_t begin, float* out, float* lse, int64_t B, int64_t Hq,
+                              int64_t Hkv, int64_t D, float scale) {
+  return dispatch<float>(q, k, v, req_to_token, stride, rows, q_start, prefix, n_new, begin, out, lse, B, Hq, Hkv, D,
+                         scale);
 }
 
 int radixlm_causal_extend_bf16(const uint16_t* q, const uint16_t* k, const uint16_t* v, const int64_t* req_to_token,
                                int64_t stride, const int64_t* rows, const int64_t* q_start, const int64_t* prefix,
-                               const int64_t* n_new, uint16_t* out, int64_t B, int64_t Hq, int64_t Hkv, int64_t D,
-                               float scale) {
-  return dispatch<uint16_t>(q, k, v, req_to_token, stride, rows, q_start, prefix, n_new, out, B, Hq, Hkv, D, scale);
+                               const int64_t* n_new, int64_t begin, uint16_t* out, float* lse, int64_t B, int64_t Hq,
+                               int64_t Hkv, int64_t D, float scale) {
+  return dispatch<uint16_t>(q, k, v, req_to_token, stride, rows, q_start, prefix, n_new, begin, out, lse, B, Hq, Hkv,
+                            D, scale);
 }
 
 }  // extern "C"

@@ -27,7 +27,7 @@ import torch
 from radixlm.runtime.attention import cpu_kernels
 
 _P, _I, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
-_ARGTYPES = [_P, _P, _P, _P, _I, _P, _P, _P, _P, _P, _I, _I, _I, _I, _F]
+_ARGTYPES = [_P, _P, _P, _P, _I, _P, _P, _P, _P, _I, _P, _P, _I, _I, _I, _I, _F]
 _ROWS = 16  # query rows per task in the kernel (R): the query-head group must divide it
 
 
@@ -46,12 +46,14 @@ class PagedExtendKernel:
 
     def __call__(self, q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, req_to_token: torch.Tensor,
                  rows: torch.Tensor, q_start: torch.Tensor, prefix: torch.Tensor, n_new: torch.Tensor,
-                 scale: float, out: torch.Tensor) -> None:
+                 scale: float, out: torch.Tensor, begin: int = 0, lse: torch.Tensor | None = None) -> None:
         """q [T, Hq, D] (the step's queries); k_buf/v_buf [slots, Hkv, D] (the layer's pool, same dtype, the
         new tokens' K/V already written); req_to_token [R, stride] int64; per extending request, int64 [B]:
         ``rows`` (its row), ``q_start`` (its first token in q), ``prefix`` (cached slots before its new
-        tokens), ``n_new``. New token i sees its row's slots 0 .. prefix + i. Writes those requests' rows of
-        ``out`` [T, Hq, D] (q's dtype, contiguous) and leaves the others alone."""
+        tokens), ``n_new``. New token i sees its row's slots begin .. prefix + i (``begin`` <= every
+        prefix: > 0 leaves out a shared prefix that a cascade attends on its own). Writes those requests'
+        rows of ``out`` [T, Hq, D] (q's dtype, contiguous) and, if given, of ``lse`` [T, Hq] float32 (the
+        log-sum-exp of each row's scaled scores, to merge with the other part), and leaves the rest alone."""
         T, Hq, D = q.shape
         Hkv = k_buf.shape[1]
         B = rows.shape[0]
@@ -66,11 +68,15 @@ class PagedExtendKernel:
                 raise ValueError("paged extend kernel: every tensor must be a contiguous CPU tensor")
         if k_buf.dtype != q.dtype or v_buf.dtype != q.dtype or out.dtype != q.dtype:
             raise ValueError("paged extend kernel: q, k_buf, v_buf and out share one dtype")
+        if lse is not None and (lse.shape != (T, Hq) or lse.dtype != torch.float32 or not lse.is_contiguous()):
+            raise ValueError(f"paged extend kernel: lse must be contiguous float32 [{T}, {Hq}]")
         rc = self._fns[q.dtype](q.data_ptr(), k_buf.data_ptr(), v_buf.data_ptr(), req_to_token.data_ptr(),
                                 req_to_token.stride(0), rows.data_ptr(), q_start.data_ptr(), prefix.data_ptr(),
-                                n_new.data_ptr(), out.data_ptr(), B, Hq, Hkv, D, scale)
+                                n_new.data_ptr(), begin, out.data_ptr(), None if lse is None else lse.data_ptr(),
+                                B, Hq, Hkv, D, scale)
         if rc != 0:
-            raise ValueError(f"paged extend kernel refused Hq={Hq}, Hkv={Hkv}, D={D}")
+            raise ValueError(f"paged extend kernel refused Hq={Hq}, Hkv={Hkv}, D={D}, begin={begin} "
+                             "(begin must be within every request's prefix)")
 
 
 def load() -> PagedExtendKernel | None:

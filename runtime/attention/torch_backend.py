@@ -19,9 +19,10 @@ SDPA path applies:
     shorter ones are bucketed like decodes, where one call for many requests is cheaper;
   * masked extends (chunks and cache hits with a longer prefix, jump-forward runs): one boolean mask
     ``[B, 1, Qmax, Lmax]``, or the cascade path below.
-On the CPU with AVX-512 and a head size of 64 or 128, every extend except a shared prefix's cascade
-(causal ones and masked ones alike) instead goes through the native paged extend kernel
-(cpu_paged_extend.py) in one call per layer, which reads each request's K/V in place.
+On the CPU with AVX-512 and a head size of 64 or 128, every extend (causal ones and masked ones alike)
+instead goes through the native paged extend kernel (cpu_paged_extend.py) in one call per layer, which
+reads each request's K/V in place; behind a shared prefix, the kernel reads each request's suffix after
+it (with its log-sum-exp) and the cascade below the prefix.
 Per group and step it builds one gather index ``[B, Lmax]`` into the KV pool (and a mask where needed);
 every layer then does one gather per K and V, into reused workspace buffers (a fresh multi-megabyte
 tensor per layer costs more in page faults than the copy itself), and one SDPA call per group. No
@@ -30,10 +31,11 @@ Python loop over requests runs per layer.
 Cascade attention for shared prefixes: when the requests of a group share their first P KV slots (the
 radix cache hands every request with a common prompt prefix the same slots), the shared keys are read
 once and attended by all the group's queries at once, unpadded (the prefix precedes every query, so no
-mask); only each request's own suffix is gathered per request and masked; the two partial softmaxes are
-merged with their log-sum-exps. Both parts run torch's fused CPU flash kernel, which returns the
-log-sum-exp and never materialises the [queries, keys] scores (the explicit softmax it replaced wrote
-and re-read 256 MB per layer on few-shot extends and made them 3x slower). A 1k-token few-shot prefix
+mask); only each request's own suffix is read per request (by a paged kernel in place, or gathered,
+padded and masked); the two partial softmaxes are merged with their log-sum-exps. The shared part runs
+torch's fused CPU flash kernel, which returns the log-sum-exp and never materialises the [queries, keys]
+scores (the explicit softmax it replaced wrote and re-read 256 MB per layer on few-shot extends and
+made them 3x slower). A 1k-token few-shot prefix
 decoded by 200 requests is then read once per layer instead of 200 times.
 """
 
@@ -68,10 +70,20 @@ class TorchAttnConfig:
     # (cpu_paged_decode.py), all in one group, instead of gathering each bucket's padded context per
     # layer. False (or no compiler to build it): the gather path.
     paged_decode: bool = True
-    # On the CPU, causal extends, and masked ones without a shared prefix, go through the native paged
-    # extend kernel (cpu_paged_extend.py), all in one call. False (no AVX-512, no compiler, shapes it
-    # does not cover, or the backend not told the query heads): the paths above.
+    # On the CPU, extends go through the native paged extend kernel (cpu_paged_extend.py), all in one
+    # call (behind a shared prefix, their suffixes). False (no AVX-512, no compiler, shapes it does not
+    # cover, or the backend not told the query heads): the paths above.
     paged_extend: bool = True
+
+
+@dataclass(frozen=True)
+class _PagedExtends:
+    """Extends attended by the native kernel in one call, reading the pool in place; [B] int64 each."""
+
+    rows: torch.Tensor  # each request's req_to_token row
+    q_start: torch.Tensor  # its first token in the step's [T] order
+    prefix: torch.Tensor  # cached slots before its new tokens
+    n_new: torch.Tensor
 
 
 @dataclass
@@ -81,13 +93,16 @@ class _Group:
     mask: torch.Tensor | None  # [Bg, 1, Qmax, Lmax] bool, True = may attend (None: see `causal`)
     causal: bool  # no mask: plain causal attention (causal extends), or all keys valid (equal decodes)
     shared: torch.Tensor | None  # [P] KV slots every request of the group starts with (cascade), or None
-    q_flat: torch.Tensor  # [Tg] row of each token in the padded [Bg * Qmax] query layout
+    q_flat: torch.Tensor | None  # [Tg] row of each token in the padded [Bg * Qmax] query layout
     batch: int
     qmax: int
     # The paged decode group (kernel reads the pool in place; with ``shared`` only each request's suffix
     # after it): each request's req_to_token row and context length, [Bg] int64 each.
     rows: torch.Tensor | None = None
     seq_lens: torch.Tensor | None = None
+    # A cascade of extends whose suffixes the extend kernel reads in place (q_start within the group's
+    # tokens): no kv_idx, mask or padding is built.
+    suffix: _PagedExtends | None = None
     _bias: dict = field(default_factory=dict)  # (G, dtype) → folded_bias, built at the step's first layer
 
     def folded_bias(self, G: int, dtype: torch.dtype) -> torch.Tensor:
@@ -107,16 +122,6 @@ class _Ragged:
 
     spans: list[tuple[int, int]]  # (first row in the step's [T] tokens, new tokens) per request
     prefixes: list[torch.Tensor | None]  # the P <= causal_max_prefix cached KV slots of each, or None
-
-
-@dataclass(frozen=True)
-class _PagedExtends:
-    """Extends attended by the native kernel in one call, reading the pool in place; [B] int64 each."""
-
-    rows: torch.Tensor  # each request's req_to_token row
-    q_start: torch.Tensor  # its first token in the step's [T] order
-    prefix: torch.Tensor  # cached slots before its new tokens
-    n_new: torch.Tensor
 
 
 @dataclass
@@ -178,14 +183,16 @@ class TorchAttnBackend(AttentionBackend):
         if masked:
             shared = self._shared_prefix(fb, masked, [pre[b] for b in masked], cfg.cascade_min_shared)
         kernel_extends: list[int] = []
-        if self._extend is not None:  # every extend but a shared prefix's (the cascade reads it once)
+        if self._extend is not None:  # every extend; behind a shared prefix the cascade's suffixes (below)
             kernel_extends, causal = causal, []
             if shared is None:
                 kernel_extends, masked = sorted(kernel_extends + masked), []
         alone = [b for b in causal if ext[b] >= cfg.ragged_min_tokens]
         causal = [b for b in causal if ext[b] < cfg.ragged_min_tokens]
         groups += [self._group(fb, m, starts, device, causal=True) for m in _buckets(causal, seq, cfg.bucket_ratio)]
-        if masked:
+        if masked and shared is not None and self._extend is not None:
+            groups.append(self._suffix_cascade(fb, masked, starts, device, shared))
+        elif masked:
             groups.append(self._group(fb, masked, starts, device, shared=shared))
         ragged = paged_extends = None
         if alone:
@@ -208,6 +215,18 @@ class TorchAttnBackend(AttentionBackend):
         rows = self.req_to_token[fb.req_pool_indices[torch.tensor(members, device=fb.input_ids.device)], :cap]
         p = int((rows == rows[:1]).all(dim=0).long().cumprod(0).sum())
         return rows[0, :p] if p >= min_shared else None
+
+    def _suffix_cascade(self, fb: ForwardBatch, members: list[int], starts: list[int], device,
+                        shared: torch.Tensor) -> _Group:
+        """A cascade over ``shared`` whose per-request suffixes the extend kernel reads in place."""
+        ext = [fb.extend_lens_cpu[b] for b in members]
+        idx = torch.tensor(members, dtype=torch.int64, device=device)
+        tokens = torch.tensor([starts[b] + k for b, n in zip(members, ext) for k in range(n)], dtype=torch.int64,
+                              device=device)
+        q_start = torch.tensor([0] + ext[:-1], dtype=torch.int64).cumsum(0)
+        suffix = _PagedExtends(fb.req_pool_indices[idx].contiguous(), q_start, fb.prefix_lens[idx].contiguous(),
+                               fb.extend_lens[idx].contiguous())
+        return _Group(tokens, None, None, False, shared, None, len(members), max(ext), suffix=suffix)
 
     def _group(self, fb: ForwardBatch, members: list[int], starts: list[int], device, causal: bool = False,
                shared: torch.Tensor | None = None) -> _Group:
@@ -355,6 +374,12 @@ class TorchAttnBackend(AttentionBackend):
         if g.rows is not None:  # paged decodes: each request's suffix read from the pool in place
             o_u, lse_u = self._paged(q, k_buf, v_buf, self.req_to_token, g.rows, g.seq_lens, scale,
                                      begin=g.shared.numel(), return_lse=True)  # [Tg, Hq, D], [Tg, Hq]
+            return _merge(o_s, lse_s, o_u, lse_u)
+        if g.suffix is not None:  # extends: the kernel reads each suffix in place, causal within the step
+            e = g.suffix
+            o_u, lse_u = torch.empty_like(q), q.new_empty((T, Hq), dtype=torch.float32)
+            self._extend(q.contiguous(), k_buf, v_buf, self.req_to_token, e.rows, e.q_start, e.prefix, e.n_new,
+                         scale, o_u, begin=g.shared.numel(), lse=lse_u)  # [Tg, Hq, D], [Tg, Hq]
             return _merge(o_s, lse_s, o_u, lse_u)
         # Own suffix: gathered per request, queries padded to [B, Qmax], masked (causal within the step).
         B, Q, lu = g.batch, g.qmax, g.kv_idx.shape[1]

@@ -98,6 +98,16 @@ def test_other_paths_match_transformers(make_model, preset, flags):
         _check_against_transformers(eng, model, tok, prompts)
         # the same prompts continued: each an extend behind its own cached prompt (the masked path)
         _check_against_transformers(eng, model, tok, [p + " and then a few more words" for p in prompts])
+        # several extends at once behind one cached prefix: the cascade (with the native kernel, its
+        # suffixes read in place)
+        cascades = []
+        if native:
+            suffix_cascade = backend._suffix_cascade
+            backend._suffix_cascade = lambda *a: cascades.append(a[1]) or suffix_cascade(*a)
+        head = " ".join(f"shared context line {i}" for i in range(12))
+        _check_against_transformers(eng, model, tok, [head])
+        _check_against_transformers(eng, model, tok, [head + t for t in (" what follows", " and a question", " then more")])
+        assert bool(cascades) == native and all(len(m) == 3 for m in cascades)
         eng.check_memory()
 
 

@@ -27,7 +27,7 @@ def _setup(hq: int, hkv: int, d: int = 16):
 @pytest.mark.parametrize("mode", ["decode", "extend"])
 @pytest.mark.parametrize("hq,hkv", [(4, 4), (8, 2)])
 def test_cascade_matches_padded_attention(mode, hq, hkv, paged):
-    kv, table = _setup(hq, hkv)
+    kv, table = _setup(hq, hkv, D)
     shared = torch.arange(1, 61)  # 60 slots every request starts with
     prefix_lens = [70, 75, 66, 90]  # cached tokens: the shared 60 + own ones
     extend = [1, 1, 1, 1] if mode == "decode" else [3, 1, 7, 2]
@@ -42,21 +42,25 @@ def test_cascade_matches_padded_attention(mode, hq, hkv, paged):
     fb_args = (ForwardMode.DECODE if mode == "decode" else ForwardMode.EXTEND, [5] * T,
                [p + i for p, n in zip(prefix_lens, extend) for i in range(n)], torch.cat(locs),
                [0, 1, 2, 3], prefix_lens, extend, "cpu")
-    q = torch.randn(T, hq, 16)
-    k, v = torch.randn(T, hkv, 16), torch.randn(T, hkv, 16)
+    q = torch.randn(T, hq, D)
+    k, v = torch.randn(T, hkv, D), torch.randn(T, hkv, D)
     outs = []
     for min_shared in (32, 10**9):  # cascade, then the plain path
         backend = TorchAttnBackend(kv, table, TorchAttnConfig(cascade_min_shared=min_shared, paged_decode=paged,
-                                                              paged_cascade_min_saved_keys=0))
+                                                              paged_extend=paged, paged_cascade_min_saved_keys=0),
+                                   num_heads=hq)
         fb = ForwardBatch.build(*fb_args)
         backend.init_forward_metadata(fb)
-        g = fb.attn_metadata.groups[-1]
-        assert (g.shared is not None) == (min_shared == 32)
-        # decodes with the kernel: the suffix (or the whole context) is read in place, nothing gathered
-        assert (g.rows is not None) == (paged and mode == "decode" and backend._paged is not None)
-        outs.append(backend.forward(q, k, v, 0, fb, 0.25))
+        cascades = [g for g in fb.attn_metadata.groups if g.shared is not None]
+        assert len(cascades) == (min_shared == 32)
+        for g in cascades:
+            # decodes with the kernel: each suffix after the shared prefix is read in place, nothing gathered
+            assert (g.rows is not None) == (paged and mode == "decode" and backend._paged is not None)
+            # extends with the extend kernel: likewise, causal within the step
+            assert (g.suffix is not None) == (mode == "extend" and backend._extend is not None)
+        outs.append(backend.forward(q, k, v, 0, fb, 0.125))
     torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(outs[0], _reference(kv, table, q, prefix_lens, extend, 0.25), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(outs[0], _reference(kv, table, q, prefix_lens, extend, 0.125), rtol=1e-5, atol=1e-5)
 
 
 def _reference(kv: KVPool, table: ReqToTokenPool, q, prefix_lens, extend, scale):

@@ -32,17 +32,21 @@ def _case(prefix, n_new, hq, hkv, d, dtype, seed=0):
     return q, k, v, table, rows, q_start, as_t(prefix), as_t(n_new)
 
 
-def _reference(q, k, v, table, rows, q_start, prefix, n_new, scale):
+def _reference(q, k, v, table, rows, q_start, prefix, n_new, scale, begin=0, with_lse=False):
+    """Attention of new token i over its row's slots begin .. prefix + i, in float64 (and the lse)."""
     out = torch.zeros(q.shape, dtype=torch.float64)
+    lse = torch.zeros(q.shape[:2], dtype=torch.float64)
     for r, s, p, n in zip(rows.tolist(), q_start.tolist(), prefix.tolist(), n_new.tolist()):
-        slots = table[r, : p + n]
+        slots = table[r, begin : p + n]
         grp = q.shape[1] // k.shape[1]
         kb = k[slots].double().repeat_interleave(grp, 1)  # [L, Hq, D]
         vb = v[slots].double().repeat_interleave(grp, 1)
         sc = torch.einsum("nhd,lhd->hnl", q[s : s + n].double(), kb) * scale
-        visible = torch.arange(p + n)[None, :] <= (p + torch.arange(n))[:, None]  # [n, L]
-        out[s : s + n] = torch.einsum("hnl,lhd->nhd", sc.masked_fill(~visible, float("-inf")).softmax(-1), vb)
-    return out
+        visible = torch.arange(begin, p + n)[None, :] <= (p + torch.arange(n))[:, None]  # [n, L]
+        sc = sc.masked_fill(~visible, float("-inf"))
+        out[s : s + n] = torch.einsum("hnl,lhd->nhd", sc.softmax(-1), vb)
+        lse[s : s + n] = sc.logsumexp(-1).T
+    return (out, lse) if with_lse else out
 
 
 CASES = [
@@ -63,6 +67,28 @@ def test_matches_float64_reference(prefix, n_new, hq, hkv, d):
     T = sum(n_new)
     torch.testing.assert_close(out[:T].double(), ref[:T], rtol=0, atol=2e-6)
     assert (out[T:] == 7.0).all()  # rows of no extend are left alone
+
+
+@pytest.mark.parametrize("begin", [1, 17, 40])
+@pytest.mark.parametrize("hq,hkv", [(8, 4), (16, 1)])
+def test_a_suffix_after_a_shared_prefix_and_its_lse(begin, hq, hkv):
+    """A cascade's own-suffix part: keys from ``begin`` on (the shared prefix is attended elsewhere),
+    with each row's log-sum-exp so the two parts merge into the whole attention."""
+    prefix, n_new = [40, 45, 130, 40], [5, 64, 9, 1]
+    q, k, v, table, rows, q_start, pre, nn = _case(prefix, n_new, hq, hkv, 64, torch.float32, seed=begin)
+    out, lse = torch.full_like(q, 7.0), torch.full(q.shape[:2], 7.0)
+    kernel(q, k, v, table, rows, q_start, pre, nn, 0.125, out, begin=begin, lse=lse)
+    ref, ref_lse = _reference(q, k, v, table, rows, q_start, pre, nn, 0.125, begin=begin, with_lse=True)
+    T = sum(n_new)
+    torch.testing.assert_close(out[:T].double(), ref[:T], rtol=0, atol=2e-6)
+    torch.testing.assert_close(lse[:T].double(), ref_lse[:T], rtol=0, atol=1e-5)
+    assert (out[T:] == 7.0).all() and (lse[T:] == 7.0).all()
+
+
+def test_begin_past_a_prefix_is_refused():
+    q, k, v, table, rows, q_start, pre, nn = _case([3, 10], [4, 2], 8, 4, 64, torch.float32)
+    with pytest.raises(ValueError, match="begin"):
+        kernel(q, k, v, table, rows, q_start, pre, nn, 0.125, torch.empty_like(q), begin=4)
 
 
 @pytest.mark.parametrize("d", [64, 128])
