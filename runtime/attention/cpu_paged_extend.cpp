@@ -4,13 +4,13 @@
 // Built and loaded like cpu_paged_decode.cpp (see cpu_kernels.py). Needs AVX-512F (the Python side only
 // loads it when the CPU has it), a head size of 64 or 128, and a query-head group that divides R = 16.
 //
-// New token i of request b sits at position prefix[b] + i and sees the slots begin .. prefix[b] + i of
-// its row (begin = 0: its whole context; begin > 0: the suffix after a prefix that a cascade attends
-// separately, for which the kernel also writes each row's log-sum-exp so the two parts can be merged). First, each request's keys are read from the pool once and packed in blocks of 16 keys, as
-// float32: K transposed ([D][16]: one vector holds 16 keys' d-th elements), V as rows. Then one OpenMP
-// task per (request, block of QB query positions); inside, per KV head, the R = QB * G query rows that
-// read it (QB positions x the G query heads of the KV head) go over the key blocks with an online
-// softmax:
+// New token i of request b sits at position prefix[b] + i and sees the slots begin .. prefix[b] + i of its
+// row (begin = 0: its whole context; begin > 0: the suffix after a prefix that a cascade attends
+// separately, for which the kernel also writes each row's log-sum-exp so the two parts can be merged).
+// First, each request's keys are read from the pool once and packed in blocks of 16 keys, as float32: K
+// transposed ([D][16]: one vector holds 16 keys' d-th elements), V as rows. Then one OpenMP task per
+// (request, block of QB query positions); inside, per KV head, the R = QB * G query rows that read it (QB
+// positions x the G query heads of the KV head) go over the key blocks with an online softmax:
 //   * scores: each row's scores for a block are one accumulator (R accumulators, a broadcast query
 //     element and one FMA per row and d), so the products run at the FMA units' rate instead of a
 //     horizontal sum per dot product;

@@ -19,10 +19,9 @@ SDPA path applies:
     shorter ones are bucketed like decodes, where one call for many requests is cheaper;
   * masked extends (chunks and cache hits with a longer prefix, jump-forward runs): one boolean mask
     ``[B, 1, Qmax, Lmax]``, or the cascade path below.
-On the CPU with AVX-512 and a head size of 64 or 128, every extend (causal ones and masked ones alike)
-instead goes through the native paged extend kernel (cpu_paged_extend.py) in one call per layer, which
-reads each request's K/V in place; behind a shared prefix, the kernel reads each request's suffix after
-it (with its log-sum-exp) and the cascade below the prefix.
+On the CPU with AVX-512 and a head size of 64 or 128, every extend instead goes through the native
+paged extend kernel (cpu_paged_extend.py) in one call per layer, reading each request's K/V in place
+(behind a shared prefix only each suffix, with its log-sum-exp, and the cascade below the prefix).
 Per group and step it builds one gather index ``[B, Lmax]`` into the KV pool (and a mask where needed);
 every layer then does one gather per K and V, into reused workspace buffers (a fresh multi-megabyte
 tensor per layer costs more in page faults than the copy itself), and one SDPA call per group. No
@@ -35,12 +34,12 @@ mask); only each request's own suffix is read per request (by a paged kernel in 
 padded and masked); the two partial softmaxes are merged with their log-sum-exps. The shared part runs
 torch's fused CPU flash kernel, which returns the log-sum-exp and never materialises the [queries, keys]
 scores (the explicit softmax it replaced wrote and re-read 256 MB per layer on few-shot extends and
-made them 3x slower). A 1k-token few-shot prefix
-decoded by 200 requests is then read once per layer instead of 200 times.
+made them 3x slower). A 1k-token few-shot prefix decoded by 200 requests is read once per layer, not 200.
 """
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 
 import torch
@@ -100,8 +99,7 @@ class _Group:
     # after it): each request's req_to_token row and context length, [Bg] int64 each.
     rows: torch.Tensor | None = None
     seq_lens: torch.Tensor | None = None
-    # A cascade of extends whose suffixes the extend kernel reads in place (q_start within the group's
-    # tokens): no kv_idx, mask or padding is built.
+    # A cascade of extends: the extend kernel's arguments for their suffixes (q_start within the group).
     suffix: _PagedExtends | None = None
     _bias: dict = field(default_factory=dict)  # (G, dtype) → folded_bias, built at the step's first layer
 
@@ -199,10 +197,7 @@ class TorchAttnBackend(AttentionBackend):
             prefixes = [self.req_to_token[fb.req_pool_indices[b], :pre[b]] if pre[b] else None for b in alone]
             ragged = _Ragged([(starts[b], ext[b]) for b in alone], prefixes)
         if kernel_extends:
-            idx = torch.tensor(kernel_extends, dtype=torch.int64, device=device)
-            paged_extends = _PagedExtends(fb.req_pool_indices[idx].contiguous(),
-                                          torch.tensor([starts[b] for b in kernel_extends], dtype=torch.int64),
-                                          fb.prefix_lens[idx].contiguous(), fb.extend_lens[idx].contiguous())
+            paged_extends = self._paged_extends(fb, kernel_extends, [starts[b] for b in kernel_extends], device)
         fb.attn_metadata = TorchAttnMetadata(groups, ragged, paged_extends)
 
     def _shared_prefix(self, fb: ForwardBatch, members: list[int], visible: list[int],
@@ -220,13 +215,16 @@ class TorchAttnBackend(AttentionBackend):
                         shared: torch.Tensor) -> _Group:
         """A cascade over ``shared`` whose per-request suffixes the extend kernel reads in place."""
         ext = [fb.extend_lens_cpu[b] for b in members]
+        q_start = [0, *itertools.accumulate(ext[:-1])]  # within the group's own tokens
+        return _Group(_token_indices(members, starts, ext, device), None, None, False, shared, None, len(members),
+                      max(ext), suffix=self._paged_extends(fb, members, q_start, device))
+
+    @staticmethod
+    def _paged_extends(fb: ForwardBatch, members: list[int], q_start: list[int], device) -> _PagedExtends:
+        """The extend kernel's per-request arguments for ``members``, whose first queries are at ``q_start``."""
         idx = torch.tensor(members, dtype=torch.int64, device=device)
-        tokens = torch.tensor([starts[b] + k for b, n in zip(members, ext) for k in range(n)], dtype=torch.int64,
-                              device=device)
-        q_start = torch.tensor([0] + ext[:-1], dtype=torch.int64).cumsum(0)
-        suffix = _PagedExtends(fb.req_pool_indices[idx].contiguous(), q_start, fb.prefix_lens[idx].contiguous(),
-                               fb.extend_lens[idx].contiguous())
-        return _Group(tokens, None, None, False, shared, None, len(members), max(ext), suffix=suffix)
+        return _PagedExtends(fb.req_pool_indices[idx].contiguous(), torch.tensor(q_start, dtype=torch.int64),
+                             fb.prefix_lens[idx].contiguous(), fb.extend_lens[idx].contiguous())
 
     def _group(self, fb: ForwardBatch, members: list[int], starts: list[int], device, causal: bool = False,
                shared: torch.Tensor | None = None) -> _Group:
@@ -239,9 +237,7 @@ class TorchAttnBackend(AttentionBackend):
         j = torch.arange(lmax, device=device)  # [Lmax]
         kv_idx = self.req_to_token[fb.req_pool_indices[idx], :lmax]  # [B, Lmax]
         kv_idx = torch.where(j[None, :] < seq_lens[:, None], kv_idx, torch.zeros_like(kv_idx))
-        tokens = torch.tensor(
-            [starts[b] + k for b, n in zip(members, ext) for k in range(n)], dtype=torch.int64, device=device
-        )
+        tokens = _token_indices(members, starts, ext, device)
         q_b = torch.repeat_interleave(torch.arange(B, device=device), extend_lens)  # [Tg]
         q_i = torch.arange(len(tokens), device=device) - (torch.cumsum(extend_lens, 0) - extend_lens)[q_b]  # [Tg]
         if causal:  # rows: the whole sequence; new token i of request b at row prefix_len[b] + i
@@ -378,8 +374,8 @@ class TorchAttnBackend(AttentionBackend):
         if g.suffix is not None:  # extends: the kernel reads each suffix in place, causal within the step
             e = g.suffix
             o_u, lse_u = torch.empty_like(q), q.new_empty((T, Hq), dtype=torch.float32)
-            self._extend(q.contiguous(), k_buf, v_buf, self.req_to_token, e.rows, e.q_start, e.prefix, e.n_new,
-                         scale, o_u, begin=g.shared.numel(), lse=lse_u)  # [Tg, Hq, D], [Tg, Hq]
+            self._extend(q, k_buf, v_buf, self.req_to_token, e.rows, e.q_start, e.prefix, e.n_new, scale, o_u,
+                         begin=g.shared.numel(), lse=lse_u)  # [Tg, Hq, D], [Tg, Hq]
             return _merge(o_s, lse_s, o_u, lse_u)
         # Own suffix: gathered per request, queries padded to [B, Qmax], masked (causal within the step).
         B, Q, lu = g.batch, g.qmax, g.kv_idx.shape[1]
@@ -394,6 +390,12 @@ class TorchAttnBackend(AttentionBackend):
         if Q > 1:
             o_u, lse_u = o_u.index_select(0, g.q_flat), lse_u.index_select(0, g.q_flat)
         return _merge(o_s, lse_s, o_u, lse_u)
+
+
+def _token_indices(members: list[int], starts: list[int], ext: list[int], device) -> torch.Tensor:
+    """[sum(ext)] int64: the step-order rows of ``members``' new tokens, request after request."""
+    return torch.tensor([starts[b] + k for b, n in zip(members, ext) for k in range(n)], dtype=torch.int64,
+                        device=device)
 
 
 def _merge(o_s: torch.Tensor, lse_s: torch.Tensor, o_u: torch.Tensor, lse_u: torch.Tensor) -> torch.Tensor:
