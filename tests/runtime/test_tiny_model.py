@@ -34,6 +34,7 @@ def _tok(path: str):
     return AutoTokenizer.from_pretrained(path)
 
 
+@pytest.mark.slow
 def test_same_arguments_give_byte_identical_files(tmp_path, make_model):
     from radixlm.runtime.cli import main
 
@@ -77,6 +78,7 @@ def test_loads_in_transformers_with_expected_shape(make_model, arch):
     assert (gen.bos_token_id, gen.pad_token_id) == (tok.bos_token_id, tok.pad_token_id)
 
 
+@pytest.mark.slow
 def test_small_preset_size(make_model):
     from transformers import AutoConfig, AutoModelForCausalLM
 

@@ -53,7 +53,7 @@ def test_sync_client_server_gone_mid_call():
 
 
 def test_sync_client_nobody_listening():
-    with FrontDoorClient(f"tcp://127.0.0.1:{free_port()}", connect_timeout=1.0) as c:
+    with FrontDoorClient(f"tcp://127.0.0.1:{free_port()}", connect_timeout=0.3) as c:
         t0 = time.monotonic()
         with pytest.raises(FrontDoorError) as ei:
             c.generate({"text": "x"})
@@ -71,7 +71,7 @@ def test_async_client_server_gone_and_nobody_listening():
             assert ei.value.status == 503 and "lost" in str(ei.value)
         finally:
             await c.close()
-        c = AsyncFrontDoorClient(f"tcp://127.0.0.1:{free_port()}", connect_timeout=1.0)
+        c = AsyncFrontDoorClient(f"tcp://127.0.0.1:{free_port()}", connect_timeout=0.3)
         try:
             with pytest.raises(FrontDoorError) as ei:
                 await asyncio.wait_for(c.generate({"text": "x"}), 10)

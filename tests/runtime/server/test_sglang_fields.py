@@ -13,6 +13,7 @@ from radixlm.runtime.sampling_params import UNBOUNDED, SamplingParams
 from radixlm.runtime.server.native_stream import NativeStreamer
 from radixlm.runtime.server.openai_extras import check_refused, sglang_fields
 from radixlm.runtime.sglang_compat import split_sglang_extras
+from tests.tiers import fast_subset
 
 PROMPT = "hello world, this is"
 
@@ -269,7 +270,7 @@ def test_anchored_regex_constrains_generation(engine):
 EBNF = 'root ::= "The answer is " ("yes" | "no") "." | "[" num ("," num)* "]"\nnum ::= [0-9]+'
 
 
-@pytest.mark.parametrize("temperature", [0.0, 0.9])
+@pytest.mark.parametrize("temperature", fast_subset([0.0, 0.9], [0.0]))
 def test_ebnf_constrains_and_jump_forward_keeps_greedy_output(tiny_llama, engine, temperature):
     import regex as re_partial
 
@@ -294,6 +295,7 @@ def test_ebnf_constrains_and_jump_forward_keeps_greedy_output(tiny_llama, engine
     engine.check_memory()
 
 
+@pytest.mark.slow
 def test_structural_tag_and_backend_selection(tiny_llama, engine):
     import json
 
