@@ -39,6 +39,12 @@ def load_library(name: str, fallback: str) -> ctypes.CDLL | None:
     return _loaded[name]
 
 
+def build_library(source: str | Path) -> ctypes.CDLL:
+    """Any kernel source, built like the ones next to this file (cached) and loaded; for benchmarks that
+    compare a kernel with an older version of itself. Raises where it cannot be built."""
+    return ctypes.CDLL(str(_build(Path(source))))
+
+
 def cpu_flags() -> set[str]:
     """The CPU's feature flags from /proc/cpuinfo (empty where there is none)."""
     return set(_cpu_flags_line().split()[2:])

@@ -14,8 +14,9 @@
 //   * scores: each row's scores for a block are one accumulator (R accumulators, a broadcast query
 //     element and one FMA per row and d), so the products run at the FMA units' rate instead of a
 //     horizontal sum per dot product;
-//   * softmax: each row's 16 scores are one vector (max, exp, sum), the causal mask a lane mask that
-//     only the diagonal blocks need;
+//   * softmax: each row's 16 scores are one vector (max, exp), the causal mask a lane mask that only
+//     the diagonal blocks need; the 16 rows' rescale factors are one vector exp, and each row's sum
+//     stays a vector of lane sums until the end (one horizontal add per row, not one per block);
 //   * values: each pair of rows keeps its D accumulators in registers while the block's 16 V rows
 //     stream past.
 // Packing once per call matters: re-packing the key blocks in every task cost as much as the products
@@ -29,6 +30,8 @@
 #include <vector>
 
 #include <immintrin.h>
+
+#include <memory>
 
 namespace {
 
@@ -55,6 +58,30 @@ inline void store1(float x, uint16_t* p) {  // round to nearest even, as torch d
   u += 0x7fffu + ((u >> 16) & 1u);
   *p = uint16_t(u >> 16);
 }
+
+// Packing buffers reused across calls: a fresh std::vector per call was zero-filled on one thread and
+// page-faulted in again every time, which cost more than a tenth of a 2k-token step (interleaved A/B of
+// the kernel, 2 threads: a 2k-token step of 7 prompts 10.7 -> 8.0 ms, 16 prompts of 64 2.2 -> 1.4 ms, one
+// prompt of 2,048 38 -> 32 ms). One per calling thread, kept up to KEEP_FLOATS (64 MB); a larger call
+// gets a buffer of its own, freed when it returns, so one long prompt does not pin its packing forever.
+constexpr size_t KEEP_FLOATS = size_t(16) << 20;
+
+struct Scratch {
+  std::unique_ptr<float[]> kept;
+  size_t kept_n = 0;
+  // n floats, uninitialised (the packing writes every element); above KEEP_FLOATS they live in `own`.
+  float* get(size_t n, std::unique_ptr<float[]>& own) {
+    if (n > KEEP_FLOATS) {
+      own.reset(new float[n]);
+      return own.get();
+    }
+    if (n > kept_n) {
+      kept.reset(new float[n]);
+      kept_n = n;
+    }
+    return kept.get();
+  }
+};
 
 // exp(x) for x <= 0, 16 lanes: 2^n * p(r), x = n ln2 + r, p the degree-6 Taylor polynomial (relative
 // error below 2e-7), as exp_nonpos in cpu_paged_decode.cpp.
@@ -102,7 +129,10 @@ void causal_extend(const T* q, const T* k, const T* v, const int64_t* req_to_tok
   }
   // Packed once per call, read by every task of the request: K transposed per block [blk][Hkv][D][KB]
   // (one vector = 16 keys' d-th elements), V per block [blk][Hkv][KB][D]; float32, zeros past the end.
-  std::vector<float> kp(blk0[B] * Hkv * D * KB), vp(blk0[B] * Hkv * KB * D);
+  thread_local Scratch k_scratch, v_scratch;
+  std::unique_ptr<float[]> k_own, v_own;
+  float* const kp = k_scratch.get(size_t(blk0[B] * Hkv * D * KB), k_own);
+  float* const vp = v_scratch.get(size_t(blk0[B] * Hkv * KB * D), v_own);
   const int64_t npack = int64_t(pack_b.size()), ntasks = int64_t(task_b.size());
 #pragma omp parallel
   {
@@ -110,8 +140,8 @@ void causal_extend(const T* q, const T* k, const T* v, const int64_t* req_to_tok
     for (int64_t t = 0; t < npack; ++t) {
       const int64_t b = pack_b[t], j0 = pack_j[t] * KB, len = prefix[b] - begin + n_new[b];
       const int64_t* slot = req_to_token + rows[b] * stride + begin;
-      float* kb = kp.data() + (blk0[b] + pack_j[t]) * Hkv * D * KB;
-      float* vb = vp.data() + (blk0[b] + pack_j[t]) * Hkv * KB * D;
+      float* kb = kp + (blk0[b] + pack_j[t]) * Hkv * D * KB;
+      float* vb = vp + (blk0[b] + pack_j[t]) * Hkv * KB * D;
       for (int64_t j = 0; j < KB; ++j) {
         if (j0 + j >= len) {
           for (int64_t h = 0; h < Hkv; ++h) {
@@ -131,7 +161,8 @@ void causal_extend(const T* q, const T* k, const T* v, const int64_t* req_to_tok
     alignas(64) float qs[R][D];   // the rows' scaled queries
     alignas(64) float acc[R][D];  // output accumulators
     alignas(64) float pr[R][KB];  // the block's probabilities per row
-    float m[R], l[R];
+    alignas(64) float lv[R][KB];  // each row's softmax sum, per lane (summed once, at the end)
+    float m[R];
     int64_t pos[R];  // each row's last visible key, counted from begin
 #pragma omp for schedule(dynamic, 1)
     for (int64_t t = 0; t < ntasks; ++t) {
@@ -146,11 +177,11 @@ void causal_extend(const T* q, const T* k, const T* v, const int64_t* req_to_tok
           for (int64_t d = 0; d < D; ++d) qs[r][d] = load1(src[d]) * scale;
           for (int64_t d = 0; d < D; ++d) acc[r][d] = 0.f;
           m[r] = -INFINITY;
-          l[r] = 0.f;
+          _mm512_store_ps(lv[r], _mm512_setzero_ps());
         }
         for (int64_t j0 = 0; j0 <= last; j0 += KB) {
-          const float* kt = kp.data() + ((blk0[b] + j0 / KB) * Hkv + kvh) * D * KB;
-          const float* vb = vp.data() + ((blk0[b] + j0 / KB) * Hkv + kvh) * KB * D;
+          const float* kt = kp + ((blk0[b] + j0 / KB) * Hkv + kvh) * D * KB;
+          const float* vb = vp + ((blk0[b] + j0 / KB) * Hkv + kvh) * KB * D;
           const int64_t n = std::min(KB, last + 1 - j0);
           __m512 sc[R];
           for (int64_t r = 0; r < R; ++r) sc[r] = _mm512_setzero_ps();
@@ -160,12 +191,20 @@ void causal_extend(const T* q, const T* k, const T* v, const int64_t* req_to_tok
           }
           const __m512i lane = _mm512_add_epi32(_mm512_set1_epi32(int32_t(j0)),
                                                 _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
-          for (int64_t r = 0; r < R; ++r) {  // online softmax over the block's visible keys
-            const __mmask16 ok = _mm512_cmple_epi32_mask(lane, _mm512_set1_epi32(int32_t(pos[r])));
-            const float mx = std::max(m[r], _mm512_mask_reduce_max_ps(ok, sc[r]));
-            const __m512 p = _mm512_maskz_mov_ps(ok, exp16(_mm512_sub_ps(sc[r], _mm512_set1_ps(mx))));
-            const float alpha = std::exp(m[r] - mx);  // 0 for the first block (m = -inf)
-            l[r] = l[r] * alpha + _mm512_reduce_add_ps(p);
+          // Online softmax over the block's visible keys: every row's new max first, then one vector exp
+          // for the 16 rows' rescale factors (a libm call per row and block cost about a tenth of the
+          // kernel); the first block's factor is exp(-87), as good as 0 against l = 0 and acc = 0.
+          __mmask16 ok[R];
+          alignas(64) float mxs[R], alphas[R];
+          for (int64_t r = 0; r < R; ++r) {
+            ok[r] = _mm512_cmple_epi32_mask(lane, _mm512_set1_epi32(int32_t(pos[r])));
+            mxs[r] = std::max(m[r], _mm512_mask_reduce_max_ps(ok[r], sc[r]));
+          }
+          _mm512_store_ps(alphas, exp16(_mm512_sub_ps(_mm512_loadu_ps(m), _mm512_load_ps(mxs))));
+          for (int64_t r = 0; r < R; ++r) {
+            const float mx = mxs[r], alpha = alphas[r];
+            const __m512 p = _mm512_maskz_mov_ps(ok[r], exp16(_mm512_sub_ps(sc[r], _mm512_set1_ps(mx))));
+            _mm512_store_ps(lv[r], _mm512_fmadd_ps(_mm512_load_ps(lv[r]), _mm512_set1_ps(alpha), p));
             m[r] = mx;
             _mm512_store_ps(pr[r], p);
             if (alpha != 1.f) {
@@ -196,11 +235,12 @@ void causal_extend(const T* q, const T* k, const T* v, const int64_t* req_to_tok
         }
         for (int64_t r = 0; r < R; ++r) {
           if (r / G >= nq) continue;  // a repeated row of a short block
-          const float inv = 1.f / l[r];  // every position sees at least its own key
+          const float l = _mm512_reduce_add_ps(_mm512_load_ps(lv[r]));
+          const float inv = 1.f / l;  // every position sees at least its own key
           const int64_t row = (q_start[b] + i0 + r / G) * Hq + kvh * G + r % G;
           T* dst = out + row * D;
           for (int64_t d = 0; d < D; ++d) store1(acc[r][d] * inv, dst + d);
-          if (lse) lse[row] = m[r] + std::log(l[r]);
+          if (lse) lse[row] = m[r] + std::log(l);
         }
       }
     }
