@@ -97,15 +97,7 @@ class ModelRunner:
             paged_decode=not args.disable_cpu_paged_decode, paged_extend=not args.disable_cpu_paged_extend,
             num_heads=q_heads,
         )
-        if args.enable_torch_compile:  # fused elementwise ops, compiled now
-            from radixlm.runtime.models import decoder_ops
-
-            t0 = time.perf_counter()
-            ops = decoder_ops.compiled_ops()
-            decoder_ops.install(self.model, ops)
-            with torch.inference_mode():  # as forward runs: dynamo guards on the grad mode
-                decoder_ops.warm_up(ops, self.model, cfg, q_heads, self.num_kv_heads, self.dtype, self.device)
-            logger.info("torch.compile: elementwise ops ready in %.1f s", time.perf_counter() - t0)
+        self._install_decoder_ops(args, cfg, q_heads)
         self.sampler = DeviceSampler(self.vocab_size, self.device, args.random_seed)
         self.forward_time = 0.0  # seconds spent in forward passes (for overhead accounting)
         if self.tp:  # every rank reaches this point: the port broadcast is a collective
@@ -117,6 +109,25 @@ class ModelRunner:
             if self._steps:
                 self._steps.wait_for_followers(self.tp.world_size - 1)
 
+
+    def _install_decoder_ops(self, args: ServerArgs, cfg, q_heads: int) -> None:
+        """The elementwise ops: native CPU loops (unless disabled or unavailable) or eager torch, and with
+        --enable-torch-compile inductor's fused versions for prefill-sized calls, compiled now."""
+        from radixlm.runtime.models import cpu_decoder_ops, decoder_ops
+
+        small = decoder_ops.EAGER
+        if torch.device(self.device).type == "cpu" and not args.disable_cpu_decoder_ops:
+            small = cpu_decoder_ops.load() or small
+        if not args.enable_torch_compile:
+            if small is not decoder_ops.EAGER:
+                decoder_ops.install(self.model, small)
+            return
+        t0 = time.perf_counter()
+        ops = decoder_ops.compiled_ops(small=small)
+        decoder_ops.install(self.model, ops)
+        with torch.inference_mode():  # as forward runs: dynamo guards on the grad mode
+            decoder_ops.warm_up(ops, self.model, cfg, q_heads, self.num_kv_heads, self.dtype, self.device)
+        logger.info("torch.compile: elementwise ops ready in %.1f s", time.perf_counter() - t0)
     def _pool_size(self) -> int:
         if self.args.max_total_tokens is not None:
             return self.args.max_total_tokens

@@ -114,6 +114,10 @@ class ServerArgs:
         "instead of the native paged extend kernel (AVX-512; built on first use with the C++ compiler; see "
         "runtime/attention/cpu_paged_extend.py)"
     )
+    disable_cpu_decoder_ops: bool = arg(
+        False, "on the CPU, run RMSNorm, RoPE and SiLU-and-multiply as torch's eager ops instead of one native "
+        "loop each (float32; built on first use with the C++ compiler; see runtime/models/cpu_decoder_ops.py)"
+    )
     disable_cpu_packed_linear: bool = arg(
         False, "on the CPU, keep the linear layers on F.linear (MKL) instead of oneDNN with weights prepacked "
         "at load (1.2-2x faster at batch sizes 2-200; see runtime/models/packed_linear.py)"

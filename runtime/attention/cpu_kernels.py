@@ -1,4 +1,5 @@
-"""Builds and loads the torch backend's native CPU kernels (``cpu_paged_decode.cpp``, ``cpu_paged_extend.cpp``).
+"""Builds and loads the native CPU kernels: the torch backend's (``cpu_paged_decode.cpp``, ``cpu_paged_extend.cpp``)
+and the decoder's elementwise ops (``runtime/models/cpu_decoder_ops.cpp``).
 
 Each is plain C++ with no torch headers, called through ctypes. It is compiled on first use with the
 system C++ compiler (``$CXX`` or ``g++``; the same one inductor needs; ``-O3 -march=native -fopenmp``)
@@ -27,12 +28,12 @@ _FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
 _loaded: dict[str, ctypes.CDLL | None] = {}
 
 
-def load_library(name: str, fallback: str) -> ctypes.CDLL | None:
-    """``<name>.cpp`` next to this file, built (cached on disk) and loaded once per process; None if it
-    cannot be, with a warning that names ``fallback`` (what the caller does instead)."""
+def load_library(name: str, fallback: str, folder: Path = _HERE) -> ctypes.CDLL | None:
+    """``<name>.cpp`` in ``folder`` (default: next to this file), built (cached on disk) and loaded once per
+    process; None if it cannot be, with a warning that names ``fallback`` (what the caller does instead)."""
     if name not in _loaded:
         try:
-            _loaded[name] = ctypes.CDLL(str(_build(_HERE / f"{name}.cpp")))
+            _loaded[name] = ctypes.CDLL(str(_build(Path(folder) / f"{name}.cpp")))
         except (OSError, RuntimeError, subprocess.SubprocessError) as e:
             logger.warning("CPU kernel %s unavailable (%s): %s", name, e, fallback)
             _loaded[name] = None

@@ -1,9 +1,11 @@
 """The decoder's elementwise pieces (RMSNorm, rotary embedding, SiLU-and-multiply), eager or fused.
 
 Eager, each is several passes over a [tokens, hidden] tensor (a cast, the statistics, the scale, the
-gain; the rotate-half cat; the SiLU, the product). With ``--enable-torch-compile`` the model uses the
-same functions compiled by inductor (dynamic shapes), which fuses each into one loop, for calls of
-``COMPILED_FROM_ROWS`` rows or more (below, the compiled call's fixed cost is larger than the passes). The arithmetic is
+gain; the rotate-half cat; the SiLU, the product). On the CPU the model runs them as one native loop
+each instead (``cpu_decoder_ops.py``; float32, falling back to these functions otherwise). With
+``--enable-torch-compile`` the model uses the same functions compiled by inductor (dynamic shapes),
+which fuses each into one loop, for calls of ``COMPILED_FROM_ROWS`` rows or more (below, the compiled
+call's fixed cost is larger than the passes, and the native or eager ops run). The arithmetic is
 the same float32 math, so outputs stay within rounding of the eager path (tests compare tokens and
 logprobs with transformers).
 """
@@ -56,11 +58,12 @@ def _by_rows(eager: Callable, compiled: Callable, from_rows: int) -> Callable:
     return op
 
 
-def compiled_ops(from_rows: int = COMPILED_FROM_ROWS) -> DecoderOps:
+def compiled_ops(from_rows: int = COMPILED_FROM_ROWS, small: DecoderOps = EAGER) -> DecoderOps:
     """The same three functions through torch.compile for calls of at least ``from_rows`` rows (prefill
-    chunks), eager below (decode batches)."""
-    c = lambda f: _by_rows(f, torch.compile(f, dynamic=True, fullgraph=True), from_rows)  # noqa: E731
-    return DecoderOps(c(rms_norm), c(silu_mul), c(apply_rope))
+    chunks), ``small`` below (decode batches: the eager functions, or the native CPU loops of
+    ``cpu_decoder_ops.py``)."""
+    c = lambda f, f_small: _by_rows(f_small, torch.compile(f, dynamic=True, fullgraph=True), from_rows)  # noqa: E731
+    return DecoderOps(c(rms_norm, small.rms_norm), c(silu_mul, small.silu_mul), c(apply_rope, small.rope))
 
 
 def install(model: torch.nn.Module, ops: DecoderOps) -> None:

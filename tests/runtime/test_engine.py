@@ -71,15 +71,17 @@ def test_greedy_matches_transformers(arch_engine):
 @pytest.mark.parametrize("preset,flags", [
     pytest.param("tiny", {"enable_torch_compile": True}, marks=pytest.mark.slow, id="compiled-elementwise-ops"),
     pytest.param("tiny", {"disable_cpu_paged_decode": True}, id="gathered-decode"),
+    pytest.param("tiny", {"disable_cpu_decoder_ops": True}, id="eager-decoder-ops"),
     pytest.param("tiny64", {}, id="native-kernels-head-size-64"),
     pytest.param("tiny64", {"disable_cpu_paged_extend": True}, id="flash-extends-head-size-64"),
 ])
 def test_other_paths_match_transformers(make_model, preset, flags):
     """--enable-torch-compile (inductor-fused elementwise ops; a cold cache compiles for tens of seconds),
-    the gather path for decodes, and at head size 64 the native extend kernel (fresh prompts, then
+    the gather path for decodes, torch's eager elementwise ops instead of the native ones, and at head size 64 the native extend kernel (fresh prompts, then
     extends behind their cached prefixes) or torch's flash kernel instead: greedy tokens identical to
     transformers, logprobs within 1e-4 (float32)."""
     from radixlm.runtime.attention import cpu_paged_extend
+    from radixlm.runtime.models import cpu_decoder_ops
     from radixlm.runtime.models.decoder_ops import COMPILED_FROM_ROWS, EAGER
 
     path = make_model("llama", preset)
@@ -89,8 +91,13 @@ def test_other_paths_match_transformers(make_model, preset, flags):
     assert sum(len(tok(p).input_ids) for p in prompts) >= COMPILED_FROM_ROWS
     with Engine(model_path=path, dtype="float32", device="cpu", max_total_tokens=4096, **flags) as eng:
         backend = eng.scheduler.runner.attn_backend
+        norm_ops = eng.scheduler.runner.model.model.norm.ops
         if flags.get("enable_torch_compile"):
-            assert eng.scheduler.runner.model.model.norm.ops is not EAGER
+            assert norm_ops is not EAGER
+        elif flags.get("disable_cpu_decoder_ops"):
+            assert norm_ops is EAGER
+        elif cpu_decoder_ops.load() is not None:
+            assert norm_ops is cpu_decoder_ops.load()
         elif flags.get("disable_cpu_paged_decode"):
             assert backend._paged is None
         native = preset == "tiny64" and not flags and cpu_paged_extend.load() is not None

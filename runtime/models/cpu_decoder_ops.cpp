@@ -1,0 +1,109 @@
+// The decoder's elementwise ops for the CPU, one pass each: RMSNorm, rotary embedding, SiLU-and-multiply.
+//
+// Built and loaded like the attention kernels (runtime/attention/cpu_kernels.py: g++ -O3 -march=native
+// -fopenmp, called through ctypes; see cpu_decoder_ops.py). They exist for decode batches: there each
+// op's tensors are a few kilobytes, and torch's eager versions cost several dispatched passes per op
+// (RMSNorm: cast, square, mean, rsqrt, two products) where one loop takes a few microseconds. Plain
+// loops that the compiler vectorises (no intrinsics, so no instruction-set requirement). float32 only.
+//
+// Rounding: the rotary embedding is bit-identical to the eager version (the same products and sums, no
+// contraction into FMAs: hence fp-contract=off below); RMSNorm sums the squares in another order and
+// SiLU's exp is a polynomial (relative error below 2e-7), so those two agree with eager to rounding.
+
+#pragma GCC optimize("fp-contract=off")
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+namespace {
+
+// Calls below PARALLEL_MIN elements stay on the calling thread (a parallel region's fork and join costs
+// about what a decode batch's whole op does); larger ones split their rows over the OpenMP threads.
+constexpr int64_t PARALLEL_MIN = int64_t(1) << 16;
+
+// exp(x) for x <= 0 in plain arithmetic, so the loops over it vectorise: 2^n * p(r) with x = n ln2 + r,
+// |r| <= ln2 / 2, p the degree-6 Taylor polynomial (as exp_nonpos in cpu_paged_decode.cpp).
+inline float exp_nonpos(float x) {
+  x = std::max(x, -87.0f);
+  const float n = std::nearbyint(x * 1.44269504088896341f);
+  const float r = x - n * 0.693145751953125f - n * 1.42860682030941723212e-6f;
+  float p = 1.f / 720;
+  p = p * r + 1.f / 120;
+  p = p * r + 1.f / 24;
+  p = p * r + 1.f / 6;
+  p = p * r + 0.5f;
+  p = p * r + 1.f;
+  p = p * r + 1.f;
+  const int32_t bits = (int32_t(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, 4);
+  return p * scale;
+}
+
+}  // namespace
+
+extern "C" {
+
+// x [T, H] (row stride x_stride), w [H], out [T, H] contiguous: out = w * (x / sqrt(mean(x^2) + eps)).
+void radixlm_rms_norm_f32(const float* x, int64_t x_stride, const float* w, float* out, int64_t T, int64_t H,
+                          float eps) {
+#pragma omp parallel for if (T * H >= PARALLEL_MIN)
+  for (int64_t t = 0; t < T; ++t) {
+    const float* xr = x + t * x_stride;
+    float* o = out + t * H;
+    float ss = 0.f;
+#pragma omp simd reduction(+ : ss)
+    for (int64_t d = 0; d < H; ++d) ss += xr[d] * xr[d];
+    const float r = 1.f / std::sqrt(ss / float(H) + eps);
+#pragma omp simd
+    for (int64_t d = 0; d < H; ++d) o[d] = w[d] * (xr[d] * r);
+  }
+}
+
+// x [T, Hh, D] (strides x_st, x_sh; the last dimension contiguous), cos, sin [T, D/2] (row stride
+// cs_stride), out [T, Hh, D] contiguous; rotate-half layout: out = (x1 c - x2 s, x2 c + x1 s).
+void radixlm_rope_f32(const float* x, int64_t x_st, int64_t x_sh, const float* cos, const float* sin,
+                      int64_t cs_stride, float* out, int64_t T, int64_t Hh, int64_t D) {
+  const int64_t half = D / 2;
+#pragma omp parallel for if (T * Hh * D >= PARALLEL_MIN)
+  for (int64_t t = 0; t < T; ++t) {
+    const float* c = cos + t * cs_stride;
+    const float* s = sin + t * cs_stride;
+    for (int64_t h = 0; h < Hh; ++h) {
+      const float* x1 = x + t * x_st + h * x_sh;
+      const float* x2 = x1 + half;
+      float* o = out + (t * Hh + h) * D;
+#pragma omp simd
+      for (int64_t d = 0; d < half; ++d) {
+        const float a = x1[d] * c[d], b = x2[d] * s[d];
+        o[d] = a - b;
+      }
+#pragma omp simd
+      for (int64_t d = 0; d < half; ++d) {
+        const float a = x2[d] * c[d], b = x1[d] * s[d];
+        o[half + d] = a + b;
+      }
+    }
+  }
+}
+
+// gate_up [T, 2I] (row stride gu_stride: the gate, then the up projection), out [T, I] contiguous:
+// out = silu(gate) * up, silu(g) = g * sigmoid(g), sigmoid from exp(-|g|) so the exp never overflows.
+void radixlm_silu_mul_f32(const float* gate_up, int64_t gu_stride, float* out, int64_t T, int64_t I) {
+#pragma omp parallel for if (T * I >= PARALLEL_MIN)
+  for (int64_t t = 0; t < T; ++t) {
+    const float* g = gate_up + t * gu_stride;
+    const float* u = g + I;
+    float* o = out + t * I;
+#pragma omp simd
+    for (int64_t i = 0; i < I; ++i) {
+      const float e = exp_nonpos(-std::fabs(g[i]));
+      const float sig = g[i] >= 0.f ? 1.f / (1.f + e) : e / (1.f + e);
+      o[i] = (g[i] * sig) * u[i];
+    }
+  }
+}
+
+}  // extern "C"
