@@ -116,7 +116,7 @@ class ServerArgs:
     )
     disable_cpu_decoder_ops: bool = arg(
         False, "on the CPU, run RMSNorm, RoPE and SiLU-and-multiply as torch's eager ops instead of one native "
-        "loop each (float32; built on first use with the C++ compiler; see runtime/models/cpu_decoder_ops.py)"
+        "loop each (float32, bfloat16; built on first use with the C++ compiler; see runtime/models/cpu_decoder_ops.py)"
     )
     disable_cpu_packed_linear: bool = arg(
         False, "on the CPU, keep the linear layers on F.linear (MKL) instead of oneDNN with weights prepacked "

@@ -4,9 +4,11 @@
 // -fopenmp, called through ctypes; see cpu_decoder_ops.py). They exist for decode batches: there each
 // op's tensors are a few kilobytes, and torch's eager versions cost several dispatched passes per op
 // (RMSNorm: cast, square, mean, rsqrt, two products) where one loop takes a few microseconds. Plain
-// loops that the compiler vectorises (no intrinsics, so no instruction-set requirement). float32 only.
+// loops that the compiler vectorises (no intrinsics, so no instruction-set requirement), float32 and
+// bfloat16 storage, float32 arithmetic.
 //
-// Rounding: the rotary embedding is bit-identical to the eager version (the same products and sums, no
+// Rounding: each loop rounds to the storage type wherever torch's eager ops do (after every bfloat16
+// op), so the rotary embedding is bit-identical to the eager version (the same products and sums, no
 // contraction into FMAs: hence fp-contract=off below); RMSNorm sums the squares in another order and
 // SiLU's exp is a polynomial (relative error below 2e-7), so those two agree with eager to rounding.
 
@@ -42,48 +44,67 @@ inline float exp_nonpos(float x) {
   return p * scale;
 }
 
-}  // namespace
+inline float ld(float x) { return x; }
+inline float ld(uint16_t x) {  // bfloat16 bits -> float32 (exact)
+  const uint32_t u = uint32_t(x) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+template <typename T>
+inline T st(float x);
+template <>
+inline float st<float>(float x) { return x; }
+template <>
+inline uint16_t st<uint16_t>(float x) {  // float32 -> bfloat16, round to nearest even (as torch does)
+  uint32_t u;
+  std::memcpy(&u, &x, 4);
+  const uint32_t r = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+  return (u & 0x7fffffffu) > 0x7f800000u ? uint16_t(0x7fc0) : uint16_t(r);
+}
+template <typename T>
+inline float rnd(float x) { return ld(st<T>(x)); }  // x as stored in T (float32: unchanged)
 
-extern "C" {
-
-// x [T, H] (row stride x_stride), w [H], out [T, H] contiguous: out = w * (x / sqrt(mean(x^2) + eps)).
-void radixlm_rms_norm_f32(const float* x, int64_t x_stride, const float* w, float* out, int64_t T, int64_t H,
-                          float eps) {
+// x [T, H] (row stride x_stride), w [H], out [T, H] contiguous: out = w * (x / sqrt(mean(x^2) + eps)),
+// the normalised x rounded to the storage type before the gain, as transformers' RMSNorm does.
+template <typename E>
+void rms_norm(const E* x, int64_t x_stride, const E* w, E* out, int64_t T, int64_t H, float eps) {
 #pragma omp parallel for if (T * H >= PARALLEL_MIN)
   for (int64_t t = 0; t < T; ++t) {
-    const float* xr = x + t * x_stride;
-    float* o = out + t * H;
+    const E* xr = x + t * x_stride;
+    E* o = out + t * H;
     float ss = 0.f;
 #pragma omp simd reduction(+ : ss)
-    for (int64_t d = 0; d < H; ++d) ss += xr[d] * xr[d];
+    for (int64_t d = 0; d < H; ++d) ss += ld(xr[d]) * ld(xr[d]);
     const float r = 1.f / std::sqrt(ss / float(H) + eps);
 #pragma omp simd
-    for (int64_t d = 0; d < H; ++d) o[d] = w[d] * (xr[d] * r);
+    for (int64_t d = 0; d < H; ++d) o[d] = st<E>(ld(w[d]) * rnd<E>(ld(xr[d]) * r));
   }
 }
 
 // x [T, Hh, D] (strides x_st, x_sh; the last dimension contiguous), cos, sin [T, D/2] (row stride
 // cs_stride), out [T, Hh, D] contiguous; rotate-half layout: out = (x1 c - x2 s, x2 c + x1 s).
-void radixlm_rope_f32(const float* x, int64_t x_st, int64_t x_sh, const float* cos, const float* sin,
-                      int64_t cs_stride, float* out, int64_t T, int64_t Hh, int64_t D) {
+template <typename E>
+void rope(const E* x, int64_t x_st, int64_t x_sh, const E* cos, const E* sin, int64_t cs_stride, E* out,
+          int64_t T, int64_t Hh, int64_t D) {
   const int64_t half = D / 2;
 #pragma omp parallel for if (T * Hh * D >= PARALLEL_MIN)
   for (int64_t t = 0; t < T; ++t) {
-    const float* c = cos + t * cs_stride;
-    const float* s = sin + t * cs_stride;
+    const E* c = cos + t * cs_stride;
+    const E* s = sin + t * cs_stride;
     for (int64_t h = 0; h < Hh; ++h) {
-      const float* x1 = x + t * x_st + h * x_sh;
-      const float* x2 = x1 + half;
-      float* o = out + (t * Hh + h) * D;
+      const E* x1 = x + t * x_st + h * x_sh;
+      const E* x2 = x1 + half;
+      E* o = out + (t * Hh + h) * D;
 #pragma omp simd
       for (int64_t d = 0; d < half; ++d) {
-        const float a = x1[d] * c[d], b = x2[d] * s[d];
-        o[d] = a - b;
+        const float a = rnd<E>(ld(x1[d]) * ld(c[d])), b = rnd<E>(ld(x2[d]) * ld(s[d]));
+        o[d] = st<E>(a - b);
       }
 #pragma omp simd
       for (int64_t d = 0; d < half; ++d) {
-        const float a = x2[d] * c[d], b = x1[d] * s[d];
-        o[half + d] = a + b;
+        const float a = rnd<E>(ld(x2[d]) * ld(c[d])), b = rnd<E>(ld(x1[d]) * ld(s[d]));
+        o[half + d] = st<E>(a + b);
       }
     }
   }
@@ -91,19 +112,48 @@ void radixlm_rope_f32(const float* x, int64_t x_st, int64_t x_sh, const float* c
 
 // gate_up [T, 2I] (row stride gu_stride: the gate, then the up projection), out [T, I] contiguous:
 // out = silu(gate) * up, silu(g) = g * sigmoid(g), sigmoid from exp(-|g|) so the exp never overflows.
-void radixlm_silu_mul_f32(const float* gate_up, int64_t gu_stride, float* out, int64_t T, int64_t I) {
+template <typename E>
+void silu_mul(const E* gate_up, int64_t gu_stride, E* out, int64_t T, int64_t I) {
 #pragma omp parallel for if (T * I >= PARALLEL_MIN)
   for (int64_t t = 0; t < T; ++t) {
-    const float* g = gate_up + t * gu_stride;
-    const float* u = g + I;
-    float* o = out + t * I;
+    const E* g = gate_up + t * gu_stride;
+    const E* u = g + I;
+    E* o = out + t * I;
 #pragma omp simd
     for (int64_t i = 0; i < I; ++i) {
-      const float e = exp_nonpos(-std::fabs(g[i]));
-      const float sig = g[i] >= 0.f ? 1.f / (1.f + e) : e / (1.f + e);
-      o[i] = (g[i] * sig) * u[i];
+      const float gi = ld(g[i]);
+      const float e = exp_nonpos(-std::fabs(gi));
+      const float sig = gi >= 0.f ? 1.f / (1.f + e) : e / (1.f + e);
+      o[i] = st<E>(rnd<E>(gi * sig) * ld(u[i]));
     }
   }
+}
+
+}  // namespace
+
+extern "C" {
+
+void radixlm_rms_norm_f32(const float* x, int64_t x_stride, const float* w, float* out, int64_t T, int64_t H,
+                          float eps) {
+  rms_norm(x, x_stride, w, out, T, H, eps);
+}
+void radixlm_rms_norm_bf16(const uint16_t* x, int64_t x_stride, const uint16_t* w, uint16_t* out, int64_t T,
+                           int64_t H, float eps) {
+  rms_norm(x, x_stride, w, out, T, H, eps);
+}
+void radixlm_rope_f32(const float* x, int64_t x_st, int64_t x_sh, const float* cos, const float* sin,
+                      int64_t cs_stride, float* out, int64_t T, int64_t Hh, int64_t D) {
+  rope(x, x_st, x_sh, cos, sin, cs_stride, out, T, Hh, D);
+}
+void radixlm_rope_bf16(const uint16_t* x, int64_t x_st, int64_t x_sh, const uint16_t* cos, const uint16_t* sin,
+                       int64_t cs_stride, uint16_t* out, int64_t T, int64_t Hh, int64_t D) {
+  rope(x, x_st, x_sh, cos, sin, cs_stride, out, T, Hh, D);
+}
+void radixlm_silu_mul_f32(const float* gate_up, int64_t gu_stride, float* out, int64_t T, int64_t I) {
+  silu_mul(gate_up, gu_stride, out, T, I);
+}
+void radixlm_silu_mul_bf16(const uint16_t* gate_up, int64_t gu_stride, uint16_t* out, int64_t T, int64_t I) {
+  silu_mul(gate_up, gu_stride, out, T, I);
 }
 
 }  // extern "C"

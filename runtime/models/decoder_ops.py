@@ -2,7 +2,7 @@
 
 Eager, each is several passes over a [tokens, hidden] tensor (a cast, the statistics, the scale, the
 gain; the rotate-half cat; the SiLU, the product). On the CPU the model runs them as one native loop
-each instead (``cpu_decoder_ops.py``; float32, falling back to these functions otherwise). With
+each instead (``cpu_decoder_ops.py``; float32 and bfloat16, falling back to these functions otherwise). With
 ``--enable-torch-compile`` the model uses the same functions compiled by inductor (dynamic shapes),
 which fuses each into one loop, for calls of ``COMPILED_FROM_ROWS`` rows or more (below, the compiled
 call's fixed cost is larger than the passes, and the native or eager ops run). The arithmetic is
