@@ -119,8 +119,7 @@ class ModelRunner:
         if torch.device(self.device).type == "cpu" and not args.disable_cpu_decoder_ops:
             small = cpu_decoder_ops.load() or small
         if not args.enable_torch_compile:
-            if small is not decoder_ops.EAGER:
-                decoder_ops.install(self.model, small)
+            decoder_ops.install(self.model, small)
             return
         t0 = time.perf_counter()
         ops = decoder_ops.compiled_ops(small=small)

@@ -3,8 +3,9 @@ and the decoder's elementwise ops (``runtime/models/cpu_decoder_ops.cpp``).
 
 Each is plain C++ with no torch headers, called through ctypes. It is compiled on first use with the
 system C++ compiler (``$CXX`` or ``g++``; the same one inductor needs; ``-O3 -march=native -fopenmp``)
-into a cache keyed by the source, the compiler, the flags and the CPU (``$RADIXLM_KERNEL_CACHE``,
-default ``~/.cache/radixlm/kernels``): about a second, once per machine. OpenMP is the runtime torch
+into a cache keyed by the source, the shared ``cpu_common.h`` (helpers every kernel includes), the
+compiler, the flags and the CPU (``$RADIXLM_KERNEL_CACHE``, default ``~/.cache/radixlm/kernels``):
+about a second, once per machine. OpenMP is the runtime torch
 already loaded (libgomp.so.1 is matched by soname), so ``torch.set_num_threads`` governs the kernels
 too. A library that cannot be built or loaded is None (logged once) and the caller keeps its torch path.
 """
@@ -33,7 +34,7 @@ def load_library(name: str, fallback: str, folder: Path = _HERE) -> ctypes.CDLL 
     process; None if it cannot be, with a warning that names ``fallback`` (what the caller does instead)."""
     if name not in _loaded:
         try:
-            _loaded[name] = ctypes.CDLL(str(_build(Path(folder) / f"{name}.cpp")))
+            _loaded[name] = build_library(Path(folder) / f"{name}.cpp")
         except (OSError, RuntimeError, subprocess.SubprocessError) as e:
             logger.warning("CPU kernel %s unavailable (%s): %s", name, e, fallback)
             _loaded[name] = None
@@ -65,8 +66,10 @@ def _build(source: Path) -> Path:
     if not cxx:
         raise RuntimeError("no C++ compiler ($CXX, g++ or c++) on PATH")
     src = source.read_bytes()
-    key = hashlib.sha256(b"\0".join([src, cxx.encode(), " ".join(_FLAGS).encode(), platform.machine().encode(),
-                                      _cpu_flags_line().encode()])).hexdigest()[:16]
+    # The shared header (``cpu_common.h``, included from this folder) is part of every kernel's source.
+    headers = b"".join(h.read_bytes() for h in sorted(_HERE.glob("*.h")))
+    key = hashlib.sha256(b"\0".join([src, headers, cxx.encode(), " ".join(_FLAGS).encode(),
+                                      platform.machine().encode(), _cpu_flags_line().encode()])).hexdigest()[:16]
     cache = Path(os.environ.get("RADIXLM_KERNEL_CACHE") or Path.home() / ".cache" / "radixlm" / "kernels")
     target = cache / f"{source.stem}-{key}.so"
     if target.exists():
@@ -75,7 +78,8 @@ def _build(source: Path) -> Path:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache)
     os.close(fd)
     try:
-        proc = subprocess.run([cxx, *_FLAGS, str(source), "-o", tmp], capture_output=True, text=True, timeout=120)
+        proc = subprocess.run([cxx, *_FLAGS, f"-I{_HERE}", str(source), "-o", tmp], capture_output=True, text=True,
+                              timeout=120)
         if proc.returncode != 0:
             raise RuntimeError(f"{cxx} failed: {proc.stderr.strip()[-500:]}")
         os.replace(tmp, target)

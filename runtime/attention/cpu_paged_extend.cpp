@@ -33,31 +33,14 @@
 
 #include <memory>
 
+#include "cpu_common.h"
+
 namespace {
+
+using namespace radixlm_cpu;
 
 constexpr int64_t KB = 16;  // keys per block: one AVX-512 vector of float32
 constexpr int64_t R = 16;   // query rows per task and KV head (QB positions x G heads)
-
-inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
-inline __m512 load16(const uint16_t* p) {  // bfloat16 -> float32: the 16 bits become each lane's high half
-  const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
-}
-inline float load1(float x) { return x; }
-inline float load1(uint16_t x) {
-  const uint32_t u = uint32_t(x) << 16;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
-inline void store1(float x, float* p) { *p = x; }
-inline void store1(float x, uint16_t* p) {  // round to nearest even, as torch does
-  uint32_t u;
-  std::memcpy(&u, &x, 4);
-  if ((u & 0x7fffffffu) > 0x7f800000u) { *p = 0x7fc0; return; }
-  u += 0x7fffu + ((u >> 16) & 1u);
-  *p = uint16_t(u >> 16);
-}
 
 // Packing buffers reused across calls: a fresh std::vector per call was zero-filled on one thread and
 // page-faulted in again every time, which cost more than a tenth of a 2k-token step (interleaved A/B of
@@ -84,7 +67,7 @@ struct Scratch {
 };
 
 // exp(x) for x <= 0, 16 lanes: 2^n * p(r), x = n ln2 + r, p the degree-6 Taylor polynomial (relative
-// error below 2e-7), as exp_nonpos in cpu_paged_decode.cpp.
+// error below 2e-7), as exp_nonpos in cpu_common.h.
 inline __m512 exp16(__m512 x) {
   x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
   const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
@@ -153,7 +136,7 @@ void causal_extend(const T* q, const T* k, const T* v, const int64_t* req_to_tok
         const T* kr = k + slot[j0 + j] * row_len;
         const T* vr = v + slot[j0 + j] * row_len;
         for (int64_t h = 0; h < Hkv; ++h) {
-          for (int64_t d = 0; d < D; ++d) kb[(h * D + d) * KB + j] = load1(kr[h * D + d]);
+          for (int64_t d = 0; d < D; ++d) kb[(h * D + d) * KB + j] = load(kr[h * D + d]);
           for (int64_t dv = 0; dv < DV; ++dv) _mm512_storeu_ps(vb + (h * KB + j) * D + dv * 16, load16(vr + h * D + dv * 16));
         }
       }
@@ -174,7 +157,7 @@ void causal_extend(const T* q, const T* k, const T* v, const int64_t* req_to_tok
           const int64_t qi = std::min(r / G, nq - 1);  // a short block repeats its last position
           pos[r] = prefix[b] - begin + i0 + qi;
           const T* src = q + ((q_start[b] + i0 + qi) * Hq + kvh * G + r % G) * D;
-          for (int64_t d = 0; d < D; ++d) qs[r][d] = load1(src[d]) * scale;
+          for (int64_t d = 0; d < D; ++d) qs[r][d] = load(src[d]) * scale;
           for (int64_t d = 0; d < D; ++d) acc[r][d] = 0.f;
           m[r] = -INFINITY;
           _mm512_store_ps(lv[r], _mm512_setzero_ps());
@@ -239,7 +222,7 @@ void causal_extend(const T* q, const T* k, const T* v, const int64_t* req_to_tok
           const float inv = 1.f / l;  // every position sees at least its own key
           const int64_t row = (q_start[b] + i0 + r / G) * Hq + kvh * G + r % G;
           T* dst = out + row * D;
-          for (int64_t d = 0; d < D; ++d) store1(acc[r][d] * inv, dst + d);
+          for (int64_t d = 0; d < D; ++d) store(acc[r][d] * inv, dst + d);
           if (lse) lse[row] = m[r] + std::log(l);
         }
       }

@@ -14,56 +14,24 @@
 
 #pragma GCC optimize("fp-contract=off")
 
-#include <algorithm>
-#include <cmath>
-#include <cstdint>
-#include <cstring>
+#include "cpu_common.h"
 
 namespace {
+
+using namespace radixlm_cpu;
 
 // Calls below PARALLEL_MIN elements stay on the calling thread (a parallel region's fork and join costs
 // about what a decode batch's whole op does); larger ones split their rows over the OpenMP threads.
 constexpr int64_t PARALLEL_MIN = int64_t(1) << 16;
 
-// exp(x) for x <= 0 in plain arithmetic, so the loops over it vectorise: 2^n * p(r) with x = n ln2 + r,
-// |r| <= ln2 / 2, p the degree-6 Taylor polynomial (as exp_nonpos in cpu_paged_decode.cpp).
-inline float exp_nonpos(float x) {
-  x = std::max(x, -87.0f);
-  const float n = std::nearbyint(x * 1.44269504088896341f);
-  const float r = x - n * 0.693145751953125f - n * 1.42860682030941723212e-6f;
-  float p = 1.f / 720;
-  p = p * r + 1.f / 120;
-  p = p * r + 1.f / 24;
-  p = p * r + 1.f / 6;
-  p = p * r + 0.5f;
-  p = p * r + 1.f;
-  p = p * r + 1.f;
-  const int32_t bits = (int32_t(n) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, 4);
-  return p * scale;
+template <typename E>
+inline E st(float x) {  // x in the storage type
+  E e;
+  store(x, &e);
+  return e;
 }
-
-inline float ld(float x) { return x; }
-inline float ld(uint16_t x) {  // bfloat16 bits -> float32 (exact)
-  const uint32_t u = uint32_t(x) << 16;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
-template <typename T>
-inline T st(float x);
-template <>
-inline float st<float>(float x) { return x; }
-template <>
-inline uint16_t st<uint16_t>(float x) {  // float32 -> bfloat16, round to nearest even (as torch does)
-  uint32_t u;
-  std::memcpy(&u, &x, 4);
-  const uint32_t r = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
-  return (u & 0x7fffffffu) > 0x7f800000u ? uint16_t(0x7fc0) : uint16_t(r);
-}
-template <typename T>
-inline float rnd(float x) { return ld(st<T>(x)); }  // x as stored in T (float32: unchanged)
+template <typename E>
+inline float rnd(float x) { return load(st<E>(x)); }  // x as stored in E (float32: unchanged)
 
 // x [T, H] (row stride x_stride), w [H], out [T, H] contiguous: out = w * (x / sqrt(mean(x^2) + eps)),
 // the normalised x rounded to the storage type before the gain, as transformers' RMSNorm does.
@@ -75,10 +43,10 @@ void rms_norm(const E* x, int64_t x_stride, const E* w, E* out, int64_t T, int64
     E* o = out + t * H;
     float ss = 0.f;
 #pragma omp simd reduction(+ : ss)
-    for (int64_t d = 0; d < H; ++d) ss += ld(xr[d]) * ld(xr[d]);
+    for (int64_t d = 0; d < H; ++d) ss += load(xr[d]) * load(xr[d]);
     const float r = 1.f / std::sqrt(ss / float(H) + eps);
 #pragma omp simd
-    for (int64_t d = 0; d < H; ++d) o[d] = st<E>(ld(w[d]) * rnd<E>(ld(xr[d]) * r));
+    for (int64_t d = 0; d < H; ++d) o[d] = st<E>(load(w[d]) * rnd<E>(load(xr[d]) * r));
   }
 }
 
@@ -98,12 +66,12 @@ void rope(const E* x, int64_t x_st, int64_t x_sh, const E* cos, const E* sin, in
       E* o = out + (t * Hh + h) * D;
 #pragma omp simd
       for (int64_t d = 0; d < half; ++d) {
-        const float a = rnd<E>(ld(x1[d]) * ld(c[d])), b = rnd<E>(ld(x2[d]) * ld(s[d]));
+        const float a = rnd<E>(load(x1[d]) * load(c[d])), b = rnd<E>(load(x2[d]) * load(s[d]));
         o[d] = st<E>(a - b);
       }
 #pragma omp simd
       for (int64_t d = 0; d < half; ++d) {
-        const float a = rnd<E>(ld(x2[d]) * ld(c[d])), b = rnd<E>(ld(x1[d]) * ld(s[d]));
+        const float a = rnd<E>(load(x2[d]) * load(c[d])), b = rnd<E>(load(x1[d]) * load(s[d]));
         o[half + d] = st<E>(a + b);
       }
     }
@@ -121,10 +89,10 @@ void silu_mul(const E* gate_up, int64_t gu_stride, E* out, int64_t T, int64_t I)
     E* o = out + t * I;
 #pragma omp simd
     for (int64_t i = 0; i < I; ++i) {
-      const float gi = ld(g[i]);
+      const float gi = load(g[i]);
       const float e = exp_nonpos(-std::fabs(gi));
       const float sig = gi >= 0.f ? 1.f / (1.f + e) : e / (1.f + e);
-      o[i] = st<E>(rnd<E>(gi * sig) * ld(u[i]));
+      o[i] = st<E>(rnd<E>(gi * sig) * load(u[i]));
     }
   }
 }
